@@ -1,0 +1,168 @@
+"""Reading, checking, noising, padding and bucketing the images of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import zlib
+
+import numpy as np
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class InputError(ValueError):
+  """Bad user input: reported as one line, before any compute."""
+
+
+@dataclasses.dataclass
+class Image:
+  name: str
+  noisy_HxWxC: np.ndarray  # float32 in [0, 1] (AWGN may leave it outside)
+  clean_HxWxC: np.ndarray | None  # None for real noisy photos: no PSNR is claimed
+
+
+def shared_dir() -> str:
+  """../shared seen from the project root, or $IDIP_SHARED."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.environ.get("IDIP_SHARED", os.path.join(root, "..", "shared"))
+
+
+def list_inputs(spec: str) -> list[str]:
+  """A file, a folder (its images, sorted), a glob, or 'skimage:NAME'."""
+  if spec.startswith("skimage:"):
+    return [spec]
+  if os.path.isdir(spec):
+    paths = sorted(os.path.join(spec, f) for f in os.listdir(spec)
+                   if f.lower().endswith(IMAGE_EXTS))
+    if not paths:
+      raise InputError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {spec}")
+    return paths
+  if os.path.isfile(spec):
+    return [spec]
+  if any(c in spec for c in "*?["):
+    paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+    if not paths:
+      raise InputError(f"no files match {spec}")
+    return paths
+  raise InputError(f"input not found: {spec}")
+
+
+def _from_skimage(name: str) -> np.ndarray:
+  try:
+    import skimage.data
+  except ImportError:
+    raise InputError("--input=skimage:NAME needs scikit-image: pip install '.[demo]'") from None
+  if not hasattr(skimage.data, name):
+    raise InputError(f"scikit-image has no sample image '{name}'")
+  return np.asarray(getattr(skimage.data, name)())
+
+
+def to_float(img: np.ndarray, where: str, channels: int = 0) -> np.ndarray:
+  """uint8/uint16 HxW[xC] -> float32 HxWxC in [0, 1]; alpha dropped if opaque."""
+  if img.dtype == np.uint8:
+    x = img.astype(np.float32) / 255.0
+  elif img.dtype == np.uint16:
+    x = img.astype(np.float32) / 65535.0
+  else:
+    raise InputError(f"{where}: unsupported pixel type {img.dtype} (use 8- or 16-bit images)")
+  if x.ndim == 2:
+    x = x[..., None]
+  if x.ndim != 3 or x.shape[-1] not in (1, 2, 3, 4):
+    raise InputError(f"{where}: unsupported image shape {img.shape}")
+  if x.shape[-1] in (2, 4):  # gray+alpha or RGBA
+    if x[..., -1].min() < 1.0:
+      raise InputError(f"{where}: has a transparent alpha channel; flatten it first")
+    x = x[..., :-1]
+  if channels == 1 and x.shape[-1] == 3:
+    x = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]  # ITU-R 601, as MATLAB rgb2gray
+  elif channels == 3 and x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
+  return np.ascontiguousarray(x)
+
+
+def read_image(path: str, channels: int = 0) -> np.ndarray:
+  if path.startswith("skimage:"):
+    return to_float(_from_skimage(path.split(":", 1)[1]), path, channels)
+  import imageio.v3 as iio
+  try:
+    img = iio.imread(path)
+  except Exception as e:  # imageio raises many types for unreadable files
+    raise InputError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+  return to_float(np.asarray(img), path, channels)
+
+
+def center_crop(x_HxWxC: np.ndarray, size: int) -> np.ndarray:
+  h, w, _ = x_HxWxC.shape
+  ch, cw = min(size, h), min(size, w)
+  top, left = (h - ch) // 2, (w - cw) // 2
+  return x_HxWxC[top:top + ch, left:left + cw]
+
+
+def add_awgn(clean_HxWxC: np.ndarray, sigma: float, seed: int, name: str, clip: bool) -> np.ndarray:
+  """AWGN of std sigma/255 on the [0, 1] image. The generator is seeded by
+  (seed, image name) only, so every method and run sees the same noise."""
+  rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+  noisy = clean_HxWxC + (sigma / 255.0) * rng.standard_normal(clean_HxWxC.shape)
+  return (np.clip(noisy, 0.0, 1.0) if clip else noisy).astype(np.float32)
+
+
+def image_name(path: str) -> str:
+  if path.startswith("skimage:"):
+    return path.split(":", 1)[1]
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def load_images(spec: str, sigma: float, noise_seed: int = 0, channels: int = 0,
+                crop: int = 0, clip_noisy: bool = False, min_size: int = 1) -> list[Image]:
+  """Reads every input and checks it, so that bad input fails before any compute."""
+  if sigma < 0:
+    raise InputError(f"--sigma must be >= 0 (got {sigma})")
+  paths = list_inputs(spec)
+  images, seen = [], set()
+  for path in paths:
+    name = image_name(path)
+    if name in seen:
+      raise InputError(f"two inputs are named '{name}' (names must be unique): {path}")
+    seen.add(name)
+    x = read_image(path, channels)
+    if crop:
+      x = center_crop(x, crop)
+    h, w, _ = x.shape
+    if min(h, w) < min_size:
+      raise InputError(f"{path}: {h}x{w} is too small; this net needs at least {min_size} px "
+                       f"per side (lower --scales or use a larger image)")
+    if sigma > 0:
+      images.append(Image(name, add_awgn(x, sigma, noise_seed, name, clip_noisy), x))
+    else:
+      images.append(Image(name, x, None))
+  return images
+
+
+def padded_size(n: int, scales: int) -> int:
+  """A side padded to a multiple of 2^scales, and to at least 2^(scales+1) so the
+  deepest feature map is >= 2 px (reflection padding of a 1-px map is undefined)."""
+  m = 2 ** scales
+  return max(int(math.ceil(n / m) * m), 2 * m)
+
+
+def pad_reflect(x_HxWxC: np.ndarray, height: int, width: int) -> np.ndarray:
+  h, w, _ = x_HxWxC.shape
+  return np.pad(x_HxWxC, ((0, height - h), (0, width - w), (0, 0)), mode="reflect")
+
+
+def mask_for(h: int, w: int, height: int, width: int) -> np.ndarray:
+  m = np.zeros((height, width, 1), np.float32)
+  m[:h, :w] = 1.0
+  return m
+
+
+def bucket_keys(images: list[Image], scales: int) -> dict[tuple[int, int, int], list[int]]:
+  """Indices of images grouped by padded (H, W, C): one compiled program each."""
+  buckets: dict[tuple[int, int, int], list[int]] = {}
+  for i, im in enumerate(images):
+    h, w, c = im.noisy_HxWxC.shape
+    buckets.setdefault((padded_size(h, scales), padded_size(w, scales), c), []).append(i)
+  return buckets

@@ -1,0 +1,81 @@
+"""Workdir handling and result files: PNGs, history.csv, config.json, results.json."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from idip_jax.data import InputError
+
+
+def check_workdir(path: str, overwrite: bool) -> None:
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"--workdir={path} exists and is not a folder")
+  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    raise InputError(f"--workdir={path} exists and is not empty; pass --overwrite to replace it")
+
+
+def prepare_workdir(path: str, overwrite: bool) -> None:
+  """Refuses a non-empty workdir unless --overwrite; never deletes anything else."""
+  check_workdir(path, overwrite)
+  if os.path.isdir(path) and os.listdir(path):
+    shutil.rmtree(path)
+  os.makedirs(path, exist_ok=True)
+
+
+def write_json(path: str, obj) -> None:
+  """Atomic write: a crash mid-run leaves the previous complete file."""
+  d = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=1, default=float)
+  os.replace(tmp, path)
+
+
+def save_png(path: str, x_HxWxC: np.ndarray) -> None:
+  import imageio.v3 as iio
+  x = np.clip(np.asarray(x_HxWxC), 0.0, 1.0)
+  x8 = np.round(x * 255.0).astype(np.uint8)
+  iio.imwrite(path, x8[..., 0] if x8.shape[-1] == 1 else x8)
+
+
+def write_history(path: str, history: dict[str, np.ndarray]) -> None:
+  """history: name -> per-step values of one run."""
+  cols = [c for c in ("loss", "psnr_y", "psnr", "psnr_ema", "ssim", "ssim_ema", "backtracked")
+          if c in history]
+  n = len(history[cols[0]])
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["step"] + cols)
+    for t in range(n):
+      w.writerow([t + 1] + [int(history[c][t]) if c == "backtracked" else f"{history[c][t]:.6g}"
+                            for c in cols])
+
+
+def git_commit() -> str:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return (head or "unknown") + ("-dirty" if dirty else "")
+
+
+def device_name() -> str:
+  import jax
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}"
+
+
+def now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,116 @@
+"""Preliminary denoisers that make IDIP's x_bar (input and second target).
+
+Each entry has `check` (runs before any compute; raises InputError) and `run`
+(noisy images -> denoised images, in the same order). Add one with `register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+
+from idip_jax import data
+from idip_jax.data import Image, InputError
+from idip_jax.noise_level import estimate_sigma
+
+
+@dataclasses.dataclass(frozen=True)
+class PrelimConfig:
+  name: str = "none"
+  prelim_dir: str = ""  # for 'file': a folder of x_bar images named like the inputs
+  weights_dir: str = ""  # for 'ffdnet'/'dncnn'; '' = $IDIP_SHARED/weights or ../shared/weights
+  sigma: float = 0.0  # known AWGN level (0-255); 0 = estimate it per image
+  crop: int = 0  # the inputs' center crop, applied to 'file' images too
+  batch_size: int = 0  # images per jitted call for the JAX denoisers; 0 = whole bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class Prelim:
+  check: Callable[[PrelimConfig, list[Image]], None]
+  run: Callable[[PrelimConfig, list[Image]], list[np.ndarray]]
+
+
+REGISTRY: dict[str, Prelim] = {}
+
+
+def register(name: str, check, run) -> None:
+  REGISTRY[name] = Prelim(check, run)
+
+
+def sigmas_for(cfg: PrelimConfig, images: list[Image]) -> list[float]:
+  """The given sigma, or Chen et al.'s estimate for each real noisy image."""
+  if cfg.sigma > 0:
+    return [cfg.sigma] * len(images)
+  return [estimate_sigma(im.noisy_HxWxC) for im in images]
+
+
+def get(name: str) -> Prelim:
+  if name not in REGISTRY:
+    raise InputError(f"unknown --prelim={name}; choose one of {', '.join(sorted(REGISTRY))}")
+  return REGISTRY[name]
+
+
+def _check_none(cfg, images):
+  pass
+
+
+def _run_none(cfg, images):
+  raise InputError("this method needs a preliminary denoiser: set --prelim")
+
+
+def _check_bm3d(cfg, images):
+  try:
+    import bm3d  # noqa: F401
+  except ImportError:
+    raise InputError("--prelim=bm3d needs the bm3d package: pip install '.[bm3d]'") from None
+
+
+def _run_bm3d(cfg, images):
+  import bm3d
+  out = []
+  for im, sigma in zip(images, sigmas_for(cfg, images)):
+    y = im.noisy_HxWxC.astype(np.float64)
+    if y.shape[-1] == 3:
+      x = bm3d.bm3d_rgb(y, sigma / 255.0)
+    else:
+      x = bm3d.bm3d(y[..., 0], sigma / 255.0)[..., None]
+    out.append(np.asarray(x, np.float32).reshape(y.shape))
+  return out
+
+
+def _file_for(cfg: PrelimConfig, name: str) -> str:
+  for ext in data.IMAGE_EXTS:
+    p = os.path.join(cfg.prelim_dir, name + ext)
+    if os.path.isfile(p):
+      return p
+  raise InputError(f"--prelim=file: no image named '{name}' ({'/'.join(data.IMAGE_EXTS)}) "
+                   f"in --prelim_dir={cfg.prelim_dir}")
+
+
+def _read_prelim_file(cfg: PrelimConfig, im: Image) -> np.ndarray:
+  path = _file_for(cfg, im.name)
+  x = data.read_image(path, channels=im.noisy_HxWxC.shape[-1])
+  if cfg.crop:
+    x = data.center_crop(x, cfg.crop)
+  if x.shape != im.noisy_HxWxC.shape:
+    raise InputError(f"{path}: shape {x.shape} differs from its input's {im.noisy_HxWxC.shape}")
+  return x
+
+
+def _check_file(cfg, images):
+  if not cfg.prelim_dir or not os.path.isdir(cfg.prelim_dir):
+    raise InputError(f"--prelim=file needs --prelim_dir, a folder (got '{cfg.prelim_dir}')")
+  for im in images:
+    _read_prelim_file(cfg, im)
+
+
+def _run_file(cfg, images):
+  return [_read_prelim_file(cfg, im) for im in images]
+
+
+register("none", _check_none, _run_none)
+register("bm3d", _check_bm3d, _run_bm3d)
+register("file", _check_file, _run_file)

@@ -1,0 +1,222 @@
+"""One denoising job: read and check inputs, make x_bar, fit every bucket batched, write results."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from idip_jax import data, fit, metrics, outputs, prelim
+from idip_jax.data import Image, InputError
+from idip_jax.fit import FitConfig
+from idip_jax.models import ACTIVATIONS, PADDINGS, UPSAMPLING, NetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  complex_connection: bool  # IDIP change (1)
+  prelim_input: bool  # change (2): x_bar replaces z
+  prelim_loss: bool  # change (3): + MSE(out, x_bar)
+
+
+METHODS = {
+    "dip": Method(False, False, False),
+    "idip1": Method(True, False, False),
+    "idip2": Method(True, True, False),
+    "idip": Method(True, True, True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  input: str
+  workdir: str
+  sigma: float = 0.0  # AWGN std on the 0-255 scale added to clean inputs; 0 = inputs are noisy
+  noise_seed: int = 0
+  clip_noisy: bool = False
+  channels: int = 0  # 0 = as stored, 1 = gray, 3 = RGB
+  crop: int = 0  # center crop to this size (0 = full image)
+  method: str = "idip"
+  batch_size: int = 0  # runs per vmapped call; 0 = a whole bucket
+  save_images: bool = True
+  overwrite: bool = False
+  prelim: prelim.PrelimConfig = prelim.PrelimConfig()
+  net: NetConfig = NetConfig()
+  fit: FitConfig = FitConfig()
+
+
+def validate(cfg: RunConfig) -> None:
+  def need(ok, msg):
+    if not ok:
+      raise InputError(msg)
+  need(cfg.method in METHODS, f"unknown --method={cfg.method}; choose one of {', '.join(METHODS)}")
+  prelim.get(cfg.prelim.name)
+  need(cfg.sigma >= 0, f"--sigma must be >= 0 (got {cfg.sigma})")
+  need(cfg.fit.steps > 0, f"--steps must be > 0 (got {cfg.fit.steps})")
+  need(cfg.fit.seeds >= 1, f"--seeds must be >= 1 (got {cfg.fit.seeds})")
+  need(cfg.fit.chunk >= 1, f"--chunk must be >= 1 (got {cfg.fit.chunk})")
+  need(cfg.batch_size >= 0, f"--batch_size must be >= 0 (got {cfg.batch_size})")
+  need(cfg.channels in (0, 1, 3), f"--channels must be 0, 1 or 3 (got {cfg.channels})")
+  need(cfg.crop >= 0, f"--crop must be >= 0 (got {cfg.crop})")
+  need(1 <= cfg.net.scales <= 8, f"--scales must be in 1..8 (got {cfg.net.scales})")
+  need(cfg.net.channels >= 1 and cfg.net.skip_channels >= 0, "--channels_net >= 1, --skip_channels >= 0")
+  need(cfg.net.upsample in UPSAMPLING, f"unknown --upsample={cfg.net.upsample}")
+  need(cfg.net.pad in PADDINGS, f"unknown --pad={cfg.net.pad}")
+  need(cfg.net.act in ACTIVATIONS, f"unknown --act={cfg.net.act}")
+  need(cfg.fit.precision in fit.PRECISIONS, f"unknown --precision={cfg.fit.precision}")
+  need(cfg.fit.loop in fit.LOOPS, f"unknown --loop={cfg.fit.loop}; choose one of {', '.join(fit.LOOPS)}")
+  need(cfg.fit.lr_schedule in fit.LR_SCHEDULES, f"unknown --lr_schedule={cfg.fit.lr_schedule}")
+  need(bool(cfg.workdir), "--workdir is empty")
+  m = METHODS[cfg.method]
+  need(not (m.prelim_input or m.prelim_loss) or cfg.prelim.name != "none",
+       f"--method={cfg.method} needs a preliminary denoiser: set --prelim (bm3d, file, ffdnet, dncnn)")
+  need(not (m.complex_connection and cfg.net.skip_channels == 0),
+       "the complex connection lives on the skips: --skip_channels must be > 0")
+
+
+def load_and_check(cfg: RunConfig) -> list[Image]:
+  validate(cfg)
+  images = data.load_images(cfg.input, cfg.sigma, cfg.noise_seed, cfg.channels, cfg.crop,
+                            cfg.clip_noisy, min_size=2 ** cfg.net.scales)
+  if cfg.prelim.name != "none":
+    prelim.get(cfg.prelim.name).check(cfg.prelim, images)
+  outputs.check_workdir(cfg.workdir, cfg.overwrite)
+  return images
+
+
+def _psnr(a, b) -> float:
+  return float(metrics.psnr(jnp.asarray(a), jnp.asarray(b)))
+
+
+def _ssim(a, b) -> float:
+  return float(metrics.ssim(jnp.asarray(a), jnp.asarray(b)))
+
+
+MEAN_KEYS = ("psnr_noisy", "psnr_prelim", "psnr_final", "psnr_ema", "ssim_final", "ssim_ema",
+             "psnr_avg_final", "psnr_avg_ema", "oracle_best_psnr", "oracle_best_step", "seconds")
+
+
+def summarize(records: list[dict]) -> dict:
+  mean = {}
+  for k in MEAN_KEYS:
+    vals = [r[k] for r in records if r.get(k) is not None]
+    if vals and len(vals) == len(records):
+      mean[k] = float(np.mean(vals))
+  return mean
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = "") -> dict:
+  t_start = time.perf_counter()
+  images = load_and_check(cfg)  # every input error surfaces here, before compute
+  method = METHODS[cfg.method]
+  outputs.prepare_workdir(cfg.workdir, cfg.overwrite)
+  img_dir, hist_dir = os.path.join(cfg.workdir, "images"), os.path.join(cfg.workdir, "history")
+  os.makedirs(img_dir), os.makedirs(hist_dir)
+  if flags_text:
+    with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
+      f.write(flags_text)
+  outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
+
+  prelims: list[np.ndarray | None] = [None] * len(images)
+  if cfg.prelim.name != "none":
+    t = time.perf_counter()
+    prelims = prelim.get(cfg.prelim.name).run(cfg.prelim, images)
+    log(f"preliminary denoiser {cfg.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")
+
+  fit_cfg = dataclasses.replace(cfg.fit, prelim_weight=cfg.fit.prelim_weight if method.prelim_loss else 0.0)
+  results = {"device": outputs.device_name(), "commit": outputs.git_commit(), "date": outputs.now(),
+             "method": cfg.method, "prelim": cfg.prelim.name, "sigma": cfg.sigma,
+             "steps": fit_cfg.steps, "seeds": fit_cfg.seeds, "images": [], "mean": {}}
+  records: dict[str, dict] = {}
+  runs_done: dict[int, list[dict]] = {}
+  buckets = list(data.bucket_keys(images, cfg.net.scales).items())
+  for b, ((ph, pw, c), idx) in enumerate(buckets):
+    net_cfg = dataclasses.replace(cfg.net, out_channels=c, complex_connection=method.complex_connection,
+                                  in_channels=c if method.prelim_input else cfg.net.in_channels)
+    runs = [(i, k) for i in idx for k in range(fit_cfg.seeds)]
+    per_call = cfg.batch_size or len(runs)
+    for start in range(0, len(runs), per_call):
+      part = runs[start:start + per_call]
+      pad = lambda x: data.pad_reflect(x, ph, pw)
+      ys = np.stack([pad(images[i].noisy_HxWxC) for i, _ in part])
+      xbars = np.stack([pad(prelims[i]) for i, _ in part]) if prelims[0] is not None else np.zeros_like(ys)
+      masks = np.stack([data.mask_for(*images[i].noisy_HxWxC.shape[:2], ph, pw) for i, _ in part])
+      has_gt = images[idx[0]].clean_HxWxC is not None
+      gts = np.stack([pad(images[i].clean_HxWxC) for i, _ in part]) if has_gt else None
+      keys = [fit.run_keys(fit_cfg.seed, k) for _, k in part]
+      batch = fit.Batch(
+          input_HxWxC=fit.make_inputs(net_cfg, fit_cfg, keys, xbars, ph, pw, method.prelim_input),
+          y_HxWxC=jnp.asarray(ys), prelim_HxWxC=jnp.asarray(xbars), mask_HxWx1=jnp.asarray(masks),
+          gt_HxWxC=None if gts is None else jnp.asarray(gts))
+      label = f"[bucket {b + 1}/{len(buckets)} {ph}x{pw}x{c}, runs {start + 1}-{start + len(part)}/{len(runs)}] "
+      res = fit.fit(net_cfg, fit_cfg, batch, keys, log=log, label=label)
+      for j, (i, k) in enumerate(part):
+        runs_done.setdefault(i, []).append(
+            _run_record(cfg, images[i], k, res, j, img_dir, hist_dir, len(part)))
+        if len(runs_done[i]) == fit_cfg.seeds:
+          records[images[i].name] = _image_record(cfg, images[i], prelims[i], runs_done[i], img_dir)
+      results["images"] = [records[im.name] for im in images if im.name in records]
+      results["mean"] = summarize(results["images"])
+      results["wall_seconds"] = time.perf_counter() - t_start
+      outputs.write_json(os.path.join(cfg.workdir, "results.json"), results)  # incremental
+  _log_summary(results, log)
+  return results
+
+
+def _run_record(cfg, im: Image, k: int, res: fit.FitResult, j: int, img_dir: str, hist_dir: str,
+                batch_runs: int) -> dict:
+  h, w, _ = im.noisy_HxWxC.shape
+  final, ema = res.final_NxHxWxC[j, :h, :w], res.ema_NxHxWxC[j, :h, :w]
+  tag = im.name if cfg.fit.seeds == 1 else f"{im.name}_seed{k}"
+  hist = {name: v[:, j] for name, v in res.history.items()}
+  outputs.write_history(os.path.join(hist_dir, tag + ".csv"), hist)
+  if cfg.save_images:
+    outputs.save_png(os.path.join(img_dir, tag + "_final.png"), final)
+    outputs.save_png(os.path.join(img_dir, tag + "_ema.png"), ema)
+  rec = {"seed": k, "final": final, "ema": ema, "seconds": res.seconds, "batch_runs": batch_runs,
+         "backtracks": int(hist["backtracked"].sum())}
+  if im.clean_HxWxC is not None:
+    best = int(np.argmax(hist["psnr"]))
+    rec.update(psnr_final=_psnr(final, im.clean_HxWxC), psnr_ema=_psnr(ema, im.clean_HxWxC),
+               ssim_final=_ssim(final, im.clean_HxWxC), ssim_ema=_ssim(ema, im.clean_HxWxC),
+               oracle_best_psnr=float(hist["psnr"][best]), oracle_best_step=best + 1)
+  return rec
+
+
+def _image_record(cfg, im: Image, xbar, runs: list[dict], img_dir: str) -> dict:
+  h, w, c = im.noisy_HxWxC.shape
+  gt = im.clean_HxWxC
+  rec = {"name": im.name, "height": h, "width": w, "channels": c, "steps": cfg.fit.steps,
+         "seconds": float(np.mean([r["seconds"] for r in runs])), "batch_runs": runs[0]["batch_runs"],
+         "backtracks": sum(r["backtracks"] for r in runs),
+         "psnr_noisy": None, "psnr_prelim": None}
+  if cfg.save_images:
+    outputs.save_png(os.path.join(img_dir, im.name + "_noisy.png"), im.noisy_HxWxC)
+    if xbar is not None:
+      outputs.save_png(os.path.join(img_dir, im.name + "_prelim.png"), xbar)
+  if gt is None:
+    return rec
+  rec["psnr_noisy"] = _psnr(im.noisy_HxWxC, gt)
+  if xbar is not None:
+    rec["psnr_prelim"] = _psnr(xbar, gt)
+  for key in ("psnr_final", "psnr_ema", "ssim_final", "ssim_ema", "oracle_best_psnr", "oracle_best_step"):
+    rec[key] = float(np.mean([r[key] for r in runs]))
+  if len(runs) > 1:
+    # DIP's "average of two runs": PSNR of the mean image of the K runs.
+    rec["psnr_avg_final"] = _psnr(np.mean([r["final"] for r in runs], axis=0), gt)
+    rec["psnr_avg_ema"] = _psnr(np.mean([r["ema"] for r in runs], axis=0), gt)
+    rec["runs"] = [{k: r[k] for k in ("seed", "psnr_final", "psnr_ema", "ssim_final",
+                                       "oracle_best_psnr", "oracle_best_step")} for r in runs]
+  return rec
+
+
+def _log_summary(results: dict, log) -> None:
+  cols = ("psnr_noisy", "psnr_prelim", "psnr_final", "psnr_ema", "oracle_best_psnr")
+  log("name            noisy  prelim   final     ema  oracle_best")
+  fmt = lambda v: f"{v:7.2f}" if isinstance(v, float) else "      -"
+  for r in results["images"] + [dict(results["mean"], name="MEAN")]:
+    log(f"{r['name'][:14]:14s} " + " ".join(fmt(r.get(c)) for c in cols))

@@ -1,0 +1,82 @@
+"""python run.py --flagfile=experiments/demo.flags  (flags -> frozen RunConfig -> idip_jax.runner.run)."""
+
+import datetime
+import sys
+
+from absl import flags
+
+from idip_jax import prelim, runner
+from idip_jax.data import InputError
+from idip_jax.fit import FitConfig
+from idip_jax.models import NetConfig
+
+F = flags.FLAGS
+flags.DEFINE_string("input", None, "image file, folder, glob, or skimage:NAME")
+flags.DEFINE_float("sigma", 0.0, "AWGN std (0-255 scale) added to clean inputs; 0 = inputs are noisy")
+flags.DEFINE_integer("noise_seed", 0, "seed of the AWGN (shared by all methods)")
+flags.DEFINE_bool("clip_noisy", False, "clip the noisy image to [0, 1] (DIP's notebooks do)")
+flags.DEFINE_integer("channels", 0, "0 = as stored, 1 = convert to gray, 3 = to RGB")
+flags.DEFINE_integer("crop", 0, "center crop to this size (0 = whole image)")
+flags.DEFINE_string("method", "idip", "dip | idip1 | idip2 | idip")
+flags.DEFINE_string("prelim", "none", "preliminary denoiser for x_bar: none | bm3d | file | ffdnet | dncnn")
+flags.DEFINE_string("prelim_dir", "", "folder of precomputed x_bar images for --prelim=file")
+flags.DEFINE_string("weights_dir", "", "official FFDNet/DnCNN .mat files (default ../shared/weights)")
+flags.DEFINE_float("prelim_weight", 1.0, "weight of MSE(out, x_bar) for --method=idip")
+flags.DEFINE_integer("steps", 3000, "Adam steps")
+flags.DEFINE_float("lr", 0.01, "Adam learning rate")
+flags.DEFINE_string("lr_schedule", "constant", "constant | cosine")
+flags.DEFINE_float("reg_noise_std", 1.0 / 30.0, "std of the per-step input perturbation")
+flags.DEFINE_float("ema_decay", 0.99, "EMA of the outputs")
+flags.DEFINE_float("backtrack_db", 5.0, "restore when PSNR(out, y) drops by more (0 = off)")
+flags.DEFINE_integer("seed", 0, "seed of init, z and perturbations")
+flags.DEFINE_integer("seeds", 1, "independent runs per image (reported each and averaged)")
+flags.DEFINE_integer("chunk", 100, "steps per compiled lax.scan chunk")
+flags.DEFINE_string("precision", "fp32", "fp32 | bf16 (compute dtype; params stay fp32)")
+flags.DEFINE_string("loop", "auto", "scan | host | auto (host loop on CPU, lax.scan elsewhere)")
+flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = a whole same-shape bucket)")
+flags.DEFINE_integer("scales", 5, "U-Net scales")
+flags.DEFINE_integer("net_channels", 128, "channels at every scale")
+flags.DEFINE_integer("skip_channels", 4, "channels of each skip")
+flags.DEFINE_integer("cc_features", 96, "width of the complex connection's FC layer")
+flags.DEFINE_integer("input_depth", 32, "channels of DIP's random code z")
+flags.DEFINE_string("upsample", "bilinear", "bilinear | nearest")
+flags.DEFINE_string("pad", "reflection", "reflection | zero")
+flags.DEFINE_string("act", "leaky_relu", "leaky_relu | relu | elu")
+flags.DEFINE_string("workdir", "", "output folder (default runs/<method>-<time>)")
+flags.DEFINE_bool("overwrite", False, "replace a non-empty workdir")
+flags.DEFINE_bool("save_images", True, "write PNGs")
+
+
+def config_from_flags() -> runner.RunConfig:
+  if not F.input:
+    raise InputError("--input is required (a file, folder, glob or skimage:NAME)")
+  workdir = F.workdir or f"runs/{F.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+  return runner.RunConfig(
+      input=F.input, workdir=workdir, sigma=F.sigma, noise_seed=F.noise_seed,
+      clip_noisy=F.clip_noisy, channels=F.channels, crop=F.crop, method=F.method,
+      batch_size=F.batch_size, save_images=F.save_images, overwrite=F.overwrite,
+      prelim=prelim.PrelimConfig(F.prelim, F.prelim_dir, F.weights_dir, F.sigma, F.crop),
+      net=NetConfig(in_channels=F.input_depth, scales=F.scales, channels=F.net_channels,
+                    skip_channels=F.skip_channels, cc_features=F.cc_features,
+                    upsample=F.upsample, pad=F.pad, act=F.act),
+      fit=FitConfig(steps=F.steps, lr=F.lr, lr_schedule=F.lr_schedule,
+                    reg_noise_std=F.reg_noise_std, ema_decay=F.ema_decay,
+                    backtrack_db=F.backtrack_db, prelim_weight=F.prelim_weight,
+                    chunk=F.chunk, seed=F.seed, seeds=F.seeds, precision=F.precision,
+                    loop=F.loop))
+
+
+def main(argv) -> int:
+  try:
+    rest = F(argv)
+    if len(rest) > 1:
+      raise InputError(f"unexpected arguments: {' '.join(rest[1:])}")
+    runner.run(config_from_flags(), flags_text=F.flags_into_string())
+  except (flags.Error, InputError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

@@ -1,0 +1,41 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from idip_jax.data import shared_dir  # noqa: E402
+
+SHARED = shared_dir()
+DATA = os.path.join(SHARED, "data")
+WEIGHTS = os.path.join(SHARED, "weights")
+
+
+def need_path(path: str):
+  """Skip with a clear reason when ../shared (data or weights) is absent."""
+  if not os.path.exists(path):
+    pytest.skip(f"shared resource absent: {path} (set IDIP_SHARED to the folder holding data/ and weights/)")
+  return path
+
+
+def smooth_image(h: int, w: int, c: int = 1, seed: int = 0) -> np.ndarray:
+  """A small synthetic test image: smooth blobs and an edge, in [0.1, 0.9]."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+  img = np.zeros((h, w, c), np.float32)
+  for ch in range(c):
+    a, b = rng.uniform(2, 6, 2)
+    img[..., ch] = 0.5 + 0.25 * np.sin(a * np.pi * xx) * np.cos(b * np.pi * yy)
+    img[..., ch] += 0.15 * (xx > 0.5)
+  return np.clip(img, 0.1, 0.9).astype(np.float32)
+
+
+def write_png(path: str, x_HxWxC: np.ndarray) -> str:
+  import imageio.v3 as iio
+  x8 = np.round(np.clip(x_HxWxC, 0, 1) * 255).astype(np.uint8)
+  iio.imwrite(path, x8[..., 0] if x8.shape[-1] == 1 else x8)
+  return path
