@@ -21,6 +21,7 @@ flags.DEFINE_string("method", "idip", "dip | idip1 | idip2 | idip")
 flags.DEFINE_string("prelim", "none", "preliminary denoiser for x_bar: none | bm3d | file | ffdnet | dncnn")
 flags.DEFINE_string("prelim_dir", "", "folder of precomputed x_bar images for --prelim=file")
 flags.DEFINE_string("weights_dir", "", "official FFDNet/DnCNN .mat files (default ../shared/weights)")
+flags.DEFINE_string("weights", "", "one explicit FFDNet/DnCNN .mat file (overrides --weights_dir)")
 flags.DEFINE_float("prelim_weight", 1.0, "weight of MSE(out, x_bar) for --method=idip")
 flags.DEFINE_integer("steps", 3000, "Adam steps")
 flags.DEFINE_float("lr", 0.01, "Adam learning rate")
@@ -55,7 +56,8 @@ def config_from_flags() -> runner.RunConfig:
       input=F.input, workdir=workdir, sigma=F.sigma, noise_seed=F.noise_seed,
       clip_noisy=F.clip_noisy, channels=F.channels, crop=F.crop, method=F.method,
       batch_size=F.batch_size, save_images=F.save_images, overwrite=F.overwrite,
-      prelim=prelim.PrelimConfig(F.prelim, F.prelim_dir, F.weights_dir, F.sigma, F.crop),
+      prelim=prelim.PrelimConfig(F.prelim, F.prelim_dir, F.weights_dir, F.weights, F.sigma, F.crop,
+                                  F.batch_size),
       net=NetConfig(in_channels=F.input_depth, scales=F.scales, channels=F.net_channels,
                     skip_channels=F.skip_channels, cc_features=F.cc_features,
                     upsample=F.upsample, pad=F.pad, act=F.act),

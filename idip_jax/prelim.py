@@ -10,9 +10,10 @@ import dataclasses
 import os
 from typing import Callable
 
+import jax.numpy as jnp
 import numpy as np
 
-from idip_jax import data
+from idip_jax import data, denoisers
 from idip_jax.data import Image, InputError
 from idip_jax.noise_level import estimate_sigma
 
@@ -22,6 +23,7 @@ class PrelimConfig:
   name: str = "none"
   prelim_dir: str = ""  # for 'file': a folder of x_bar images named like the inputs
   weights_dir: str = ""  # for 'ffdnet'/'dncnn'; '' = $IDIP_SHARED/weights or ../shared/weights
+  weights: str = ""  # one explicit .mat file, overriding the choice from weights_dir
   sigma: float = 0.0  # known AWGN level (0-255); 0 = estimate it per image
   crop: int = 0  # the inputs' center crop, applied to 'file' images too
   batch_size: int = 0  # images per jitted call for the JAX denoisers; 0 = whole bucket
@@ -111,6 +113,61 @@ def _run_file(cfg, images):
   return [_read_prelim_file(cfg, im) for im in images]
 
 
+def _batches(cfg: PrelimConfig, images: list[Image], key) -> list[list[int]]:
+  """Indices grouped by (shape, key(i)), cut to cfg.batch_size: one jitted call each."""
+  groups: dict = {}
+  for i, im in enumerate(images):
+    groups.setdefault((im.noisy_HxWxC.shape, key(i)), []).append(i)
+  size = cfg.batch_size or len(images)
+  return [idx[k:k + size] for idx in groups.values() for k in range(0, len(idx), size)]
+
+
+def _ffdnet_file(cfg, channels):
+  return cfg.weights or denoisers.ffdnet_path(cfg.weights_dir, channels)
+
+
+def _dncnn_file(cfg, sigma):
+  return cfg.weights or denoisers.dncnn_path(cfg.weights_dir, sigma)
+
+
+def _check_ffdnet(cfg, images):
+  for c in sorted({im.noisy_HxWxC.shape[-1] for im in images}):
+    denoisers.load_ffdnet(_ffdnet_file(cfg, c), c)
+
+
+def _run_ffdnet(cfg, images):
+  sigmas = np.array(sigmas_for(cfg, images), np.float32)
+  out = [None] * len(images)
+  for idx in _batches(cfg, images, lambda i: 0):
+    c = images[idx[0]].noisy_HxWxC.shape[-1]
+    fn = denoisers.load_ffdnet(_ffdnet_file(cfg, c), c)
+    x = denoisers.ffdnet_denoise(fn, np.stack([images[i].noisy_HxWxC for i in idx]), sigmas[idx])
+    for j, i in enumerate(idx):
+      out[i] = x[j]
+  return out
+
+
+def _check_dncnn(cfg, images):
+  levels = [cfg.sigma] if cfg.sigma > 0 else list(denoisers.DNCNN_SIGMAS)
+  for c in sorted({im.noisy_HxWxC.shape[-1] for im in images}):
+    for s in levels:
+      denoisers.load_dncnn(_dncnn_file(cfg, s), c)
+
+
+def _run_dncnn(cfg, images):
+  sigmas = sigmas_for(cfg, images)
+  out = [None] * len(images)
+  for idx in _batches(cfg, images, lambda i: _dncnn_file(cfg, sigmas[i])):
+    c = images[idx[0]].noisy_HxWxC.shape[-1]
+    fn = denoisers.load_dncnn(_dncnn_file(cfg, sigmas[idx[0]]), c)
+    x = np.asarray(fn(jnp.asarray(np.stack([images[i].noisy_HxWxC for i in idx]))))
+    for j, i in enumerate(idx):
+      out[i] = x[j]
+  return out
+
+
 register("none", _check_none, _run_none)
+register("ffdnet", _check_ffdnet, _run_ffdnet)
+register("dncnn", _check_dncnn, _run_dncnn)
 register("bm3d", _check_bm3d, _run_bm3d)
 register("file", _check_file, _run_file)

@@ -1,0 +1,125 @@
+"""FFDNet (Zhang et al. 2018) and DnCNN (Zhang et al. 2017) in Flax, with the official weights.
+
+Both run batched and jitted: one call per same-shape bucket of a test set.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idip_jax import matconvnet
+from idip_jax.data import InputError
+
+DNCNN_SIGMAS = (15, 25, 50)
+
+
+class ConvStack(nn.Module):
+  """conv (+ReLU) x (n-1), conv; 3x3, zero padding 1, as in the MatConvNet nets."""
+  features: tuple[int, ...]  # output channels of each conv
+
+  @nn.compact
+  def __call__(self, x_NxHxWxC):
+    for i, f in enumerate(self.features):
+      x_NxHxWxC = nn.Conv(f, (3, 3), padding=1, name=f"conv{i}")(x_NxHxWxC)
+      if i < len(self.features) - 1:
+        x_NxHxWxC = nn.relu(x_NxHxWxC)
+    return x_NxHxWxC
+
+
+def pixel_unshuffle(x_NxHxWxC: jax.Array) -> jax.Array:
+  """2x2 blocks -> channels in MATLAB's column-major order: channel 4*c + 2*dx + dy
+  for row offset dy and column offset dx (checked against the official weights:
+  the gray net cannot tell c-major from offset-major, the color net can, by 12 dB)."""
+  n, h, w, c = x_NxHxWxC.shape
+  x = x_NxHxWxC.reshape(n, h // 2, 2, w // 2, 2, c)  # n, i, dy, j, dx, c
+  return x.transpose(0, 1, 3, 5, 4, 2).reshape(n, h // 2, w // 2, 4 * c)
+
+
+def pixel_shuffle(x_NxHxWx4C: jax.Array) -> jax.Array:
+  n, h, w, c4 = x_NxHxWx4C.shape
+  x = x_NxHxWx4C.reshape(n, h, w, c4 // 4, 2, 2)  # n, i, j, c, dx, dy
+  return x.transpose(0, 1, 5, 2, 4, 3).reshape(n, 2 * h, 2 * w, c4 // 4)
+
+
+class FFDNet(nn.Module):
+  """Non-residual: unshuffle, concat the noise-level map, 15 convs, shuffle back."""
+  features: tuple[int, ...]
+  noise_channels: int  # 1 in both official releases (gray and color)
+
+  @nn.compact
+  def __call__(self, x_NxHxWxC, sigma_N):
+    """x in [0, 1]; sigma_N on the 0-255 scale, a scalar per image or an NxHxWx1 map."""
+    n, h, w, _ = x_NxHxWxC.shape
+    sub = pixel_unshuffle(x_NxHxWxC)
+    sig = jnp.asarray(sigma_N, jnp.float32) / 255.0  # FFDNet's map is sigma/255 for [0, 1] images
+    if sig.ndim == 1:
+      sig_map = jnp.broadcast_to(sig[:, None, None, None], (n, h // 2, w // 2, self.noise_channels))
+    else:  # a per-pixel map at full resolution: average each 2x2 block
+      sig_map = sig.reshape(n, h // 2, 2, w // 2, 2, -1).mean(axis=(2, 4))
+      sig_map = jnp.broadcast_to(sig_map[..., :1], (n, h // 2, w // 2, self.noise_channels))
+    y = ConvStack(self.features, name="body")(jnp.concatenate([sub, sig_map], axis=-1))
+    return pixel_shuffle(y)
+
+
+class DnCNN(nn.Module):
+  """Residual learning: the net predicts the noise, the output is x - net(x)."""
+  features: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x_NxHxWxC):
+    return x_NxHxWxC - ConvStack(self.features, name="body")(x_NxHxWxC)
+
+
+def _params(convs) -> dict:
+  return {"body": {f"conv{i}": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
+                   for i, (w, b) in enumerate(convs)}}
+
+
+def default_weights_dir() -> str:
+  from idip_jax.data import shared_dir
+  return os.path.join(shared_dir(), "weights")
+
+
+def ffdnet_path(weights_dir: str, channels: int) -> str:
+  name = "FFDNet_gray.mat" if channels == 1 else "FFDNet_color.mat"
+  return os.path.join(weights_dir or default_weights_dir(), "ffdnet", name)
+
+
+def dncnn_path(weights_dir: str, sigma: float) -> str:
+  """The DnCNN-S model of the nearest trained noise level."""
+  s = min(DNCNN_SIGMAS, key=lambda t: abs(t - sigma))
+  return os.path.join(weights_dir or default_weights_dir(), "dncnn", f"dncnn_sigma{s}.mat")
+
+
+@functools.lru_cache(maxsize=8)
+def load_ffdnet(path: str, channels: int):
+  _, convs = matconvnet.load(path, "ffdnet")
+  in_ch = convs[0][0].shape[2]
+  if convs[-1][0].shape[3] != 4 * channels or in_ch <= 4 * channels:
+    raise InputError(f"{path} is an FFDNet for {convs[-1][0].shape[3] // 4}-channel images, "
+                     f"the input has {channels}")
+  model = FFDNet(tuple(w.shape[3] for w, _ in convs), noise_channels=in_ch - 4 * channels)
+  return jax.jit(lambda x, s: model.apply({"params": _params(convs)}, x, s))
+
+
+@functools.lru_cache(maxsize=8)
+def load_dncnn(path: str, channels: int):
+  _, convs = matconvnet.load(path, "dncnn")
+  if convs[0][0].shape[2] != channels:
+    raise InputError(f"{path} is a DnCNN for {convs[0][0].shape[2]}-channel images, the input has "
+                     f"{channels} (the official DnCNN-S weights are gray; use ffdnet or bm3d)")
+  model = DnCNN(tuple(w.shape[3] for w, _ in convs))
+  return jax.jit(lambda x: model.apply({"params": _params(convs)}, x))
+
+
+def ffdnet_denoise(fn, noisy_NxHxWxC: np.ndarray, sigma_N: np.ndarray) -> np.ndarray:
+  """Odd sides are padded by repeating the last row/column (as FFDNet's demo does)."""
+  n, h, w, _ = noisy_NxHxWxC.shape
+  x = np.pad(noisy_NxHxWxC, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+  return np.asarray(fn(jnp.asarray(x, jnp.float32), jnp.asarray(sigma_N, jnp.float32)))[:, :h, :w]
