@@ -148,7 +148,7 @@ def _run_ffdnet(cfg, images):
 
 
 def _check_dncnn(cfg, images):
-  levels = [cfg.sigma] if cfg.sigma > 0 else list(denoisers.DNCNN_SIGMAS)
+  levels = [cfg.sigma] if cfg.sigma > 0 else list(denoisers.DNCNN_SIGMAS) + [35.0]
   for c in sorted({im.noisy_HxWxC.shape[-1] for im in images}):
     for s in levels:
       denoisers.load_dncnn(_dncnn_file(cfg, s), c)

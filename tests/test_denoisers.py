@@ -66,8 +66,9 @@ def test_noise_level_estimator_on_set12():
     err = np.mean([abs(estimate_sigma(im.noisy_HxWxC) - sigma) for im in images])
     assert err < tol, (sigma, err)
   # and it picks the DnCNN model trained nearest to the estimate
-  assert os.path.basename(denoisers.dncnn_path("", 22.0)) == "dncnn_sigma25.mat"
-  assert os.path.basename(denoisers.dncnn_path("", 40.0)) == "dncnn_sigma50.mat"
+  assert os.path.basename(denoisers.dncnn_path("", 23.0)) == "dncnn_sigma25.mat"
+  assert os.path.basename(denoisers.dncnn_path("", 48.0)) == "dncnn_sigma50.mat"
+  assert os.path.basename(denoisers.dncnn_path("", 30.0)) == "dncnn_gray_blind.mat"
 
 
 def test_bad_weight_files_one_line(tmp_path, capsys):
