@@ -109,9 +109,15 @@ def summarize(records: list[dict]) -> dict:
   return mean
 
 
-def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = "") -> dict:
+def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = "",
+        images: list[Image] | None = None, prelim_images: dict[str, np.ndarray] | None = None) -> dict:
+  """images / prelim_images: already loaded inputs and x_bar by name (tables reuse them)."""
   t_start = time.perf_counter()
-  images = load_and_check(cfg)  # every input error surfaces here, before compute
+  if images is None:
+    images = load_and_check(cfg)  # every input error surfaces here, before compute
+  else:
+    validate(cfg)
+    outputs.check_workdir(cfg.workdir, cfg.overwrite)
   method = METHODS[cfg.method]
   outputs.prepare_workdir(cfg.workdir, cfg.overwrite)
   img_dir, hist_dir = os.path.join(cfg.workdir, "images"), os.path.join(cfg.workdir, "history")
@@ -122,7 +128,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
   outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
 
   prelims: list[np.ndarray | None] = [None] * len(images)
-  if cfg.prelim.name != "none":
+  if prelim_images is not None:
+    prelims = [prelim_images[im.name] for im in images]
+  elif cfg.prelim.name != "none":
     t = time.perf_counter()
     prelims = prelim.get(cfg.prelim.name).run(cfg.prelim, images)
     log(f"preliminary denoiser {cfg.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")

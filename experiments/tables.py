@@ -1,0 +1,252 @@
+"""Reproduce the IDIP and DIP papers' tables: every method of a table fitted batched, shared noise.
+
+python experiments/tables.py --flagfile=experiments/tables/t2.flags
+Writes <results_dir>/<table>.md, <table>.json and <table>_curves.png (PSNR vs step).
+Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per process.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from idip_jax import data, outputs, prelim, runner  # noqa: E402
+from idip_jax.fit import FitConfig  # noqa: E402
+from idip_jax.models import NetConfig  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_list("tables", ["T2"], "T1, T2, T3, T4, T6, DIPcolor, or all")
+flags.DEFINE_string("data_dir", "", "folder with classic10/, Set12/, cbm3d9/ (default ../shared/data)")
+flags.DEFINE_string("results_dir", "experiments/results", "where the tables go")
+flags.DEFINE_string("work_dir", "runs/tables", "per-job run folders (images, histories)")
+flags.DEFINE_list("steps", ["dip=1800", "idip1=1800", "idip2=1800", "idip=1800"],
+                  "steps per method, method=N")
+flags.DEFINE_integer("crop", 0, "center crop (0 = full images)")
+flags.DEFINE_integer("max_images", 0, "first N images of each set (0 = all)")
+flags.DEFINE_bool("smoke", False, "tiny crops, tiny net, 4 steps, 3 images: checks the plumbing only")
+flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = whole bucket)")
+flags.DEFINE_integer("chunk", 100, "steps per chunk")
+flags.DEFINE_string("precision", "fp32", "fp32 | bf16")
+flags.DEFINE_bool("overwrite", False, "replace existing job folders")
+
+PAPER = {  # means reported by the papers (dB); per-image values are not reproduced here
+    "T1": {"DIP": 27.73, "IDIP-1": 27.79},
+    "T2": {"DIP": 27.73, "FFDNet": 29.72, "IDIP-2": 29.80, "IDIP": 30.35},
+    "T3": {"IDIP+DnCNN": 30.34, "IDIP+BM3D": 30.17, "IDIP+FFDNet": 30.35, "IDIP+NCSR": 30.18,
+           "IDIP+WNNM": 30.33},
+    "T6": {"mean step reduction %": 80.0},
+    "DIPcolor": {"DIP@1800": 29.22, "DIP EMA": 30.43, "DIP avg 2 runs": 31.00, "CBM3D": 31.42},
+}
+LABEL = {"dip": "DIP", "idip1": "IDIP-1", "idip2": "IDIP-2", "idip": "IDIP"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  dataset: str
+  sigma: float
+  method: str  # dip | idip1 | idip2 | idip, or "prelim": the x_bar alone, no fit
+  prelim: str = "none"
+  seeds: int = 1
+  channels: int = 1
+
+
+def table_jobs(table: str) -> list[tuple[str, Job]]:
+  """(row label, job) pairs of a table; a prelim-only row is the job's x_bar PSNR."""
+  c10 = "classic10"
+  if table == "T1":
+    return [("DIP", Job(c10, 30, "dip")), ("IDIP-1", Job(c10, 30, "idip1"))]
+  if table == "T2":
+    return [("DIP", Job(c10, 30, "dip")), ("FFDNet", Job(c10, 30, "prelim", "ffdnet")),
+            ("IDIP-2", Job(c10, 30, "idip2", "ffdnet")), ("IDIP", Job(c10, 30, "idip", "ffdnet"))]
+  if table == "T3":
+    return [(f"IDIP+{p}", Job(c10, 30, "idip", p.lower())) for p in ("DnCNN", "BM3D", "FFDNet")]
+  if table.startswith("T4_"):
+    ds = table[3:]
+    rows = []
+    for s in (15, 25, 50):
+      rows += [(f"BM3D@{s}", Job(ds, s, "prelim", "bm3d")), (f"DnCNN@{s}", Job(ds, s, "prelim", "dncnn")),
+               (f"FFDNet@{s}", Job(ds, s, "prelim", "ffdnet")), (f"DIP@{s}", Job(ds, s, "dip")),
+               (f"IDIP@{s}", Job(ds, s, "idip", "ffdnet"))]
+    return rows
+  if table == "T6":
+    return [("DIP", Job(c10, 40, "dip")), ("IDIP", Job(c10, 40, "idip", "ffdnet"))]
+  if table == "DIPcolor":
+    return [("DIP", Job("cbm3d9", 25, "dip", seeds=2, channels=3))]
+  raise ValueError(f"unknown table {table}")
+
+
+def read_history(path: str) -> dict[str, np.ndarray]:
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+
+
+class Runner:
+  def __init__(self, steps: dict[str, int]):
+    self.steps, self.done, self.prelims = steps, {}, {}
+
+  def config(self, job: Job, workdir: str) -> runner.RunConfig:
+    ddir = F.data_dir or os.path.join(data.shared_dir(), "data")
+    net = NetConfig(scales=2, channels=8, skip_channels=2, cc_features=4, in_channels=4) if F.smoke else NetConfig()
+    steps = 4 if F.smoke else self.steps[job.method]
+    return runner.RunConfig(
+        input=os.path.join(ddir, job.dataset), workdir=workdir, sigma=job.sigma, method=job.method,
+        channels=job.channels, crop=32 if F.smoke else F.crop, batch_size=F.batch_size,
+        overwrite=F.overwrite, save_images=not F.smoke,
+        prelim=prelim.PrelimConfig(job.prelim, sigma=job.sigma, crop=F.crop),
+        net=net, fit=FitConfig(steps=steps, seeds=job.seeds, chunk=4 if F.smoke else F.chunk,
+                               precision=F.precision))
+
+  def run(self, job: Job) -> dict:
+    if job in self.done:
+      return self.done[job]
+    name = f"{job.dataset}_s{job.sigma:g}_{job.method}_{job.prelim}_x{job.seeds}"
+    cfg = self.config(dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
+                      os.path.join(F.work_dir, name))
+    images = runner.load_and_check(cfg)
+    if F.max_images or F.smoke:
+      images = images[:F.max_images or 3]
+    key = (job.dataset, job.sigma, job.prelim)
+    if job.prelim != "none" and key not in self.prelims:
+      prelim.get(job.prelim).check(cfg.prelim, images)
+      self.prelims[key] = dict(zip([im.name for im in images], prelim.get(job.prelim).run(cfg.prelim, images)))
+    if job.method == "prelim":
+      psnr = lambda x, gt: float(-10 * np.log10(np.mean((np.clip(x, 0, 1) - gt) ** 2)))
+      recs = [{"name": im.name, "psnr_prelim": psnr(self.prelims[key][im.name], im.clean_HxWxC)} for im in images]
+      self.done[job] = {"images": recs, "mean": {"psnr_prelim": float(np.mean([r["psnr_prelim"] for r in recs]))}}
+      return self.done[job]
+    res = runner.run(cfg, images=images, prelim_images=self.prelims.get(key))
+    res["histories"] = {r["name"]: read_history(os.path.join(cfg.workdir, "history", r["name"] + (
+        "_seed0" if job.seeds > 1 else "") + ".csv")) for r in res["images"]}
+    self.done[job] = res
+    return res
+
+
+def make_table(table: str, jobs: Runner) -> dict:
+  rows = table_jobs(table)
+  out = {"table": table, "device": outputs.device_name(), "commit": outputs.git_commit(),
+         "date": outputs.now(), "sigma": sorted({j.sigma for _, j in rows}), "methods": {},
+         "paper": PAPER.get(table, {}), "crop": 32 if F.smoke else F.crop, "smoke": F.smoke}
+  for label, job in rows:
+    res = jobs.run(job)
+    is_prelim_row = job.method == "prelim"
+    key = "psnr_prelim" if is_prelim_row else "psnr_final"
+    entry = {"steps": 0 if is_prelim_row else res["steps"], "prelim": job.prelim, "dataset": job.dataset, "sigma": job.sigma,
+             "mean_psnr": res["mean"][key], "per_image": {r["name"]: r[key] for r in res["images"]},
+             "seconds": 0.0 if is_prelim_row else res["wall_seconds"]}
+    if not is_prelim_row:
+      entry["mean_psnr_ema"] = res["mean"]["psnr_ema"]
+      entry["oracle_mean_best_psnr"] = res["mean"]["oracle_best_psnr"]
+      entry["oracle_mean_best_step"] = res["mean"]["oracle_best_step"]
+      entry["per_image_ema"] = {r["name"]: r["psnr_ema"] for r in res["images"]}
+      if job.seeds > 1:
+        entry["mean_psnr_avg_runs_ema"] = res["mean"]["psnr_avg_ema"]
+        entry["mean_psnr_avg_runs_final"] = res["mean"]["psnr_avg_final"]
+    out["methods"][label] = entry
+  if table == "T6":
+    out["fit_speed"] = fit_speed(jobs.run(rows[0][1]), jobs.run(rows[1][1]))
+  return out
+
+
+def fit_speed(dip: dict, idip: dict) -> dict:
+  """Per image: DIP's best PSNR (oracle), and the first step at which DIP and IDIP reach it."""
+  per, reductions = {}, []
+  for r in dip["images"]:
+    name = r["name"]
+    hd, hi = dip["histories"][name]["psnr"], idip["histories"][name]["psnr"]
+    target = float(hd.max())
+    sd = int(np.argmax(hd >= target)) + 1
+    si = int(np.argmax(hi >= target)) + 1 if (hi >= target).any() else None
+    sec_d, sec_i = dip["wall_seconds"] / dip["steps"], idip["wall_seconds"] / idip["steps"]
+    per[name] = {"dip_best_psnr": target, "dip_steps": sd, "idip_steps": si,
+                 "dip_seconds": sd * sec_d, "idip_seconds": None if si is None else si * sec_i}
+    if si is not None:
+      reductions.append(100.0 * (1 - si / sd))
+  return {"per_image": per, "reached": len(reductions), "images": len(per),
+          "mean_step_reduction_pct": float(np.mean(reductions)) if reductions else None}
+
+
+def write_markdown(t: dict, path: str, steps: dict) -> None:
+  lines = [f"# {t['table']}" + (" (SMOKE: plumbing check only)" if t["smoke"] else ""), "",
+           f"Device {t['device']}, commit {t['commit']}, {t['date']}. Crop: "
+           f"{t['crop'] or 'full images'}. Steps: {', '.join(f'{k}={v}' for k, v in steps.items())}. "
+           "PSNR (dB) at the fixed step count; columns marked oracle use the ground truth.", ""]
+  methods = t["methods"]
+  names = list(next(iter(methods.values()))["per_image"])
+  head = ["image"] + list(methods)
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for n in names:
+    lines.append("| " + " | ".join([n] + [f"{m['per_image'].get(n, float('nan')):.2f}" for m in methods.values()]) + " |")
+  fmt = lambda vals: f"{np.mean(vals):.2f} ± {np.std(vals):.2f}"
+  lines.append("| **mean ± std** | " + " | ".join(fmt(list(m["per_image"].values())) for m in methods.values()) + " |")
+  lines.append("| paper | " + " | ".join(str(t["paper"].get(k, "-")) for k in methods) + " |")
+  lines.append("| EMA | " + " | ".join(f"{m['mean_psnr_ema']:.2f}" if "mean_psnr_ema" in m else "-" for m in methods.values()) + " |")
+  lines.append("| oracle best (step) | " + " | ".join(
+      f"{m['oracle_mean_best_psnr']:.2f} ({m['oracle_mean_best_step']:.0f})" if "oracle_mean_best_psnr" in m else "-"
+      for m in methods.values()) + " |")
+  for k, m in methods.items():
+    if "mean_psnr_avg_runs_ema" in m:
+      lines.append(f"\n{k}: average of 2 runs: final {m['mean_psnr_avg_runs_final']:.2f}, EMA {m['mean_psnr_avg_runs_ema']:.2f}")
+  if "fit_speed" in t:
+    fs = t["fit_speed"]
+    lines += ["", "Fit speed (oracle: DIP's best PSNR per image, first step each method reaches it):", "",
+              "| image | DIP best (oracle) | DIP steps | IDIP steps | DIP s | IDIP s |", "|---|---|---|---|---|---|"]
+    for n, r in fs["per_image"].items():
+      lines.append(f"| {n} | {r['dip_best_psnr']:.2f} | {r['dip_steps']} | {r['idip_steps'] or 'not reached'} | "
+                   f"{r['dip_seconds']:.1f} | {'-' if r['idip_seconds'] is None else '%.1f' % r['idip_seconds']} |")
+    red = fs["mean_step_reduction_pct"]
+    lines.append(f"\nMean step reduction over the {fs['reached']}/{fs['images']} images IDIP reaches: "
+                 f"{'-' if red is None else '%.1f%%' % red} (paper: about 80%).")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot_curves(table: str, jobs: Runner, path: str) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, job in table_jobs(table):
+    if job.method == "prelim":
+      continue
+    h = jobs.run(job)["histories"]
+    for key, style in (("psnr", "-"), ("psnr_ema", "--")):
+      curve = np.mean([v[key] for v in h.values()], axis=0)
+      ax.plot(np.arange(1, len(curve) + 1), curve, style, label=f"{label} {'EMA' if key == 'psnr_ema' else 'output'}")
+  ax.set_xlabel("step")
+  ax.set_ylabel("mean PSNR to ground truth (dB)")
+  ax.set_title(f"{table}: fit speed")
+  ax.set_ylim(bottom=15)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  steps = {k: int(v) for k, v in (s.split("=") for s in F.steps)}
+  names = ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor"] if F.tables == ["all"] else \
+      [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])
+  os.makedirs(F.results_dir, exist_ok=True)
+  jobs = Runner(steps)
+  for name in names:
+    t = make_table(name, jobs)
+    base = os.path.join(F.results_dir, name)
+    outputs.write_json(base + ".json", t)
+    write_markdown(t, base + ".md", {"smoke": 4} if F.smoke else steps)
+    plot_curves(name, jobs, base + "_curves.png")
+    print(f"wrote {base}.md", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
