@@ -20,7 +20,7 @@ from idip_jax.fit import FitConfig  # noqa: E402
 from idip_jax.models import NetConfig  # noqa: E402
 
 F = flags.FLAGS
-flags.DEFINE_list("tables", ["T2"], "T1, T2, T3, T4, T6, DIPcolor, or all")
+flags.DEFINE_list("tables", ["T2"], "T1, T2, T3, T4, T6, DIPcolor, HOLDOUT, or all")
 flags.DEFINE_string("data_dir", "", "folder with classic10/, Set12/, cbm3d9/ (default ../shared/data)")
 flags.DEFINE_string("results_dir", "experiments/results", "where the tables go")
 flags.DEFINE_string("work_dir", "runs/tables", "per-job run folders (images, histories)")
@@ -33,6 +33,7 @@ flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = whole bucket)"
 flags.DEFINE_integer("chunk", 100, "steps per chunk")
 flags.DEFINE_string("precision", "fp32", "fp32 | bf16")
 flags.DEFINE_bool("overwrite", False, "replace existing job folders")
+flags.DEFINE_bool("dry_run", False, "parse flags, list the jobs, run nothing")
 
 PAPER = {  # means reported by the papers (dB); per-image values are not reproduced here
     "T1": {"DIP": 27.73, "IDIP-1": 27.79},
@@ -75,6 +76,9 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
     return rows
   if table == "T6":
     return [("DIP", Job(c10, 40, "dip")), ("IDIP", Job(c10, 40, "idip", "ffdnet"))]
+  if table == "HOLDOUT":  # step counts are chosen here, on images no table reports
+    return [(LABEL[m], Job("Set14", 30, m, "none" if m in ("dip", "idip1") else "ffdnet"))
+            for m in ("dip", "idip1", "idip2", "idip")]
   if table == "DIPcolor":
     return [("DIP", Job("cbm3d9", 25, "dip", seeds=2, channels=3))]
   raise ValueError(f"unknown table {table}")
@@ -235,8 +239,12 @@ def plot_curves(table: str, jobs: Runner, path: str) -> None:
 def main(argv):
   del argv
   steps = {k: int(v) for k, v in (s.split("=") for s in F.steps)}
-  names = ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor"] if F.tables == ["all"] else \
+  names = ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"] if F.tables == ["all"] else \
       [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])
+  if F.dry_run:
+    for name in names:
+      print(name, [(label, dataclasses.astuple(job)) for label, job in table_jobs(name)])
+    return
   os.makedirs(F.results_dir, exist_ok=True)
   jobs = Runner(steps)
   for name in names:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from idip_jax import metrics
 from idip_jax.models import NetConfig, SkipUNet, min_side
@@ -52,6 +53,7 @@ class FitConfig:
   seeds: int = 1
   precision: str = "fp32"
   loop: str = "auto"  # scan | host | auto (host on CPU, scan elsewhere)
+  shard: bool = True  # split the run axis over all local devices (one run never spans two)
 
 
 @flax.struct.dataclass
@@ -159,22 +161,43 @@ def train_step(model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig
 TRACE_COUNT = {"chunk": 0}  # incremented at trace time; tests assert no recompilation
 
 
+def runs_mesh(n_dev: int) -> Mesh:
+  return jax.make_mesh((n_dev,), ("runs",), axis_types=(AxisType.Auto,))
+
+
+def over_runs(f: Callable, n_dev: int, out_specs=PartitionSpec("runs")) -> Callable:
+  """f maps arrays with a leading run axis; with several devices each runs f on its own
+  runs (shard_map), so one image never spans devices and no collective is needed.
+  (Letting the SPMD partitioner split vmap's grouped convolutions fails in XLA.)"""
+  if n_dev == 1:
+    return f
+  return jax.shard_map(f, mesh=runs_mesh(n_dev), in_specs=PartitionSpec("runs"), out_specs=out_specs)
+
+
 @functools.lru_cache(maxsize=64)
-def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, loop: str = "scan") -> Callable:
+def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, loop: str = "scan",
+                   n_dev: int = 1) -> Callable:
   """(states_N, batch_N, keys_N) -> (states_N, metrics_TxN): `length` steps of all runs.
   Cached by config, so refits of same-shape batches reuse the compiled program."""
   step = functools.partial(train_step, make_model(net_cfg, cfg), make_optimizer(cfg), cfg)
 
   if loop == "scan":
+    def scan_chunk(states, batch, keys):
+      return jax.lax.scan(lambda s, _: jax.vmap(step)(s, batch, keys), states, None, length=length)
+
+    sharded = over_runs(scan_chunk, n_dev, (PartitionSpec("runs"), PartitionSpec(None, "runs")))
+
     def chunk(states, batch, keys):
       TRACE_COUNT["chunk"] += 1
-      return jax.lax.scan(lambda s, _: jax.vmap(step)(s, batch, keys), states, None, length=length)
+      return sharded(states, batch, keys)
 
     return jax.jit(chunk, donate_argnums=0)
 
+  sharded_step = over_runs(jax.vmap(step), n_dev)
+
   def counted_step(states, batch, keys):
     TRACE_COUNT["chunk"] += 1
-    return jax.vmap(step)(states, batch, keys)
+    return sharded_step(states, batch, keys)
 
   jit_step = jax.jit(counted_step, donate_argnums=0)
 
@@ -189,10 +212,10 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, loop: str = 
 
 
 @functools.lru_cache(maxsize=64)
-def make_predict(net_cfg: NetConfig, cfg: FitConfig) -> Callable:
+def make_predict(net_cfg: NetConfig, cfg: FitConfig, n_dev: int = 1) -> Callable:
   """Output of each run on its unperturbed input (the "final" image)."""
   model = make_model(net_cfg, cfg)
-  return jax.jit(jax.vmap(lambda params, x: model.apply({"params": params}, x[None])[0]))
+  return jax.jit(over_runs(jax.vmap(lambda params, x: model.apply({"params": params}, x[None])[0]), n_dev))
 
 
 @dataclasses.dataclass
@@ -222,19 +245,28 @@ def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, j
         on_chunk: Callable[[int, dict], None] | None = None) -> FitResult:
   """Fits N runs in parallel; `batch` arrays and `keys` have a leading axis N."""
   t0 = time.perf_counter()
+  n_runs = len(keys)
+  n_dev = jax.local_device_count() if cfg.shard else 1
+  pad = (-n_runs) % n_dev
+  if pad:  # repeat the last run so the run axis splits evenly; its copies are dropped below
+    keys = list(keys) + [keys[-1]] * pad
+    batch = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]), batch)
   stack = lambda name: jnp.stack([k[name] for k in keys])
   h, w = batch.y_HxWxC.shape[1:3]
   states = init_states(net_cfg, cfg, stack("init"), h, w)
   noise_keys = stack("noise")
+  if n_dev > 1:
+    runs = NamedSharding(runs_mesh(n_dev), PartitionSpec("runs"))
+    states, batch, noise_keys = jax.device_put((states, batch, noise_keys), runs)
   loop = resolve_loop(cfg.loop)
   history: dict[str, list[np.ndarray]] = {}
   done = 0
   while done < cfg.steps:
     length = min(cfg.chunk, cfg.steps - done)
-    states, m = make_fit_chunk(net_cfg, cfg, length, loop)(states, batch, noise_keys)
+    states, m = make_fit_chunk(net_cfg, cfg, length, loop, n_dev)(states, batch, noise_keys)
     m = jax.device_get(m)  # the one host transfer per chunk
     for k, v in m.items():
-      history.setdefault(k, []).append(np.asarray(v))
+      history.setdefault(k, []).append(np.asarray(v)[:, :n_runs])
     done += length
     if on_chunk is not None:
       on_chunk(done, m)
@@ -243,13 +275,14 @@ def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, j
       rate = done / elapsed
       eta = (cfg.steps - done) / rate
       msg = (f"{label}step {done}/{cfg.steps}  {rate:.2f} steps/s  "
-             f"{rate * len(keys):.1f} image-steps/s  ETA {eta:.0f}s  "
+             f"{rate * n_runs:.1f} image-steps/s  ETA {eta:.0f}s  "
              f"loss {np.mean(m['loss'][-1]):.5f}  psnr(out,y) {np.mean(m['psnr_y'][-1]):.2f}")
       if "psnr" in m:
         msg += f"  psnr {np.mean(m['psnr'][-1]):.2f}  psnr_ema {np.mean(m['psnr_ema'][-1]):.2f}"
       log(msg)
-  final = make_predict(net_cfg, cfg)(states.params, batch.input_HxWxC)
-  return FitResult(final_NxHxWxC=np.asarray(final), ema_NxHxWxC=np.asarray(states.ema_HxWxC),
+  final = make_predict(net_cfg, cfg, n_dev)(states.params, batch.input_HxWxC)
+  return FitResult(final_NxHxWxC=np.asarray(final)[:n_runs],
+                   ema_NxHxWxC=np.asarray(states.ema_HxWxC)[:n_runs],
                    history={k: np.concatenate(v, axis=0) for k, v in history.items()},
                    seconds=time.perf_counter() - t0)
 

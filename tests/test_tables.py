@@ -1,0 +1,58 @@
+"""experiments/tables.py: every table flagfile parses; smoke scale writes well-formed tables."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, ROOT, WEIGHTS, need_path
+
+SCRIPT = os.path.join(ROOT, "experiments", "tables.py")
+
+
+def test_table_flagfiles_parse():
+  files = sorted(glob.glob(os.path.join(ROOT, "experiments", "tables", "*.flags")))
+  assert len(files) >= 7
+  for f in files:
+    assert open(f).readline().startswith("#"), f
+    if os.path.basename(f) == "base.flags":
+      continue
+    p = subprocess.run([sys.executable, SCRIPT, "--flagfile=" + f, "--dry_run"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (f, p.stderr[-2000:])
+    assert "Job(" not in p.stderr and p.stdout.strip(), f
+
+
+def test_smoke_tables_are_well_formed(tmp_path):
+  for d in ("classic10", "Set12", "cbm3d9", "Set14"):
+    need_path(os.path.join(DATA, d))
+  need_path(WEIGHTS)
+  pytest.importorskip("bm3d")
+  out = tmp_path / "results"
+  p = subprocess.run([sys.executable, SCRIPT, "--flagfile=experiments/tables/smoke.flags",
+                      "--results_dir=" + str(out), "--work_dir=" + str(tmp_path / "work")],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  for table in ("T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"):
+    t = json.loads((out / f"{table}.json").read_text())
+    for key in ("table", "device", "commit", "date", "sigma", "methods", "paper"):
+      assert key in t, (table, key)
+    assert t["table"] == table and t["smoke"] is True
+    for name, m in t["methods"].items():
+      assert isinstance(m["steps"], int) and len(m["per_image"]) == 3, (table, name)
+      assert abs(m["mean_psnr"] - sum(m["per_image"].values()) / 3) < 1e-6
+      assert all(5 < v < 60 for v in m["per_image"].values()), (table, name, m["per_image"])
+    md = (out / f"{table}.md").read_text()
+    assert "mean ± std" in md and "oracle" in md
+    assert (out / f"{table}_curves.png").stat().st_size > 1000
+  t2 = json.loads((out / "T2.json").read_text())
+  assert set(t2["methods"]) == {"DIP", "FFDNet", "IDIP-2", "IDIP"} and t2["paper"]["IDIP"] == 30.35
+  assert t2["methods"]["FFDNet"]["steps"] == 0  # a preliminary denoiser row: no fit
+  t4 = json.loads((out / "T4_Set12.json").read_text())
+  assert {"IDIP@15", "IDIP@25", "IDIP@50", "BM3D@25"} <= set(t4["methods"]) and t4["sigma"] == [15, 25, 50]
+  fs = json.loads((out / "T6.json").read_text())["fit_speed"]
+  assert fs["images"] == 3 and set(next(iter(fs["per_image"].values()))) >= {"dip_steps", "idip_steps"}
+  color = json.loads((out / "DIPcolor.json").read_text())["methods"]["DIP"]
+  assert "mean_psnr_avg_runs_ema" in color
