@@ -11,7 +11,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import data, outputs, prelim  # noqa: E402
+from idip_jax import data, metrics, outputs, prelim  # noqa: E402
 
 flags.DEFINE_string("out", "experiments/results/prelim_psnr", "output path without extension")
 F = flags.FLAGS
@@ -31,8 +31,7 @@ def main(_):
     cfg = prelim.PrelimConfig(name=method, sigma=sigma)
     prelim.get(method).check(cfg, images)
     out = prelim.get(method).run(cfg, images)
-    per = {im.name: float(-10 * np.log10(np.mean((np.clip(o, 0, 1) - im.clean_HxWxC) ** 2)))
-           for o, im in zip(out, images)}
+    per = {im.name: float(metrics.psnr(o, im.clean_HxWxC)) for o, im in zip(out, images)}
     rows.append({"set": name, "method": method, "sigma": sigma, "mean_psnr": float(np.mean(list(per.values()))),
                  "published": ref, "per_image": per})
     print(f"{name:10s} {method:7s} sigma={sigma:2d}  {rows[-1]['mean_psnr']:.2f}  (published {ref})", flush=True)

@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import data, outputs, prelim, runner  # noqa: E402
+from idip_jax import data, metrics, outputs, prelim, runner  # noqa: E402
 from idip_jax.fit import FitConfig  # noqa: E402
 from idip_jax.models import NetConfig  # noqa: E402
 
@@ -120,8 +120,8 @@ class Runner:
       prelim.get(job.prelim).check(cfg.prelim, images)
       self.prelims[key] = dict(zip([im.name for im in images], prelim.get(job.prelim).run(cfg.prelim, images)))
     if job.method == "prelim":
-      psnr = lambda x, gt: float(-10 * np.log10(np.mean((np.clip(x, 0, 1) - gt) ** 2)))
-      recs = [{"name": im.name, "psnr_prelim": psnr(self.prelims[key][im.name], im.clean_HxWxC)} for im in images]
+      recs = [{"name": im.name, "psnr_prelim": float(metrics.psnr(self.prelims[key][im.name], im.clean_HxWxC))}
+              for im in images]
       self.done[job] = {"images": recs, "mean": {"psnr_prelim": float(np.mean([r["psnr_prelim"] for r in recs]))}}
       return self.done[job]
     res = runner.run(cfg, images=images, prelim_images=self.prelims.get(key))
