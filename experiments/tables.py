@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import sys
 
@@ -43,6 +44,7 @@ PAPER = {  # means reported by the papers (dB); per-image values are not reprodu
     "T6": {"mean step reduction %": 80.0},
     "DIPcolor": {"DIP@1800": 29.22, "DIP EMA": 30.43, "DIP avg 2 runs": 31.00, "CBM3D": 31.42},
 }
+COMMIT_AT_START = "unknown"
 LABEL = {"dip": "DIP", "idip1": "IDIP-1", "idip2": "IDIP-2", "idip": "IDIP"}
 
 
@@ -90,9 +92,33 @@ def read_history(path: str) -> dict[str, np.ndarray]:
   return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
+def same_config(want: dict, have: dict) -> bool:
+  """Equal on every field the stored job recorded (fields added to the code later are skipped)."""
+  return all(same_config(want[k], v) if isinstance(v, dict) and isinstance(want.get(k), dict)
+             else want.get(k) == v for k, v in have.items())
+
+
 class Runner:
   def __init__(self, steps: dict[str, int]):
     self.steps, self.done, self.prelims = steps, {}, {}
+
+  @staticmethod
+  def finished(cfg: runner.RunConfig) -> dict | None:
+    """A job folder whose run completed with exactly this config is reused, not rerun."""
+    res_path, cfg_path = (os.path.join(cfg.workdir, f) for f in ("results.json", "config.json"))
+    if not (os.path.isfile(res_path) and os.path.isfile(cfg_path)):
+      return None
+    want = json.loads(json.dumps(dataclasses.asdict(runner.resolve(cfg))))
+    have = json.load(open(cfg_path))
+    want.pop("overwrite"), have.pop("overwrite", None)
+    res = json.load(open(res_path))
+    n = F.max_images or (3 if F.smoke else None)
+    if not same_config(want, have) or (n is None and len(res["images"]) < len(data.list_inputs(cfg.input))):
+      return None
+    print(f"reusing finished job {cfg.workdir}", flush=True)
+    res["histories"] = {r["name"]: read_history(os.path.join(cfg.workdir, "history", r["name"] + (
+        "_seed0" if cfg.fit.seeds > 1 else "") + ".csv")) for r in res["images"]}
+    return res
 
   def config(self, job: Job, workdir: str) -> runner.RunConfig:
     ddir = F.data_dir or os.path.join(data.shared_dir(), "data")
@@ -112,6 +138,9 @@ class Runner:
     name = f"{job.dataset}_s{job.sigma:g}_{job.method}_{job.prelim}_x{job.seeds}"
     cfg = self.config(dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
                       os.path.join(F.work_dir, name))
+    if job.method != "prelim" and (done := self.finished(cfg)) is not None:
+      self.done[job] = done
+      return done
     images = runner.load_and_check(cfg)
     if F.max_images or F.smoke:
       images = images[:F.max_images or 3]
@@ -133,7 +162,7 @@ class Runner:
 
 def make_table(table: str, jobs: Runner) -> dict:
   rows = table_jobs(table)
-  out = {"table": table, "device": outputs.device_name(), "commit": outputs.git_commit(),
+  out = {"table": table, "device": outputs.device_name(), "commit": COMMIT_AT_START,
          "date": outputs.now(), "sigma": sorted({j.sigma for _, j in rows}), "methods": {},
          "paper": PAPER.get(table, {}), "crop": 32 if F.smoke else F.crop, "smoke": F.smoke}
   for label, job in rows:
@@ -238,6 +267,8 @@ def plot_curves(table: str, jobs: Runner, path: str) -> None:
 
 def main(argv):
   del argv
+  global COMMIT_AT_START
+  COMMIT_AT_START = outputs.git_commit()  # the code that runs, even if HEAD moves meanwhile
   steps = {k: int(v) for k, v in (s.split("=") for s in F.steps)}
   names = ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"] if F.tables == ["all"] else \
       [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])

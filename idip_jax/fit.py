@@ -46,7 +46,8 @@ class FitConfig:
   reg_noise_std: float = 1.0 / 30.0  # DIP perturbs the input each step by N(0, 1/30)
   ema_decay: float = 0.99  # DIP's exp_weight
   backtrack_db: float = 5.0  # restore when PSNR(out, y) drops by more than this; 0 = off
-  prelim_weight: float = 0.0  # IDIP change (3): loss = MSE(out, y) + w * MSE(out, x_bar)
+  prelim_weight: float = 1.0  # IDIP change (3): loss = MSE(out, y) + w * MSE(out, x_bar); the runner
+  # sets 0 for methods without change (3), so the paper's weight lives here only
   input_scale: float = 0.1  # z ~ U[0, input_scale] (DIP's 'noise' input, var=1/10)
   chunk: int = 100  # steps per compiled lax.scan; metrics reach the host once per chunk
   seed: int = 0

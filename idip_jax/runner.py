@@ -78,6 +78,13 @@ def validate(cfg: RunConfig) -> None:
        "the complex connection lives on the skips: --skip_channels must be > 0")
 
 
+def resolve(cfg: RunConfig) -> RunConfig:
+  """The config as run: the x_bar loss weight is 0 for methods without change (3)."""
+  if METHODS[cfg.method].prelim_loss:
+    return cfg
+  return dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, prelim_weight=0.0))
+
+
 def load_and_check(cfg: RunConfig) -> list[Image]:
   validate(cfg)
   images = data.load_images(cfg.input, cfg.sigma, cfg.noise_seed, cfg.channels, cfg.crop,
@@ -125,6 +132,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
   if flags_text:
     with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
       f.write(flags_text)
+  cfg = resolve(cfg)
   outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
 
   prelims: list[np.ndarray | None] = [None] * len(images)
@@ -135,7 +143,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
     prelims = prelim.get(cfg.prelim.name).run(cfg.prelim, images)
     log(f"preliminary denoiser {cfg.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")
 
-  fit_cfg = dataclasses.replace(cfg.fit, prelim_weight=cfg.fit.prelim_weight if method.prelim_loss else 0.0)
+  fit_cfg = cfg.fit
   results = {"device": outputs.device_name(), "commit": outputs.git_commit(), "date": outputs.now(),
              "method": cfg.method, "prelim": cfg.prelim.name, "sigma": cfg.sigma,
              "steps": fit_cfg.steps, "seeds": fit_cfg.seeds, "images": [], "mean": {}}
