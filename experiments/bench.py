@@ -1,7 +1,7 @@
 """Fit-speed benchmark: ms/step, image-steps/s, FLOP/s and memory of the batched DIP step,
 beside the PyTorch reference loop (one image at a time) on the same device in the same run.
 
-python experiments/bench.py --flagfile=experiments/bench_cpu.flags
+python experiments/bench.py --flagfile=experiments/bench/cpu.flags
 """
 from __future__ import annotations
 
