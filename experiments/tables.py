@@ -92,6 +92,14 @@ def read_history(path: str) -> dict[str, np.ndarray]:
   return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
+def with_histories(res: dict, cfg: runner.RunConfig) -> dict:
+  """Adds each image's per-step history (the first seed's) read from the job folder."""
+  suffix = "_seed0" if cfg.fit.seeds > 1 else ""
+  res["histories"] = {r["name"]: read_history(os.path.join(cfg.workdir, "history", r["name"] + suffix + ".csv"))
+                      for r in res["images"]}
+  return res
+
+
 def same_config(want: dict, have: dict) -> bool:
   """Equal on every field the stored job recorded (fields added to the code later are skipped)."""
   return all(same_config(want[k], v) if isinstance(v, dict) and isinstance(want.get(k), dict)
@@ -116,9 +124,7 @@ class Runner:
     if not same_config(want, have) or (n is None and len(res["images"]) < len(data.list_inputs(cfg.input))):
       return None
     print(f"reusing finished job {cfg.workdir}", flush=True)
-    res["histories"] = {r["name"]: read_history(os.path.join(cfg.workdir, "history", r["name"] + (
-        "_seed0" if cfg.fit.seeds > 1 else "") + ".csv")) for r in res["images"]}
-    return res
+    return with_histories(res, cfg)
 
   def config(self, job: Job, workdir: str) -> runner.RunConfig:
     ddir = F.data_dir or os.path.join(data.shared_dir(), "data")
@@ -153,9 +159,7 @@ class Runner:
               for im in images]
       self.done[job] = {"images": recs, "mean": {"psnr_prelim": float(np.mean([r["psnr_prelim"] for r in recs]))}}
       return self.done[job]
-    res = runner.run(cfg, images=images, prelim_images=self.prelims.get(key))
-    res["histories"] = {r["name"]: read_history(os.path.join(cfg.workdir, "history", r["name"] + (
-        "_seed0" if job.seeds > 1 else "") + ".csv")) for r in res["images"]}
+    res = with_histories(runner.run(cfg, images=images, prelim_images=self.prelims.get(key)), cfg)
     self.done[job] = res
     return res
 

@@ -36,6 +36,7 @@ def write_json(path: str, obj) -> None:
   fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     json.dump(obj, f, indent=1, default=float)
+  os.chmod(tmp, 0o644)  # mkstemp makes it private
   os.replace(tmp, path)
 
 
