@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idip_jax import matconvnet
-from idip_jax.data import InputError
+from idip_jax.data import InputError, shared_dir
 
 DNCNN_SIGMAS = (15, 25, 50)
 
@@ -82,7 +82,6 @@ def _params(convs) -> dict:
 
 
 def default_weights_dir() -> str:
-  from idip_jax.data import shared_dir
   return os.path.join(shared_dir(), "weights")
 
 

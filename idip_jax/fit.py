@@ -242,8 +242,7 @@ def init_states(net_cfg: NetConfig, cfg: FitConfig, init_keys_N: jax.Array,
 
 
 def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, jax.Array]],
-        log: Callable[[str], None] | None = None, label: str = "",
-        on_chunk: Callable[[int, dict], None] | None = None) -> FitResult:
+        log: Callable[[str], None] | None = None, label: str = "") -> FitResult:
   """Fits N runs in parallel; `batch` arrays and `keys` have a leading axis N."""
   t0 = time.perf_counter()
   n_runs = len(keys)
@@ -269,8 +268,6 @@ def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, j
     for k, v in m.items():
       history.setdefault(k, []).append(np.asarray(v)[:, :n_runs])
     done += length
-    if on_chunk is not None:
-      on_chunk(done, m)
     if log is not None:
       elapsed = time.perf_counter() - t0
       rate = done / elapsed

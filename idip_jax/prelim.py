@@ -135,16 +135,24 @@ def _check_ffdnet(cfg, images):
     denoisers.load_ffdnet(_ffdnet_file(cfg, c), c)
 
 
-def _run_ffdnet(cfg, images):
-  sigmas = np.array(sigmas_for(cfg, images), np.float32)
+def _run_batched(cfg: PrelimConfig, images: list[Image], key, denoise) -> list[np.ndarray]:
+  """denoise(indices, noisy_NxHxWxC) per same-(shape, key) batch, scattered back in order."""
   out = [None] * len(images)
-  for idx in _batches(cfg, images, lambda i: 0):
-    c = images[idx[0]].noisy_HxWxC.shape[-1]
-    fn = denoisers.load_ffdnet(_ffdnet_file(cfg, c), c)
-    x = denoisers.ffdnet_denoise(fn, np.stack([images[i].noisy_HxWxC for i in idx]), sigmas[idx])
+  for idx in _batches(cfg, images, key):
+    x = denoise(idx, np.stack([images[i].noisy_HxWxC for i in idx]))
     for j, i in enumerate(idx):
       out[i] = x[j]
   return out
+
+
+def _run_ffdnet(cfg, images):
+  sigmas = np.array(sigmas_for(cfg, images), np.float32)
+
+  def denoise(idx, noisy):
+    c = noisy.shape[-1]
+    return denoisers.ffdnet_denoise(denoisers.load_ffdnet(_ffdnet_file(cfg, c), c), noisy, sigmas[idx])
+
+  return _run_batched(cfg, images, lambda i: 0, denoise)
 
 
 def _check_dncnn(cfg, images):
@@ -156,14 +164,12 @@ def _check_dncnn(cfg, images):
 
 def _run_dncnn(cfg, images):
   sigmas = sigmas_for(cfg, images)
-  out = [None] * len(images)
-  for idx in _batches(cfg, images, lambda i: _dncnn_file(cfg, sigmas[i])):
-    c = images[idx[0]].noisy_HxWxC.shape[-1]
-    fn = denoisers.load_dncnn(_dncnn_file(cfg, sigmas[idx[0]]), c)
-    x = np.asarray(fn(jnp.asarray(np.stack([images[i].noisy_HxWxC for i in idx]))))
-    for j, i in enumerate(idx):
-      out[i] = x[j]
-  return out
+
+  def denoise(idx, noisy):
+    fn = denoisers.load_dncnn(_dncnn_file(cfg, sigmas[idx[0]]), noisy.shape[-1])
+    return np.asarray(fn(jnp.asarray(noisy)))
+
+  return _run_batched(cfg, images, lambda i: _dncnn_file(cfg, sigmas[i]), denoise)
 
 
 register("none", _check_none, _run_none)
