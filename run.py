@@ -34,7 +34,13 @@ flags.DEFINE_integer("seeds", 1, "independent runs per image (reported each and 
 flags.DEFINE_integer("chunk", 100, "steps per compiled lax.scan chunk")
 flags.DEFINE_string("precision", "fp32", "fp32 | bf16 (compute dtype; params stay fp32)")
 flags.DEFINE_string("loop", "auto", "scan | host | auto (host loop on CPU, lax.scan elsewhere)")
-flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = a whole same-shape bucket)")
+flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = auto: the most that fit the "
+                     "device's memory, 1 on CPU)")
+flags.DEFINE_bool("remat", False, "recompute each conv block in the backward pass (less memory)")
+flags.DEFINE_bool("distributed", False, "jax.distributed: each process fits its share of the images")
+flags.DEFINE_string("coordinator", "", "host:port of process 0 (--distributed; empty = auto-detect)")
+flags.DEFINE_integer("num_processes", 0, "processes in all (--distributed; 0 = auto-detect)")
+flags.DEFINE_integer("process_id", -1, "this process's index (--distributed; -1 = auto-detect)")
 flags.DEFINE_integer("scales", 5, "U-Net scales")
 flags.DEFINE_integer("net_channels", 128, "channels at every scale")
 flags.DEFINE_integer("skip_channels", 4, "channels of each skip")
@@ -65,7 +71,7 @@ def config_from_flags() -> runner.RunConfig:
                     reg_noise_std=F.reg_noise_std, ema_decay=F.ema_decay,
                     backtrack_db=F.backtrack_db, prelim_weight=F.prelim_weight,
                     chunk=F.chunk, seed=F.seed, seeds=F.seeds, precision=F.precision,
-                    loop=F.loop))
+                    loop=F.loop, remat=F.remat))
 
 
 def main(argv) -> int:
@@ -73,7 +79,10 @@ def main(argv) -> int:
     rest = F(argv)
     if len(rest) > 1:
       raise InputError(f"unexpected arguments: {' '.join(rest[1:])}")
-    runner.run(config_from_flags(), flags_text=F.flags_into_string())
+    cfg = config_from_flags()
+    if F.distributed:
+      runner.init_distributed(F.coordinator, F.num_processes, F.process_id)
+    runner.run(cfg, flags_text=F.flags_into_string())
   except (flags.Error, InputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -30,7 +30,7 @@ flags.DEFINE_list("steps", ["dip=1800", "idip1=1800", "idip2=1800", "idip=1800"]
 flags.DEFINE_integer("crop", 0, "center crop (0 = full images)")
 flags.DEFINE_integer("max_images", 0, "first N images of each set (0 = all)")
 flags.DEFINE_bool("smoke", False, "tiny crops, tiny net, 4 steps, 3 images: checks the plumbing only")
-flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = whole bucket)")
+flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = auto: memory-aware, 1 on CPU)")
 flags.DEFINE_integer("chunk", 100, "steps per chunk")
 flags.DEFINE_string("precision", "fp32", "fp32 | bf16")
 flags.DEFINE_bool("overwrite", False, "replace existing job folders")
@@ -118,7 +118,9 @@ class Runner:
       return None
     want = json.loads(json.dumps(dataclasses.asdict(runner.resolve(cfg))))
     have = json.load(open(cfg_path))
-    want.pop("overwrite"), have.pop("overwrite", None)
+    # Per-call batch sizes change the grouping of runs, not the runs (batched == single fits).
+    for d in (want, have, want["prelim"], have.get("prelim", {})):
+      d.pop("overwrite", None), d.pop("batch_size", None)
     res = json.load(open(res_path))
     n = F.max_images or (3 if F.smoke else None)
     if not same_config(want, have) or (n is None and len(res["images"]) < len(data.list_inputs(cfg.input))):

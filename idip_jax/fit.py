@@ -55,6 +55,7 @@ class FitConfig:
   precision: str = "fp32"
   loop: str = "auto"  # scan | host | auto (host on CPU, scan elsewhere)
   shard: bool = True  # split the run axis over all local devices (one run never spans two)
+  remat: bool = False  # keep only each conv block's input for the backward pass, recompute the rest
 
 
 @flax.struct.dataclass
@@ -85,7 +86,7 @@ def run_keys(seed: int, run: int) -> dict[str, jax.Array]:
 
 
 def make_model(net_cfg: NetConfig, fit_cfg: FitConfig) -> SkipUNet:
-  return SkipUNet(net_cfg, dtype=PRECISIONS[fit_cfg.precision])
+  return SkipUNet(net_cfg, dtype=PRECISIONS[fit_cfg.precision], remat=fit_cfg.remat)
 
 
 def make_optimizer(fit_cfg: FitConfig) -> optax.GradientTransformation:
@@ -163,7 +164,8 @@ TRACE_COUNT = {"chunk": 0}  # incremented at trace time; tests assert no recompi
 
 
 def runs_mesh(n_dev: int) -> Mesh:
-  return jax.make_mesh((n_dev,), ("runs",), axis_types=(AxisType.Auto,))
+  # This process's devices only: under jax.distributed each host fits its own images.
+  return Mesh(np.array(jax.local_devices()[:n_dev]), ("runs",), axis_types=(AxisType.Auto,))
 
 
 def over_runs(f: Callable, n_dev: int, out_specs=PartitionSpec("runs")) -> Callable:
@@ -210,6 +212,63 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, loop: str = 
     return states, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
 
   return host_chunk
+
+
+# On XLA:CPU a vmapped batch runs its per-run convolutions as one grouped convolution,
+# which is slower per image than one run at a time (measured on the 2-core CI CPU, 64 px,
+# official net: 171 ms per image-step at batch 2 vs 89 ms at batch 1), so "auto" is 1 there.
+CPU_AUTO_BATCH = 1
+MEMORY_HEADROOM = 0.85  # of the device's bytes_limit; XLA's estimate misses allocator slack
+
+
+def step_memory_bytes(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, width: int,
+                      with_gt: bool = True) -> int:
+  """Device bytes one jitted step over `batch` runs needs (arguments + outputs + temporaries),
+  from XLA's memory analysis of the compiled step; compiles from shapes only, allocates nothing."""
+  model, tx = make_model(net_cfg, cfg), make_optimizer(cfg)
+  step = jax.jit(jax.vmap(functools.partial(train_step, model, tx, cfg)), donate_argnums=0)
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+  states = jax.eval_shape(lambda k: init_states(net_cfg, cfg, k, height, width), keys)
+  img = lambda c: jax.ShapeDtypeStruct((batch, height, width, c), jnp.float32)
+  in_c = net_cfg.in_channels
+  b = Batch(input_HxWxC=img(in_c), y_HxWxC=img(net_cfg.out_channels), prelim_HxWxC=img(net_cfg.out_channels),
+            mask_HxWx1=img(1), gt_HxWxC=img(net_cfg.out_channels) if with_gt else None)
+  mem = step.lower(states, b, keys).compile().memory_analysis()
+  if mem is None:
+    raise RuntimeError("this backend gives no memory analysis")
+  # Donated state buffers are reused for the outputs, so they are counted once.
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes)
+
+
+def device_memory_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def auto_batch_size(net_cfg: NetConfig, cfg: FitConfig, height: int, width: int, n_runs: int,
+                    memory_bytes: int | None = None, with_gt: bool = True) -> int:
+  """Runs per call: the largest batch whose compiled step fits in `memory_bytes` (default:
+  the device's limit x MEMORY_HEADROOM), per device when the batch is sharded. Memory is
+  affine in the batch, so two compiles (batch 1 and 2) give it. Calls are then balanced:
+  10 runs with room for 8 become two calls of 5, not 8 + 2."""
+  if memory_bytes is None:
+    if jax.default_backend() == "cpu":
+      return min(CPU_AUTO_BATCH, n_runs)
+    limit = device_memory_bytes()
+    if limit is None:
+      return 1
+    memory_bytes = int(limit * MEMORY_HEADROOM)
+  n_dev = jax.local_device_count() if cfg.shard else 1
+  one = step_memory_bytes(net_cfg, cfg, 1, height, width, with_gt)
+  per_run = max(step_memory_bytes(net_cfg, cfg, 2, height, width, with_gt) - one, 1)
+  fits = max(1, (memory_bytes - (one - per_run)) // per_run) * n_dev
+  calls = -(-n_runs // min(fits, n_runs))
+  return -(-n_runs // calls)
+
+
+def is_out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
 @functools.lru_cache(maxsize=64)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from idip_jax import data, fit, metrics, outputs, prelim
 from idip_jax.data import Image, InputError
@@ -41,7 +44,7 @@ class RunConfig:
   channels: int = 0  # 0 = as stored, 1 = gray, 3 = RGB
   crop: int = 0  # center crop to this size (0 = full image)
   method: str = "idip"
-  batch_size: int = 0  # runs per vmapped call; 0 = a whole bucket
+  batch_size: int = 0  # runs per vmapped call; 0 = auto (fit.auto_batch_size: memory, backend)
   save_images: bool = True
   overwrite: bool = False
   prelim: prelim.PrelimConfig = prelim.PrelimConfig()
@@ -126,14 +129,25 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
     validate(cfg)
     outputs.check_workdir(cfg.workdir, cfg.overwrite)
   method = METHODS[cfg.method]
-  outputs.prepare_workdir(cfg.workdir, cfg.overwrite)
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if proc == 0:
+    outputs.prepare_workdir(cfg.workdir, cfg.overwrite)
+  _barrier("workdir", n_proc)
   img_dir, hist_dir = os.path.join(cfg.workdir, "images"), os.path.join(cfg.workdir, "history")
-  os.makedirs(img_dir), os.makedirs(hist_dir)
-  if flags_text:
+  os.makedirs(img_dir, exist_ok=True), os.makedirs(hist_dir, exist_ok=True)
+  all_images = images
+  if n_proc > 1:
+    # Multi-host (jax.distributed): each process fits every n_proc-th image on its own
+    # devices, so one image never spans hosts and no collective runs inside a fit.
+    images = images[proc::n_proc]
+    log(f"process {proc}/{n_proc}: {len(images)} of {len(all_images)} images")
+  results_path = os.path.join(cfg.workdir, "results.json" if n_proc == 1 else f"results.process{proc}.json")
+  if flags_text and proc == 0:
     with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
       f.write(flags_text)
   cfg = resolve(cfg)
-  outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
+  if proc == 0:
+    outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
 
   prelims: list[np.ndarray | None] = [None] * len(images)
   if prelim_images is not None:
@@ -154,14 +168,17 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
     net_cfg = dataclasses.replace(cfg.net, out_channels=c, complex_connection=method.complex_connection,
                                   in_channels=c if method.prelim_input else cfg.net.in_channels)
     runs = [(i, k) for i in idx for k in range(fit_cfg.seeds)]
-    per_call = cfg.batch_size or len(runs)
-    for start in range(0, len(runs), per_call):
+    has_gt = images[idx[0]].clean_HxWxC is not None
+    per_call = cfg.batch_size or fit.auto_batch_size(net_cfg, fit_cfg, ph, pw, len(runs), with_gt=has_gt)
+    log(f"bucket {b + 1}/{len(buckets)} {ph}x{pw}x{c}: {len(runs)} runs, {per_call} per call"
+        + ("" if cfg.batch_size else " (auto)"))
+    start = 0
+    while start < len(runs):
       part = runs[start:start + per_call]
       pad = lambda x: data.pad_reflect(x, ph, pw)
       ys = np.stack([pad(images[i].noisy_HxWxC) for i, _ in part])
       xbars = np.stack([pad(prelims[i]) for i, _ in part]) if prelims[0] is not None else np.zeros_like(ys)
       masks = np.stack([data.mask_for(*images[i].noisy_HxWxC.shape[:2], ph, pw) for i, _ in part])
-      has_gt = images[idx[0]].clean_HxWxC is not None
       gts = np.stack([pad(images[i].clean_HxWxC) for i, _ in part]) if has_gt else None
       keys = [fit.run_keys(fit_cfg.seed, k) for _, k in part]
       batch = fit.Batch(
@@ -169,7 +186,17 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
           y_HxWxC=jnp.asarray(ys), prelim_HxWxC=jnp.asarray(xbars), mask_HxWx1=jnp.asarray(masks),
           gt_HxWxC=None if gts is None else jnp.asarray(gts))
       label = f"[bucket {b + 1}/{len(buckets)} {ph}x{pw}x{c}, runs {start + 1}-{start + len(part)}/{len(runs)}] "
-      res = fit.fit(net_cfg, fit_cfg, batch, keys, log=log, label=label)
+      try:
+        res = fit.fit(net_cfg, fit_cfg, batch, keys, log=log, label=label)
+      except Exception as e:  # a set that fits one image at a time must not fail on memory
+        if not fit.is_out_of_memory(e):
+          raise
+        if len(part) == 1:
+          raise RuntimeError(f"out of memory fitting one {ph}x{pw}x{c} image; try --remat") from e
+        per_call = len(part) // 2
+        log(f"out of memory at {len(part)} runs per call; retrying with {per_call}")
+        continue
+      start += len(part)
       for j, (i, k) in enumerate(part):
         runs_done.setdefault(i, []).append(
             _run_record(cfg, images[i], k, res, j, img_dir, hist_dir, len(part)))
@@ -178,9 +205,49 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
       results["images"] = [records[im.name] for im in images if im.name in records]
       results["mean"] = summarize(results["images"])
       results["wall_seconds"] = time.perf_counter() - t_start
-      outputs.write_json(os.path.join(cfg.workdir, "results.json"), results)  # incremental
+      outputs.write_json(results_path, results)  # incremental
+  if n_proc > 1:
+    results = _merge_processes(results, all_images, cfg, results_path, t_start)
   _log_summary(results, log)
   return results
+
+
+def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+  """jax.distributed.initialize; empty/default arguments are auto-detected (SLURM, TPU pods...)."""
+  kw = {}
+  if coordinator:
+    kw.update(coordinator_address=coordinator)
+  if num_processes:
+    kw.update(num_processes=num_processes)
+  if process_id >= 0:
+    kw.update(process_id=process_id)
+  jax.distributed.initialize(**kw)
+
+
+def _barrier(name: str, n_proc: int) -> None:
+  if n_proc > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _merge_processes(results: dict, images: list[Image], cfg: RunConfig, own_path: str,
+                     t_start: float) -> dict:
+  """Every process's image records, gathered over the network (no shared disk needed);
+  process 0 writes them, in input order, as results.json."""
+  blob = np.frombuffer(json.dumps(results["images"], default=float).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([blob.size]))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = multihost_utils.process_allgather(padded)
+  records = {}
+  for n, row in zip(np.ravel(sizes), blobs):
+    records.update({r["name"]: r for r in json.loads(bytes(row[:n]).decode())})
+  merged = dict(results, images=[records[im.name] for im in images if im.name in records],
+                processes=jax.process_count(), wall_seconds=time.perf_counter() - t_start)
+  merged["mean"] = summarize(merged["images"])
+  if jax.process_index() == 0:
+    outputs.write_json(os.path.join(cfg.workdir, "results.json"), merged)
+  _barrier("results", jax.process_count())
+  return merged
 
 
 def _run_record(cfg, im: Image, k: int, res: fit.FitResult, j: int, img_dir: str, hist_dir: str,
