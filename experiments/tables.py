@@ -119,8 +119,9 @@ class Runner:
     want = json.loads(json.dumps(dataclasses.asdict(runner.resolve(cfg))))
     have = json.load(open(cfg_path))
     # Per-call batch sizes change the grouping of runs, not the runs (batched == single fits).
+    # The folder's location is not part of the job (a copied or moved folder is reused).
     for d in (want, have, want["prelim"], have.get("prelim", {})):
-      d.pop("overwrite", None), d.pop("batch_size", None)
+      d.pop("overwrite", None), d.pop("batch_size", None), d.pop("workdir", None)
     res = json.load(open(res_path))
     n = F.max_images or (3 if F.smoke else None)
     if not same_config(want, have) or (n is None and len(res["images"]) < len(data.list_inputs(cfg.input))):

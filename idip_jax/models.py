@@ -99,6 +99,7 @@ class Conv(nn.Module):
                    conv_general_dilated=conv_for_backend)(x_NxHxWxC)
 
 
+CPU_CONV_REWRITES = True  # experiments/cpu_conv_paths.py turns it off to time the plain path
 _NHWC = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
@@ -116,7 +117,7 @@ def conv_for_backend(lhs, rhs, window_strides, padding, **kw):
   unpadded = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
   simple = (kw.get("dimension_numbers") == _NHWC and kw.get("feature_group_count", 1) == 1
             and all(d == 1 for d in (kw.get("lhs_dilation") or (1, 1)) + (kw.get("rhs_dilation") or (1, 1))))
-  if jax.default_backend() != "cpu" or not unpadded or not simple:
+  if not CPU_CONV_REWRITES or jax.default_backend() != "cpu" or not unpadded or not simple:
     return plain()
   kh, kw_ = rhs.shape[:2]
   if (kh, kw_) == (1, 1) and tuple(window_strides) == (1, 1):

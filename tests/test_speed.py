@@ -67,3 +67,124 @@ def test_bf16_precision_plumbing():
   opt_leaves = jax.tree_util.tree_leaves(fit.init_states(NET, bf16, jnp.stack([keys[0]["init"]]), 32, 32).opt_state)
   assert all(l.dtype in (jnp.float32, jnp.int32) for l in opt_leaves)  # Adam state fp32
   assert abs(p16.history["psnr"][-1, 0] - p32) < 1.0 and p16.history["psnr"][-1, 0] != p32
+
+
+def test_cpu_conv_rewrites_give_the_same_values():
+  # models.conv_for_backend pads one zero row/column and drops it again, and runs 1x1
+  # convolutions as matmuls; values and gradients must equal lax's plain convolution.
+  from idip_jax.models import _NHWC, conv_for_backend
+  rng = np.random.default_rng(0)
+  for k, stride, h in [(3, 1, 18), (3, 2, 18), (1, 1, 16), (3, 2, 17)]:
+    x = jnp.asarray(rng.normal(size=(2, h, h, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=_NHWC)
+    ours = lambda x, w: conv_for_backend(x, w, (stride, stride), "VALID", dimension_numbers=_NHWC)
+    a, b = plain(x, w), ours(x, w)
+    assert a.shape == b.shape and float(jnp.abs(a - b).max()) < 1e-4, (k, stride, h)
+    ga = jax.grad(lambda x, w: jnp.sum(jnp.sin(plain(x, w))), argnums=(0, 1))(x, w)
+    gb = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
+    for u, v in zip(ga, gb):
+      assert float(jnp.abs(u - v).max()) < 1e-3 * float(jnp.abs(u).max()), (k, stride, h)
+    # per-run weights under vmap (the batched fit) too
+    wN = jnp.stack([w, 2 * w])
+    va = jax.vmap(plain, in_axes=(0, 0))(x[:, None], wN)
+    vb = jax.vmap(ours, in_axes=(0, 0))(x[:, None], wN)
+    assert float(jnp.abs(va - vb).max()) < 1e-4
+
+
+def test_remat_same_fit_fewer_saved_activations():
+  import io
+  from contextlib import redirect_stdout
+  from jax.ad_checkpoint import print_saved_residuals
+  batch, keys = make_batch([smooth_image(32, 32, 1, seed=1)])
+  cfg = dataclasses.replace(CFG, steps=3, chunk=3)
+  a = fit.fit(NET, cfg, batch, keys)
+  b = fit.fit(NET, dataclasses.replace(cfg, remat=True), batch, keys)
+  np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-5)
+
+  def saved_floats(remat):
+    model = fit.make_model(NET, dataclasses.replace(cfg, remat=remat))
+    x = jnp.ones((1, 32, 32, NET.in_channels))
+    params = model.init(jax.random.key(0), x)["params"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+      print_saved_residuals(lambda p: model.apply({"params": p}, x).sum(), params)
+    shapes = [s.split("]")[0] for s in out.getvalue().split("f32[")[1:]]
+    return sum(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
+
+  # XLA:CPU's memory analysis does not reflect remat, so count what autodiff keeps.
+  assert saved_floats(True) < 0.6 * saved_floats(False)
+
+
+def test_auto_batch_size_from_compiled_memory():
+  one = fit.step_memory_bytes(NET, CFG, 1, 32, 32)
+  two = fit.step_memory_bytes(NET, CFG, 2, 32, 32)
+  four = fit.step_memory_bytes(NET, CFG, 4, 32, 32)
+  per_run = two - one
+  assert per_run > 0 and abs((four - one) - 3 * per_run) <= 0.05 * four  # affine in the batch
+  fixed = one - per_run
+  pick = lambda budget, n: fit.auto_batch_size(NET, CFG, 32, 32, n, memory_bytes=budget)
+  assert pick(fixed + per_run, 12) == 1
+  assert pick(fixed + 4 * per_run + per_run // 2, 12) == 4  # room for 4: 3 calls of 4
+  assert pick(fixed + 8 * per_run, 10) == 5  # room for 8: two calls of 5, not 8 + 2
+  assert pick(fixed + 100 * per_run, 10) == 10
+  assert fit.auto_batch_size(NET, CFG, 32, 32, 10) == fit.CPU_AUTO_BATCH  # CPU default
+
+
+def test_runner_halves_the_batch_on_out_of_memory(tmp_path, monkeypatch):
+  from idip_jax import runner
+  from conftest import write_png
+  d = tmp_path / "in"
+  d.mkdir()
+  for s in range(3):
+    write_png(str(d / f"im{s}.png"), smooth_image(32, 32, 1, seed=s))
+  real_fit, calls = fit.fit, []
+
+  def fit_with_small_memory(net_cfg, cfg, batch, keys, **kw):
+    calls.append(len(keys))
+    if len(keys) > 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
+    return real_fit(net_cfg, cfg, batch, keys, **kw)
+
+  monkeypatch.setattr(fit, "fit", fit_with_small_memory)
+  cfg = runner.RunConfig(input=str(d), workdir=str(tmp_path / "out"), sigma=25, method="dip",
+                         batch_size=3, save_images=False, net=dataclasses.replace(NET, complex_connection=False),
+                         fit=dataclasses.replace(CFG, steps=2, chunk=2))
+  res = runner.run(cfg, log=lambda s: None)
+  assert calls == [3, 1, 1, 1]  # 3 -> 1 (halved) -> the rest at 1
+  assert [r["name"] for r in res["images"]] == ["im0", "im1", "im2"]
+  assert all(r["psnr_final"] > 0 for r in res["images"])
+
+
+DIST_ARGS = ["--sigma=25", "--method=dip", "--steps=4", "--scales=2", "--net_channels=8",
+             "--skip_channels=2", "--input_depth=4", "--chunk=2", "--save_images=false"]
+
+
+def test_distributed_two_processes_equal_one(tmp_path):
+  import json
+  import socket
+  from conftest import write_png
+  d = tmp_path / "in"
+  d.mkdir()
+  for s in range(3):
+    write_png(str(d / f"im{s}.png"), smooth_image(32, 32, 1, seed=s))
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  base = [sys.executable, "run.py", f"--input={d}"] + DIST_ARGS
+  procs = [subprocess.Popen(base + [f"--workdir={tmp_path / 'dist'}", "--distributed",
+                                    f"--coordinator=localhost:{port}", "--num_processes=2",
+                                    f"--process_id={i}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  single = subprocess.run(base + [f"--workdir={tmp_path / 'single'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(l[-2000:] for l in logs)
+  assert single.returncode == 0, single.stderr[-2000:]
+  assert "process 0/2: 2 of 3 images" in logs[0] and "process 1/2: 1 of 3 images" in logs[1]
+  dist = json.load(open(tmp_path / "dist" / "results.json"))
+  one = json.load(open(tmp_path / "single" / "results.json"))
+  assert dist["processes"] == 2 and [r["name"] for r in dist["images"]] == ["im0", "im1", "im2"]
+  for a, b in zip(dist["images"], one["images"]):
+    assert abs(a["psnr_final"] - b["psnr_final"]) < 1e-3, (a["name"], a["psnr_final"], b["psnr_final"])
