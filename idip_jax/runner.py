@@ -152,7 +152,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
   prelims: list[np.ndarray | None] = [None] * len(images)
   if prelim_images is not None:
     prelims = [prelim_images[im.name] for im in images]
-  elif cfg.prelim.name != "none":
+  elif cfg.prelim.name != "none" and images:  # a process may get no images under --distributed
     t = time.perf_counter()
     prelims = prelim.get(cfg.prelim.name).run(cfg.prelim, images)
     log(f"preliminary denoiser {cfg.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")
