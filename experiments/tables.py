@@ -127,6 +127,9 @@ class Runner:
     if not same_config(want, have) or (n is None and len(res["images"]) < len(data.list_inputs(cfg.input))):
       return None
     print(f"reusing finished job {cfg.workdir}", flush=True)
+    if n is not None and len(res["images"]) > n:  # same images as the table's other rows
+      res["images"] = res["images"][:n]
+      res["mean"] = runner.summarize(res["images"])
     return with_histories(res, cfg)
 
   def config(self, job: Job, workdir: str) -> runner.RunConfig:
@@ -239,6 +242,8 @@ def write_markdown(t: dict, path: str, steps: dict) -> None:
   lines.append("| oracle best (step) | " + " | ".join(
       f"{m['oracle_mean_best_psnr']:.2f} ({m['oracle_mean_best_step']:.0f})" if "oracle_mean_best_psnr" in m else "-"
       for m in methods.values()) + " |")
+  if t["paper"] and not set(t["paper"]) & set(methods):
+    lines.append("\nPaper: " + ", ".join(f"{k} {v}" for k, v in t["paper"].items()))
   for k, m in methods.items():
     if "mean_psnr_avg_runs_ema" in m:
       lines.append(f"\n{k}: average of 2 runs: final {m['mean_psnr_avg_runs_final']:.2f}, EMA {m['mean_psnr_avg_runs_ema']:.2f}")
