@@ -221,6 +221,7 @@ CPU_AUTO_BATCH = 1
 MEMORY_HEADROOM = 0.85  # of the device's bytes_limit; XLA's estimate misses allocator slack
 
 
+@functools.lru_cache(maxsize=64)
 def step_memory_bytes(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, width: int,
                       with_gt: bool = True) -> int:
   """Device bytes one jitted step over `batch` runs needs (arguments + outputs + temporaries),

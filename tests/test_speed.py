@@ -30,7 +30,8 @@ print("maxdiff", float(np.abs(a.history["loss"][0] - b.history["loss"][0]).max()
 
 
 def test_sharded_fit_equals_unsharded():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+             JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", SHARD_CHECK], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
@@ -92,23 +93,23 @@ def test_cpu_conv_rewrites_give_the_same_values():
     assert float(jnp.abs(va - vb).max()) < 1e-4
 
 
-def test_remat_same_fit_fewer_saved_activations():
+def test_remat_same_gradients_fewer_saved_activations():
   import io
   from contextlib import redirect_stdout
   from jax.ad_checkpoint import print_saved_residuals
-  batch, keys = make_batch([smooth_image(32, 32, 1, seed=1)])
-  cfg = dataclasses.replace(CFG, steps=3, chunk=3)
-  a = fit.fit(NET, cfg, batch, keys)
-  b = fit.fit(NET, dataclasses.replace(cfg, remat=True), batch, keys)
-  np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-5)
+  x = jnp.asarray(smooth_image(32, 32, NET.in_channels, seed=1))[None]
+  models = {r: fit.make_model(NET, dataclasses.replace(CFG, remat=r)) for r in (False, True)}
+  params = models[False].init(jax.random.key(0), x)["params"]
+  loss = {r: (lambda p, m=m: jnp.mean(jnp.square(m.apply({"params": p}, x) - 0.5))) for r, m in models.items()}
+  (la, ga), (lb, gb) = (jax.jit(jax.value_and_grad(loss[r]))(params) for r in (False, True))
+  assert abs(float(la - lb)) < 1e-6
+  for u, v in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    assert float(jnp.abs(u - v).max()) <= 1e-4 * (float(jnp.abs(u).max()) + 1e-6)
 
   def saved_floats(remat):
-    model = fit.make_model(NET, dataclasses.replace(cfg, remat=remat))
-    x = jnp.ones((1, 32, 32, NET.in_channels))
-    params = model.init(jax.random.key(0), x)["params"]
     out = io.StringIO()
     with redirect_stdout(out):
-      print_saved_residuals(lambda p: model.apply({"params": p}, x).sum(), params)
+      print_saved_residuals(loss[remat], params)
     shapes = [s.split("]")[0] for s in out.getvalue().split("f32[")[1:]]
     return sum(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
 
