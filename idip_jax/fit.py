@@ -215,8 +215,8 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, loop: str = 
 
 
 # On XLA:CPU a vmapped batch runs its per-run convolutions as one grouped convolution,
-# which is slower per image than one run at a time (measured on the 2-core CI CPU, 64 px,
-# official net: 171 ms per image-step at batch 2 vs 89 ms at batch 1), so "auto" is 1 there.
+# which is slower per image than one run at a time (experiments/results/bench_cpu.md, 64 px,
+# official net: 165 ms per image-step at batch 2 vs 92 ms at batch 1), so "auto" is 1 there.
 CPU_AUTO_BATCH = 1
 MEMORY_HEADROOM = 0.85  # of the device's bytes_limit; XLA's estimate misses allocator slack
 
@@ -231,8 +231,7 @@ def step_memory_bytes(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: in
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
   states = jax.eval_shape(lambda k: init_states(net_cfg, cfg, k, height, width), keys)
   img = lambda c: jax.ShapeDtypeStruct((batch, height, width, c), jnp.float32)
-  in_c = net_cfg.in_channels
-  b = Batch(input_HxWxC=img(in_c), y_HxWxC=img(net_cfg.out_channels), prelim_HxWxC=img(net_cfg.out_channels),
+  b = Batch(input_HxWxC=img(net_cfg.in_channels), y_HxWxC=img(net_cfg.out_channels), prelim_HxWxC=img(net_cfg.out_channels),
             mask_HxWx1=img(1), gt_HxWxC=img(net_cfg.out_channels) if with_gt else None)
   mem = step.lower(states, b, keys).compile().memory_analysis()
   if mem is None:
