@@ -5,7 +5,6 @@ python experiments/bench.py --flagfile=experiments/bench/cpu.flags
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import sys
@@ -57,12 +56,8 @@ def bench_one(size: int, batch: int, precision: str) -> dict:
                 prelim_HxWxC=y, mask_HxWx1=jnp.ones((batch, size, size, 1)), gt_HxWxC=None)
   states = fit.init_states(net, cfg, jnp.stack([k["init"] for k in keys]), size, size)
   noise = jnp.stack([k["noise"] for k in keys])
-  model, tx = fit.make_model(net, cfg), fit.make_optimizer(cfg)
-  step = jax.jit(jax.vmap(lambda s, bb, k: fit.train_step(model, tx, cfg, s, bb, k)), donate_argnums=0)
-  compiled = step.lower(states, b, noise).compile()
-  cost = compiled.cost_analysis()
+  cost = fit.compile_step(net, cfg, batch, size, size, with_gt=False).cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  mem = compiled.memory_analysis()
   chunk = fit.make_fit_chunk(net, cfg, F.steps, fit.resolve_loop("auto"))
   states, m = chunk(states, b, noise)  # warm-up (compiles)
   jax.block_until_ready(m)
@@ -75,9 +70,10 @@ def bench_one(size: int, batch: int, precision: str) -> dict:
   ms = 1000 * float(np.median(times))
   flops = float(cost.get("flops", 0.0))
   peak, _ = device_peak(precision)
-  peak_bytes = None
-  if mem is not None:
-    peak_bytes = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
+  try:
+    peak_bytes = fit.step_memory_bytes(net, cfg, batch, size, size, with_gt=False)
+  except RuntimeError:  # no memory analysis on this backend
+    peak_bytes = None
   return {"size": size, "batch": batch, "precision": precision, "ms_per_step": ms,
           "image_steps_per_s": 1000.0 * batch / ms, "flops_per_step": flops,
           "tflops": flops / (ms / 1000) / 1e12, "peak_fraction": flops / (ms / 1000) / peak,

@@ -222,18 +222,26 @@ MEMORY_HEADROOM = 0.85  # of the device's bytes_limit; XLA's estimate misses all
 
 
 @functools.lru_cache(maxsize=64)
-def step_memory_bytes(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, width: int,
-                      with_gt: bool = True) -> int:
-  """Device bytes one jitted step over `batch` runs needs (arguments + outputs + temporaries),
-  from XLA's memory analysis of the compiled step; compiles from shapes only, allocates nothing."""
+def compile_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, width: int,
+                 with_gt: bool = True):
+  """The jitted, vmapped step over `batch` runs, compiled from shapes only (nothing is
+  allocated); its cost and memory analyses serve batch sizing and the benchmark."""
   model, tx = make_model(net_cfg, cfg), make_optimizer(cfg)
   step = jax.jit(jax.vmap(functools.partial(train_step, model, tx, cfg)), donate_argnums=0)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
   states = jax.eval_shape(lambda k: init_states(net_cfg, cfg, k, height, width), keys)
   img = lambda c: jax.ShapeDtypeStruct((batch, height, width, c), jnp.float32)
-  b = Batch(input_HxWxC=img(net_cfg.in_channels), y_HxWxC=img(net_cfg.out_channels), prelim_HxWxC=img(net_cfg.out_channels),
-            mask_HxWx1=img(1), gt_HxWxC=img(net_cfg.out_channels) if with_gt else None)
-  mem = step.lower(states, b, keys).compile().memory_analysis()
+  b = Batch(input_HxWxC=img(net_cfg.in_channels), y_HxWxC=img(net_cfg.out_channels),
+            prelim_HxWxC=img(net_cfg.out_channels), mask_HxWx1=img(1),
+            gt_HxWxC=img(net_cfg.out_channels) if with_gt else None)
+  return step.lower(states, b, keys).compile()
+
+
+def step_memory_bytes(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, width: int,
+                      with_gt: bool = True) -> int:
+  """Device bytes one step over `batch` runs needs (arguments + outputs + temporaries), from
+  XLA's memory analysis of the compiled step."""
+  mem = compile_step(net_cfg, cfg, batch, height, width, with_gt).memory_analysis()
   if mem is None:
     raise RuntimeError("this backend gives no memory analysis")
   # Donated state buffers are reused for the outputs, so they are counted once.
