@@ -14,7 +14,8 @@ F = flags.FLAGS
 flags.DEFINE_string("input", None, "image file, folder, glob, or skimage:NAME")
 flags.DEFINE_float("sigma", 0.0, "AWGN std (0-255 scale) added to clean inputs; 0 = inputs are noisy")
 flags.DEFINE_integer("noise_seed", 0, "seed of the AWGN (shared by all methods)")
-flags.DEFINE_bool("clip_noisy", False, "clip the noisy image to [0, 1] (DIP's notebooks do)")
+flags.DEFINE_string("noise", "float", "noisy image from clean: float (x + n) | clip (to [0, 1], DIP's "
+                    "notebooks) | uint8 (clipped and rounded to 8 bits)")
 flags.DEFINE_integer("channels", 0, "0 = as stored, 1 = convert to gray, 3 = to RGB")
 flags.DEFINE_integer("crop", 0, "center crop to this size (0 = whole image)")
 flags.DEFINE_string("method", "idip", "dip | idip1 | idip2 | idip")
@@ -26,13 +27,18 @@ flags.DEFINE_float("prelim_weight", 1.0, "weight of MSE(out, x_bar) for --method
 flags.DEFINE_integer("steps", 3000, "Adam steps")
 flags.DEFINE_float("lr", 0.01, "Adam learning rate")
 flags.DEFINE_string("lr_schedule", "constant", "constant | cosine")
-flags.DEFINE_float("reg_noise_std", 1.0 / 30.0, "std of the per-step input perturbation")
+flags.DEFINE_float("reg_noise_std", 1.0 / 30.0, "std of the per-step perturbation of DIP's code z")
+flags.DEFINE_float("xbar_noise_std", 1.0 / 30.0, "std of the per-step perturbation of x_bar as input "
+                   "(idip2, idip)")
 flags.DEFINE_float("ema_decay", 0.99, "EMA of the outputs")
 flags.DEFINE_float("backtrack_db", 5.0, "restore when PSNR(out, y) drops by more (0 = off)")
 flags.DEFINE_integer("seed", 0, "seed of init, z and perturbations")
 flags.DEFINE_integer("seeds", 1, "independent runs per image (reported each and averaged)")
 flags.DEFINE_integer("chunk", 100, "steps per compiled lax.scan chunk")
-flags.DEFINE_string("precision", "fp32", "fp32 | bf16 (compute dtype; params stay fp32)")
+flags.DEFINE_string("precision", "tf32", "tf32 (JAX's f32 default: TF32 convs on GPUs) | fp32 (full) | "
+                    "bf16 (params and Adam state stay fp32)")
+flags.DEFINE_integer("eval_every", 10, "metrics of the clean-input output and EMA every k steps")
+flags.DEFINE_string("strategy", "vmap", "vmap (grouped convs) | map (runs one after another in a call)")
 flags.DEFINE_string("loop", "auto", "scan | host | auto (host loop on CPU, lax.scan elsewhere)")
 flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = auto: the most that fit the "
                      "device's memory, 1 on CPU)")
@@ -60,7 +66,7 @@ def config_from_flags() -> runner.RunConfig:
   workdir = F.workdir or f"runs/{F.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
   return runner.RunConfig(
       input=F.input, workdir=workdir, sigma=F.sigma, noise_seed=F.noise_seed,
-      clip_noisy=F.clip_noisy, channels=F.channels, crop=F.crop, method=F.method,
+      noise=F.noise, channels=F.channels, crop=F.crop, method=F.method,
       batch_size=F.batch_size, save_images=F.save_images, overwrite=F.overwrite,
       prelim=prelim.PrelimConfig(F.prelim, F.prelim_dir, F.weights_dir, F.weights, F.sigma, F.crop,
                                   F.batch_size),
@@ -68,10 +74,10 @@ def config_from_flags() -> runner.RunConfig:
                     skip_channels=F.skip_channels, cc_features=F.cc_features,
                     upsample=F.upsample, pad=F.pad, act=F.act),
       fit=FitConfig(steps=F.steps, lr=F.lr, lr_schedule=F.lr_schedule,
-                    reg_noise_std=F.reg_noise_std, ema_decay=F.ema_decay,
+                    reg_noise_std=F.reg_noise_std, xbar_noise_std=F.xbar_noise_std, ema_decay=F.ema_decay,
                     backtrack_db=F.backtrack_db, prelim_weight=F.prelim_weight,
                     chunk=F.chunk, seed=F.seed, seeds=F.seeds, precision=F.precision,
-                    loop=F.loop, remat=F.remat))
+                    eval_every=F.eval_every, strategy=F.strategy, loop=F.loop, remat=F.remat))
 
 
 def main(argv) -> int:

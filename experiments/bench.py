@@ -5,6 +5,7 @@ python experiments/bench.py --flagfile=experiments/bench/cpu.flags
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
@@ -21,15 +22,22 @@ from idip_jax.models import NetConfig  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_list("sizes", ["64", "128", "256"], "square image sizes")
-flags.DEFINE_list("batches", ["1", "2", "4", "8", "12"], "runs per vmapped call (stops at the first OOM)")
-flags.DEFINE_list("precisions", ["fp32"], "fp32, bf16")
+flags.DEFINE_list("batches", ["1", "2", "4", "8", "12"], "runs per call of the first strategy and "
+                  "precision (the main sweep; stops at the first OOM)")
+flags.DEFINE_list("other_batches", ["1", "8"], "runs per call of every other strategy x precision")
+flags.DEFINE_list("strategies", ["vmap"], "vmap (grouped convs), map (lax.map over runs in the chunk)")
+flags.DEFINE_list("precisions", ["tf32"], "tf32 (JAX default f32), fp32 (Precision.HIGHEST), bf16")
+flags.DEFINE_integer("eval_batch", 1, "also time this batch with the clean-input eval every step "
+                     "(its cost over a step without it); 0 = skip")
 flags.DEFINE_integer("steps", 5, "timed steps per repeat")
 flags.DEFINE_integer("repeats", 3, "repeats; the median is reported")
 flags.DEFINE_integer("torch_steps", 5, "timed steps of the PyTorch reference (0 = skip it)")
 flags.DEFINE_string("out", "", "results path without extension (default experiments/results/bench_<device>)")
 
-# Dense peak FLOP/s by device kind (vendor datasheets, SXM parts): fp32 non-tensor, bf16 tensor.
-PEAK = {"H100": {"fp32": 67e12, "bf16": 989e12}, "H200": {"fp32": 67e12, "bf16": 989e12}}
+# Dense peak FLOP/s by device kind and the precision the convolutions run in (NVIDIA datasheets,
+# SXM parts): tf32 and bf16 on tensor cores, fp32 (Precision.HIGHEST) on the CUDA cores.
+PEAK = {"H100": {"tf32": 495e12, "fp32": 67e12, "bf16": 989e12},
+        "H200": {"tf32": 495e12, "fp32": 67e12, "bf16": 989e12}}
 
 
 def device_peak(precision: str) -> tuple[float, str]:
@@ -47,37 +55,70 @@ def device_peak(precision: str) -> tuple[float, str]:
   return 2 * 2048 ** 3 * 5 / (time.perf_counter() - t), "measured 2048^3 fp32 matmul"
 
 
-def bench_one(size: int, batch: int, precision: str) -> dict:
+def bench_one(size: int, batch: int, precision: str, strategy: str, eval_every: int = 0) -> dict:
+  """eval_every=0: the step alone (no ground truth); k: with the clean-input eval every k steps."""
   net = NetConfig(out_channels=1)
-  cfg = fit.FitConfig(precision=precision)
+  cfg = fit.FitConfig(precision=precision, strategy=strategy, eval_every=max(eval_every, 1),
+                      steps=10 ** 6)
   keys = [fit.run_keys(0, k) for k in range(batch)]
   y = jax.random.uniform(jax.random.key(1), (batch, size, size, 1))
   b = fit.Batch(input_HxWxC=fit.make_inputs(net, cfg, keys, None, size, size, False), y_HxWxC=y,
-                prelim_HxWxC=y, mask_HxWx1=jnp.ones((batch, size, size, 1)), gt_HxWxC=None)
+                prelim_HxWxC=y, mask_HxWx1=jnp.ones((batch, size, size, 1)),
+                gt_HxWxC=y if eval_every else None)
   states = fit.init_states(net, cfg, jnp.stack([k["init"] for k in keys]), size, size)
   noise = jnp.stack([k["noise"] for k in keys])
-  cost = fit.compile_step(net, cfg, batch, size, size, with_gt=False).cost_analysis()
+  # FLOPs per step from XLA's cost analysis of one run's vmapped step, times the runs (a
+  # lax.map loop body would be counted once, not once per run).
+  one = dataclasses.replace(cfg, strategy="vmap")
+  cost = fit.compile_step(net, one, 1, size, size, with_gt=False).cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   chunk = fit.make_fit_chunk(net, cfg, F.steps, fit.resolve_loop("auto"))
-  states, m = chunk(states, b, noise)  # warm-up (compiles)
+  t = time.perf_counter()
+  states, m = chunk(states, b, noise, 0)  # warm-up (compiles)
   jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t
   times = []
-  for _ in range(F.repeats):
+  for r in range(F.repeats):
     t = time.perf_counter()
-    states, m = chunk(states, b, noise)
+    states, m = chunk(states, b, noise, (r + 1) * F.steps)
     jax.block_until_ready(m)
     times.append((time.perf_counter() - t) / F.steps)
   ms = 1000 * float(np.median(times))
-  flops = float(cost.get("flops", 0.0))
+  flops = float(cost.get("flops", 0.0)) * batch
   peak, _ = device_peak(precision)
   try:
     peak_bytes = fit.step_memory_bytes(net, cfg, batch, size, size, with_gt=False)
   except RuntimeError:  # no memory analysis on this backend
     peak_bytes = None
-  return {"size": size, "batch": batch, "precision": precision, "ms_per_step": ms,
+  return {"size": size, "batch": batch, "precision": precision, "strategy": strategy,
+          "eval_every": eval_every, "ms_per_step": ms, "ms_spread": 1000 * float(np.ptp(times)),
           "image_steps_per_s": 1000.0 * batch / ms, "flops_per_step": flops,
           "tflops": flops / (ms / 1000) / 1e12, "peak_fraction": flops / (ms / 1000) / peak,
-          "bytes_per_step": float(cost.get("bytes accessed", 0.0)), "peak_memory_bytes": peak_bytes}
+          "bytes_per_step": float(cost.get("bytes accessed", 0.0)) * batch,
+          "peak_memory_bytes": peak_bytes, "first_call_s": compile_s}
+
+
+def write_results(out: str, meta: dict, rows: list[dict]) -> None:
+  outputs.write_json(out + ".json", dict(meta, rows=rows))
+  fmt = lambda v, f: "-" if v is None else f % v
+  with open(out + ".md", "w") as f:
+    f.write(f"# Fit-speed benchmark ({meta['device']})\n\nCommit {meta['commit']}, {meta['date']}, jax "
+            f"{meta['jax']}, torch {meta['torch']}. Official DIP net (2.2M params, gray), one Adam step "
+            "incl. input noise, EMA and backtracking (eval: + the clean-input forward pass and metrics "
+            f"every step); median of {meta['repeats']} x {meta['steps']} steps after warm-up. "
+            "% peak: against the dense peak of the precision the convolutions run in "
+            f"({meta['peak_source']}). PyTorch: the reference loop (experiments/torch_reference.py: "
+            "official loop, host PSNR each step, cuDNN benchmark mode, TF32 convolutions as PyTorch's "
+            "default), one image at a time, same device, same run.\n\n"
+            "| size | strategy | precision | batch | eval | ms/step | image-steps/s | TFLOP/s | % peak | "
+            "peak MB | first call s | torch ms/step (1 img) | ratio vs torch |\n|" + "---|" * 13 + "\n")
+    for r in rows:
+      f.write(f"| {r['size']} | {r['strategy']} | {r['precision']} | {r['batch']} | "
+              f"{'every step' if r['eval_every'] else '-'} | {r['ms_per_step']:.1f} | "
+              f"{r['image_steps_per_s']:.2f} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f} | "
+              f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 1e6, '%.0f')} | "
+              f"{r['first_call_s']:.1f} | {fmt(r['torch_ms_per_step'], '%.1f')} | "
+              f"{fmt(r['ratio_vs_torch'], '%.2f')} |\n")
 
 
 def main(_):
@@ -91,48 +132,44 @@ def main(_):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":
       torch.set_num_threads(os.cpu_count() or 1)
+    else:
+      torch.backends.cudnn.benchmark = True  # as the official DIP code sets it
+  kind = getattr(jax.devices()[0], "device_kind", "cpu").replace(" ", "_")
+  out = F.out or os.path.join("experiments", "results", f"bench_{jax.default_backend()}")
+  _, peak_src = device_peak("fp32")
+  meta = {"device": outputs.device_name(), "device_kind": kind, "commit": outputs.git_commit(),
+          "date": outputs.now(), "jax": jax.__version__, "python": platform.python_version(),
+          "torch": (__import__("torch").__version__ if have_torch else None),
+          "peak_flops": {p: device_peak(p)[0] for p in F.precisions}, "peak_source": peak_src,
+          "loop": fit.resolve_loop("auto"), "steps": F.steps, "repeats": F.repeats}
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  pairs = [(s, p) for s in F.strategies for p in F.precisions]
   for size in map(int, F.sizes):
     if have_torch:
       torch_ms[size] = time_fit(size, F.torch_steps, device=dev)
       print(f"torch size={size}: {torch_ms[size]:.1f} ms/step (one image)", flush=True)
-    for precision in F.precisions:
-      for batch in map(int, F.batches):
-        try:
-          r = bench_one(size, batch, precision)
-        except Exception as e:  # out of memory ends this size's batch sweep
-          if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-            print(f"size={size} batch={batch}: out of memory", flush=True)
-            break
-          raise
-        r["torch_ms_per_step"] = torch_ms.get(size)
-        r["ratio_vs_torch"] = (r["image_steps_per_s"] / (1000.0 / torch_ms[size])) if size in torch_ms else None
-        rows.append(r)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-  peak, peak_src = device_peak("fp32")
-  kind = getattr(jax.devices()[0], "device_kind", "cpu").replace(" ", "_")
-  out = F.out or os.path.join("experiments", "results", f"bench_{jax.default_backend()}")
-  meta = {"device": outputs.device_name(), "device_kind": kind, "commit": outputs.git_commit(),
-          "date": outputs.now(), "jax": jax.__version__, "python": platform.python_version(),
-          "torch": (__import__("torch").__version__ if have_torch else None),
-          "peak_fp32_flops": peak, "peak_source": peak_src, "loop": fit.resolve_loop("auto"),
-          "steps": F.steps, "repeats": F.repeats}
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  outputs.write_json(out + ".json", dict(meta, rows=rows))
-  with open(out + ".md", "w") as f:
-    f.write(f"# Fit-speed benchmark ({meta['device']})\n\nCommit {meta['commit']}, {meta['date']}, jax "
-            f"{meta['jax']}, torch {meta['torch']}. Official DIP net (2.2M params, gray), one Adam step "
-            f"incl. input noise, EMA and backtracking; median of {F.repeats} x {F.steps} steps after "
-            f"warm-up. Peak: {peak / 1e12:.2f} TFLOP/s ({peak_src}). PyTorch: the reference loop "
-            "(experiments/torch_reference.py), one image at a time, same device, same run.\n\n"
-            "| size | batch | precision | ms/step | image-steps/s | TFLOP/s | % peak | MB moved/step | "
-            "peak MB | torch ms/step (1 img) | ratio vs torch |\n|" + "---|" * 11 + "\n")
-    for r in rows:
-      f.write(f"| {r['size']} | {r['batch']} | {r['precision']} | {r['ms_per_step']:.1f} | "
-              f"{r['image_steps_per_s']:.2f} | {r['tflops']:.3f} | {100 * r['peak_fraction']:.1f} | "
-              f"{r['bytes_per_step'] / 1e6:.0f} | "
-              f"{'-' if r['peak_memory_bytes'] is None else '%.0f' % (r['peak_memory_bytes'] / 1e6)} | "
-              f"{'-' if r['torch_ms_per_step'] is None else '%.1f' % r['torch_ms_per_step']} | "
-              f"{'-' if r['ratio_vs_torch'] is None else '%.2f' % r['ratio_vs_torch']} |\n")
+    plan = [(s, p, b, 0) for i, (s, p) in enumerate(pairs)
+            for b in map(int, F.batches if i == 0 else F.other_batches)]
+    if F.eval_batch:
+      plan.append((*pairs[0], F.eval_batch, 1))
+    oom = set()
+    for strategy, precision, batch, eval_every in plan:
+      if any(o[:2] == (strategy, precision) and batch >= o[2] for o in oom):
+        continue
+      try:
+        r = bench_one(size, batch, precision, strategy, eval_every)
+      except Exception as e:  # out of memory ends this strategy x precision's batch sweep
+        if fit.is_out_of_memory(e):
+          print(f"size={size} {strategy} {precision} batch={batch}: out of memory", flush=True)
+          oom.add((strategy, precision, batch))
+          continue
+        raise
+      r["torch_ms_per_step"] = torch_ms.get(size)
+      r["ratio_vs_torch"] = (r["image_steps_per_s"] / (1000.0 / torch_ms[size])) if size in torch_ms else None
+      rows.append(r)
+      print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+      write_results(out, meta, rows)  # incremental: a run cut short keeps its rows
+  write_results(out, meta, rows)
   print("wrote", out + ".md")
 
 

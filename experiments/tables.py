@@ -6,7 +6,6 @@ Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -32,7 +31,10 @@ flags.DEFINE_integer("max_images", 0, "first N images of each set (0 = all)")
 flags.DEFINE_bool("smoke", False, "tiny crops, tiny net, 4 steps, 3 images: checks the plumbing only")
 flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = auto: memory-aware, 1 on CPU)")
 flags.DEFINE_integer("chunk", 100, "steps per chunk")
-flags.DEFINE_string("precision", "fp32", "fp32 | bf16")
+flags.DEFINE_string("precision", "tf32", "tf32 | fp32 | bf16 (fit.PRECISIONS)")
+flags.DEFINE_string("strategy", "vmap", "vmap | map: how one call fits its runs (fit.STRATEGIES)")
+flags.DEFINE_integer("eval_every", 10, "clean-input metrics every k steps")
+flags.DEFINE_string("noise", "float", "noise protocol of every table run (data.NOISE_PROTOCOLS)")
 flags.DEFINE_bool("overwrite", False, "replace existing job folders")
 flags.DEFINE_bool("dry_run", False, "parse flags, list the jobs, run nothing")
 
@@ -56,6 +58,7 @@ class Job:
   prelim: str = "none"
   seeds: int = 1
   channels: int = 1
+  fit: tuple[tuple[str, float], ...] = ()  # FitConfig overrides of this row (a variant)
 
 
 def table_jobs(table: str) -> list[tuple[str, Job]]:
@@ -78,24 +81,18 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
     return rows
   if table == "T6":
     return [("DIP", Job(c10, 40, "dip")), ("IDIP", Job(c10, 40, "idip", "ffdnet"))]
-  if table == "HOLDOUT":  # step counts are chosen here, on images no table reports
-    return [(LABEL[m], Job("Set14", 30, m, "none" if m in ("dip", "idip1") else "ffdnet"))
-            for m in ("dip", "idip1", "idip2", "idip")]
+  if table == "HOLDOUT":  # step counts and settings are chosen here, on images no table reports
+    return [("DIP", Job("holdout9", 25, "dip")), ("IDIP", Job("holdout9", 25, "idip", "ffdnet")),
+            ("IDIP x_bar unperturbed", Job("holdout9", 25, "idip", "ffdnet", fit=(("xbar_noise_std", 0.0),)))]
   if table == "DIPcolor":
     return [("DIP", Job("cbm3d9", 25, "dip", seeds=2, channels=3))]
   raise ValueError(f"unknown table {table}")
 
 
-def read_history(path: str) -> dict[str, np.ndarray]:
-  with open(path) as f:
-    rows = list(csv.DictReader(f))
-  return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
-
-
 def with_histories(res: dict, cfg: runner.RunConfig) -> dict:
   """Adds each image's per-step history (the first seed's) read from the job folder."""
   suffix = "_seed0" if cfg.fit.seeds > 1 else ""
-  res["histories"] = {r["name"]: read_history(os.path.join(cfg.workdir, "history", r["name"] + suffix + ".csv"))
+  res["histories"] = {r["name"]: outputs.read_history(os.path.join(cfg.workdir, "history", r["name"] + suffix + ".csv"))
                       for r in res["images"]}
   return res
 
@@ -140,14 +137,16 @@ class Runner:
         input=os.path.join(ddir, job.dataset), workdir=workdir, sigma=job.sigma, method=job.method,
         channels=job.channels, crop=32 if F.smoke else F.crop, batch_size=F.batch_size,
         overwrite=F.overwrite, save_images=not F.smoke,
-        prelim=prelim.PrelimConfig(job.prelim, sigma=job.sigma, crop=F.crop),
+        noise=F.noise, prelim=prelim.PrelimConfig(job.prelim, sigma=job.sigma, crop=F.crop),
         net=net, fit=FitConfig(steps=steps, seeds=job.seeds, chunk=4 if F.smoke else F.chunk,
-                               precision=F.precision))
+                               precision=F.precision, strategy=F.strategy,
+                               eval_every=2 if F.smoke else F.eval_every, **dict(job.fit)))
 
   def run(self, job: Job) -> dict:
     if job in self.done:
       return self.done[job]
-    name = f"{job.dataset}_s{job.sigma:g}_{job.method}_{job.prelim}_x{job.seeds}"
+    name = f"{job.dataset}_s{job.sigma:g}_{F.noise}_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
+        f"_{k}{v:g}" for k, v in job.fit)
     cfg = self.config(dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
                       os.path.join(F.work_dir, name))
     if job.method != "prelim" and (done := self.finished(cfg)) is not None:
@@ -208,7 +207,7 @@ def fit_speed(dip: dict, idip: dict) -> dict:
   for r in dip["images"]:
     name = r["name"]
     hd, hi = dip["histories"][name]["psnr"], idip["histories"][name]["psnr"]
-    target = float(hd.max())
+    target = float(np.nanmax(hd))  # history rows are NaN between eval steps
     sd = int(np.argmax(hd >= target)) + 1
     si = int(np.argmax(hi >= target)) + 1 if (hi >= target).any() else None
     per[name] = {"dip_best_psnr": target, "dip_steps": sd, "idip_steps": si,
@@ -278,7 +277,8 @@ def plot_curves(table: str, jobs: Runner, path: str) -> None:
     h = jobs.run(job)["histories"]
     for key, style in (("psnr", "-"), ("psnr_ema", "--")):
       curve = np.mean([v[key] for v in h.values()], axis=0)
-      ax.plot(np.arange(1, len(curve) + 1), curve, style, label=f"{label} {'EMA' if key == 'psnr_ema' else 'output'}")
+      steps = np.flatnonzero(~np.isnan(curve))  # evaluated steps only
+      ax.plot(steps + 1, curve[steps], style, label=f"{label} {'EMA' if key == 'psnr_ema' else 'output'}")
   ax.set_xlabel("step")
   ax.set_ylabel("mean PSNR to ground truth (dB)")
   ax.set_title(f"{table}: fit speed")

@@ -11,6 +11,10 @@ import zlib
 import numpy as np
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# How the noisy image is made from the clean one in [0, 1]: "float" = x + n (FFDNet's and
+# DnCNN's test code), "clip" = clipped to [0, 1] (DIP's get_noisy_image), "uint8" = clipped
+# and rounded to 8 bits (a noisy image saved as PNG, as a MATLAB pipeline would).
+NOISE_PROTOCOLS = ("float", "clip", "uint8")
 
 
 class InputError(ValueError):
@@ -101,12 +105,19 @@ def center_crop(x_HxWxC: np.ndarray, size: int) -> np.ndarray:
   return x_HxWxC[top:top + ch, left:left + cw]
 
 
-def add_awgn(clean_HxWxC: np.ndarray, sigma: float, seed: int, name: str, clip: bool) -> np.ndarray:
-  """AWGN of std sigma/255 on the [0, 1] image. The generator is seeded by
-  (seed, image name) only, so every method and run sees the same noise."""
+def add_awgn(clean_HxWxC: np.ndarray, sigma: float, seed: int, name: str,
+             protocol: str = "float") -> np.ndarray:
+  """AWGN of std sigma/255 on the [0, 1] image, then NOISE_PROTOCOLS. The generator is
+  seeded by (seed, image name) only, so every method and protocol sees the same draw."""
+  if protocol not in NOISE_PROTOCOLS:
+    raise InputError(f"unknown noise protocol {protocol!r}; choose one of {', '.join(NOISE_PROTOCOLS)}")
   rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
   noisy = clean_HxWxC + (sigma / 255.0) * rng.standard_normal(clean_HxWxC.shape)
-  return (np.clip(noisy, 0.0, 1.0) if clip else noisy).astype(np.float32)
+  if protocol != "float":
+    noisy = np.clip(noisy, 0.0, 1.0)
+  if protocol == "uint8":
+    noisy = np.round(noisy * 255.0) / 255.0
+  return noisy.astype(np.float32)
 
 
 def image_name(path: str) -> str:
@@ -116,7 +127,7 @@ def image_name(path: str) -> str:
 
 
 def load_images(spec: str, sigma: float, noise_seed: int = 0, channels: int = 0,
-                crop: int = 0, clip_noisy: bool = False, min_size: int = 1) -> list[Image]:
+                crop: int = 0, noise: str = "float", min_size: int = 1) -> list[Image]:
   """Reads every input and checks it, so that bad input fails before any compute."""
   if sigma < 0:
     raise InputError(f"--sigma must be >= 0 (got {sigma})")
@@ -135,7 +146,7 @@ def load_images(spec: str, sigma: float, noise_seed: int = 0, channels: int = 0,
       raise InputError(f"{path}: {h}x{w} is too small; this net needs at least {min_size} px "
                        f"per side (lower --scales or use a larger image)")
     if sigma > 0:
-      images.append(Image(name, add_awgn(x, sigma, noise_seed, name, clip_noisy), x))
+      images.append(Image(name, add_awgn(x, sigma, noise_seed, name, noise), x))
     else:
       images.append(Image(name, x, None))
   return images

@@ -22,9 +22,17 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from idip_jax import metrics
 from idip_jax.models import NetConfig, SkipUNet, min_side
 
-PRECISIONS = {"fp32": None, "bf16": jnp.bfloat16}
+# name -> (compute dtype, lax precision of the convolutions). "tf32" is JAX's default for f32:
+# TF32 tensor cores on Ampere/Hopper GPUs (as PyTorch's cuDNN convolutions, so DIP's own code),
+# exact fp32 on CPU. "fp32" forces full fp32 (Precision.HIGHEST). "bf16": bf16 convolutions;
+# parameters, Adam state, BatchNorm statistics and outputs stay fp32 in every mode.
+PRECISIONS = {"tf32": (None, None), "fp32": (None, jax.lax.Precision.HIGHEST),
+              "bf16": (jnp.bfloat16, None)}
 LR_SCHEDULES = ("constant", "cosine")
 LOOPS = ("auto", "scan", "host")
+# How a call fits its runs: "vmap" (per-run weights become grouped convolutions) or "map"
+# (lax.map: the runs one after another inside the compiled chunk, dense convolutions).
+STRATEGIES = ("vmap", "map")
 
 
 def resolve_loop(loop: str) -> str:
@@ -43,7 +51,9 @@ class FitConfig:
   steps: int = 3000
   lr: float = 0.01
   lr_schedule: str = "constant"
-  reg_noise_std: float = 1.0 / 30.0  # DIP perturbs the input each step by N(0, 1/30)
+  reg_noise_std: float = 1.0 / 30.0  # DIP perturbs its code z each step by N(0, 1/30)
+  xbar_noise_std: float = 1.0 / 30.0  # perturbation of x_bar when it is the input (IDIP-2/IDIP)
+  input_is_prelim: bool = False  # set by runner.resolve: the input is x_bar, not z
   ema_decay: float = 0.99  # DIP's exp_weight
   backtrack_db: float = 5.0  # restore when PSNR(out, y) drops by more than this; 0 = off
   prelim_weight: float = 1.0  # IDIP change (3): loss = MSE(out, y) + w * MSE(out, x_bar); the runner
@@ -52,7 +62,9 @@ class FitConfig:
   chunk: int = 100  # steps per compiled lax.scan; metrics reach the host once per chunk
   seed: int = 0
   seeds: int = 1
-  precision: str = "fp32"
+  precision: str = "tf32"
+  eval_every: int = 10  # metrics of the clean-input output every k steps (and at the last)
+  strategy: str = "vmap"  # vmap | map: how one call fits its runs
   loop: str = "auto"  # scan | host | auto (host on CPU, scan elsewhere)
   shard: bool = True  # split the run axis over all local devices (one run never spans two)
   remat: bool = False  # keep only each conv block's input for the backward pass, recompute the rest
@@ -86,7 +98,8 @@ def run_keys(seed: int, run: int) -> dict[str, jax.Array]:
 
 
 def make_model(net_cfg: NetConfig, fit_cfg: FitConfig) -> SkipUNet:
-  return SkipUNet(net_cfg, dtype=PRECISIONS[fit_cfg.precision], remat=fit_cfg.remat)
+  dtype, precision = PRECISIONS[fit_cfg.precision]
+  return SkipUNet(net_cfg, dtype=dtype, precision=precision, remat=fit_cfg.remat)
 
 
 def make_optimizer(fit_cfg: FitConfig) -> optax.GradientTransformation:
@@ -114,12 +127,16 @@ def create_fit_state(model: SkipUNet, tx: optax.GradientTransformation, key: jax
                   good_psnr_y=jnp.array(-jnp.inf, jnp.float32))
 
 
+def input_noise_std(cfg: FitConfig) -> float:
+  return cfg.xbar_noise_std if cfg.input_is_prelim else cfg.reg_noise_std
+
+
 def train_step(model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig,
                state: FitState, batch: Batch, key: jax.Array) -> tuple[FitState, dict]:
   """One Adam step on one run; `key` is the run's noise key (per-step noise is
   fold_in(key, step), so results do not depend on how steps are chunked)."""
   noise_key = jax.random.fold_in(key, state.step)
-  net_in = batch.input_HxWxC + cfg.reg_noise_std * jax.random.normal(
+  net_in = batch.input_HxWxC + input_noise_std(cfg) * jax.random.normal(
       noise_key, batch.input_HxWxC.shape, jnp.float32)
 
   def loss_fn(params):
@@ -131,8 +148,9 @@ def train_step(model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   psnr_y = metrics.psnr(out, batch.y_HxWxC, batch.mask_HxWx1)
-  # DIP's backtracking: a drop of PSNR(out, y) by more than 5 dB means Adam
-  # diverged; go back to the last good parameters and Adam moments and skip the update.
+  # Backtracking: a drop of PSNR(out, y) by more than backtrack_db means Adam diverged; go
+  # back to the last good parameters and Adam moments and skip the update. (DIP's closure
+  # restores the weights only and still applies the step; ours is the safer variant.)
   diverged = (cfg.backtrack_db > 0) & (psnr_y < state.good_psnr_y - cfg.backtrack_db)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -140,6 +158,7 @@ def train_step(model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig
   def pick(if_diverged, otherwise):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(diverged, a, b), if_diverged, otherwise)
 
+  # DIP's EMA averages the outputs of the perturbed-input passes (out_avg in its notebooks).
   ema = jnp.where(state.step == 0, out,
                   cfg.ema_decay * state.ema_HxWxC + (1.0 - cfg.ema_decay) * out)
   new_state = FitState(
@@ -153,11 +172,34 @@ def train_step(model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig
       good_psnr_y=jnp.where(diverged, state.good_psnr_y, psnr_y))
   step_metrics = {"loss": loss, "psnr_y": psnr_y, "backtracked": diverged}
   if batch.gt_HxWxC is not None:
-    step_metrics["psnr"] = metrics.psnr(out, batch.gt_HxWxC, batch.mask_HxWx1)
-    step_metrics["psnr_ema"] = metrics.psnr(new_state.ema_HxWxC, batch.gt_HxWxC, batch.mask_HxWx1)
-    step_metrics["ssim"] = metrics.ssim(out, batch.gt_HxWxC, batch.mask_HxWx1)
-    step_metrics["ssim_ema"] = metrics.ssim(new_state.ema_HxWxC, batch.gt_HxWxC, batch.mask_HxWx1)
+    # The training pass's output (perturbed input): an extra column, not the reported image.
+    step_metrics["psnr_perturbed"] = metrics.psnr(out, batch.gt_HxWxC, batch.mask_HxWx1)
   return new_state, step_metrics
+
+
+EVAL_KEYS = ("psnr", "ssim", "psnr_ema", "ssim_ema")
+
+
+def eval_step(model: SkipUNet, state: FitState, batch: Batch) -> dict:
+  """Metrics of the images a fit reports after `state.step` steps: the output on the
+  unperturbed input (what psnr_final measures at the end) and the EMA."""
+  out = model.apply({"params": state.params}, batch.input_HxWxC[None])[0]
+  gt, mask = batch.gt_HxWxC, batch.mask_HxWx1
+  return {"psnr": metrics.psnr(out, gt, mask), "ssim": metrics.ssim(out, gt, mask),
+          "psnr_ema": metrics.psnr(state.ema_HxWxC, gt, mask),
+          "ssim_ema": metrics.ssim(state.ema_HxWxC, gt, mask)}
+
+
+def is_eval_step(cfg: FitConfig, done: jax.Array | int) -> jax.Array | bool:
+  """After `done` steps: every eval_every steps, and always after the last one."""
+  return (done % cfg.eval_every == 0) | (done == cfg.steps)
+
+
+def over_batch(f: Callable, strategy: str) -> Callable:
+  """f on one run -> f on a leading run axis."""
+  if strategy == "map":
+    return lambda *args: jax.lax.map(lambda a: f(*a), args)
+  return jax.vmap(f)
 
 
 TRACE_COUNT = {"chunk": 0}  # incremented at trace time; tests assert no recompilation
@@ -168,46 +210,66 @@ def runs_mesh(n_dev: int) -> Mesh:
   return Mesh(np.array(jax.local_devices()[:n_dev]), ("runs",), axis_types=(AxisType.Auto,))
 
 
-def over_runs(f: Callable, n_dev: int, out_specs=PartitionSpec("runs")) -> Callable:
+def over_runs(f: Callable, n_dev: int, out_specs=PartitionSpec("runs"),
+              in_specs=PartitionSpec("runs")) -> Callable:
   """f maps arrays with a leading run axis; with several devices each runs f on its own
   runs (shard_map), so one image never spans devices and no collective is needed.
   (Letting the SPMD partitioner split vmap's grouped convolutions fails in XLA.)"""
   if n_dev == 1:
     return f
-  return jax.shard_map(f, mesh=runs_mesh(n_dev), in_specs=PartitionSpec("runs"), out_specs=out_specs)
+  return jax.shard_map(f, mesh=runs_mesh(n_dev), in_specs=in_specs, out_specs=out_specs)
+
+
+def _nan_like_eval(n: int) -> dict:
+  return {k: jnp.full((n,), jnp.nan, jnp.float32) for k in EVAL_KEYS}
 
 
 @functools.lru_cache(maxsize=64)
 def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, loop: str = "scan",
                    n_dev: int = 1) -> Callable:
-  """(states_N, batch_N, keys_N) -> (states_N, metrics_TxN): `length` steps of all runs.
-  Cached by config, so refits of same-shape batches reuse the compiled program."""
-  step = functools.partial(train_step, make_model(net_cfg, cfg), make_optimizer(cfg), cfg)
+  """(states_N, batch_N, keys_N, done) -> (states_N, metrics_TxN): `length` steps of all
+  runs, `done` steps having run before. Eval metrics (EVAL_KEYS) are NaN on steps that
+  is_eval_step skips. Cached by config, so refits of same-shape batches reuse the program."""
+  model = make_model(net_cfg, cfg)
+  step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.strategy)
+  evaluate = jax.vmap(functools.partial(eval_step, model))
 
   if loop == "scan":
-    def scan_chunk(states, batch, keys):
-      return jax.lax.scan(lambda s, _: jax.vmap(step)(s, batch, keys), states, None, length=length)
+    def scan_chunk(states, batch, keys, done):
+      def body(s, t):
+        s, m = step(s, batch, keys)
+        if batch.gt_HxWxC is not None:
+          # The predicate is the same for every run (not batched), so this stays a real
+          # conditional: the clean-input forward pass runs only on eval steps.
+          m.update(jax.lax.cond(is_eval_step(cfg, done + t + 1), lambda: evaluate(s, batch),
+                                lambda: _nan_like_eval(keys.shape[0])))
+        return s, m
+      return jax.lax.scan(body, states, jnp.arange(length))
 
-    sharded = over_runs(scan_chunk, n_dev, (PartitionSpec("runs"), PartitionSpec(None, "runs")))
+    run_spec = PartitionSpec("runs")
+    sharded = over_runs(scan_chunk, n_dev, (run_spec, PartitionSpec(None, "runs")),
+                        (run_spec, run_spec, run_spec, PartitionSpec()))
 
-    def chunk(states, batch, keys):
+    def chunk(states, batch, keys, done):
       TRACE_COUNT["chunk"] += 1
-      return sharded(states, batch, keys)
+      return sharded(states, batch, keys, jnp.asarray(done, jnp.int32))
 
     return jax.jit(chunk, donate_argnums=0)
 
-  sharded_step = over_runs(jax.vmap(step), n_dev)
-
   def counted_step(states, batch, keys):
     TRACE_COUNT["chunk"] += 1
-    return sharded_step(states, batch, keys)
+    return over_runs(step, n_dev)(states, batch, keys)
 
   jit_step = jax.jit(counted_step, donate_argnums=0)
+  jit_eval = jax.jit(over_runs(evaluate, n_dev))
 
-  def host_chunk(states, batch, keys):
+  def host_chunk(states, batch, keys, done):
     per_step = []
-    for _ in range(length):
+    for t in range(length):
       states, m = jit_step(states, batch, keys)
+      if batch.gt_HxWxC is not None:
+        n = keys.shape[0]
+        m.update(jit_eval(states, batch) if is_eval_step(cfg, done + t + 1) else _nan_like_eval(n))
       per_step.append(m)  # stays on device until the chunk ends
     return states, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
 
@@ -227,7 +289,8 @@ def compile_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, wi
   """The jitted, vmapped step over `batch` runs, compiled from shapes only (nothing is
   allocated); its cost and memory analyses serve batch sizing and the benchmark."""
   model, tx = make_model(net_cfg, cfg), make_optimizer(cfg)
-  step = jax.jit(jax.vmap(functools.partial(train_step, model, tx, cfg)), donate_argnums=0)
+  step = jax.jit(over_batch(functools.partial(train_step, model, tx, cfg), cfg.strategy),
+                 donate_argnums=0)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
   states = jax.eval_shape(lambda k: init_states(net_cfg, cfg, k, height, width), keys)
   img = lambda c: jax.ShapeDtypeStruct((batch, height, width, c), jnp.float32)
@@ -330,7 +393,7 @@ def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, j
   done = 0
   while done < cfg.steps:
     length = min(cfg.chunk, cfg.steps - done)
-    states, m = make_fit_chunk(net_cfg, cfg, length, loop, n_dev)(states, batch, noise_keys)
+    states, m = make_fit_chunk(net_cfg, cfg, length, loop, n_dev)(states, batch, noise_keys, done)
     m = jax.device_get(m)  # the one host transfer per chunk
     for k, v in m.items():
       history.setdefault(k, []).append(np.asarray(v)[:, :n_runs])
@@ -342,8 +405,11 @@ def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, j
       msg = (f"{label}step {done}/{cfg.steps}  {rate:.2f} steps/s  "
              f"{rate * n_runs:.1f} image-steps/s  ETA {eta:.0f}s  "
              f"loss {np.mean(m['loss'][-1]):.5f}  psnr(out,y) {np.mean(m['psnr_y'][-1]):.2f}")
-      if "psnr" in m:
-        msg += f"  psnr {np.mean(m['psnr'][-1]):.2f}  psnr_ema {np.mean(m['psnr_ema'][-1]):.2f}"
+      if "psnr" in m:  # the last evaluated step of the chunk
+        last = np.flatnonzero(~np.isnan(m["psnr"][:, 0]))
+        if last.size:
+          msg += (f"  psnr {np.mean(m['psnr'][last[-1]]):.2f}"
+                  f"  psnr_ema {np.mean(m['psnr_ema'][last[-1]]):.2f}")
       log(msg)
   final = make_predict(net_cfg, cfg, n_dev)(states.params, batch.input_HxWxC)
   return FitResult(final_NxHxWxC=np.asarray(final)[:n_runs],

@@ -13,9 +13,11 @@ def masked_mse(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array) ->
   return err.sum() / (mask_HxWx1.sum() * a_HxWxC.shape[-1])
 
 
-def psnr(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array | None = None) -> jax.Array:
-  """PSNR in dB with peak 1, after clipping `a` to [0, 1] as a saved image would be."""
-  a = jnp.clip(a_HxWxC, 0.0, 1.0)
+def psnr(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array | None = None,
+         clip: bool = True) -> jax.Array:
+  """PSNR in dB with peak 1, after clipping `a` to [0, 1] as a saved image would be
+  (clip=False: `a` as it is, e.g. a noisy image whose AWGN was not clipped)."""
+  a = jnp.clip(a_HxWxC, 0.0, 1.0) if clip else a_HxWxC
   if mask_HxWx1 is None:
     mask_HxWx1 = jnp.ones(a.shape[:2] + (1,), a.dtype)
   return -10.0 * jnp.log10(masked_mse(a, b_HxWxC, mask_HxWx1))

@@ -82,6 +82,7 @@ class Conv(nn.Module):
   stride: int = 1
   pad: str = "reflection"
   dtype: jnp.dtype | None = None
+  precision: jax.lax.Precision | None = None  # None: JAX's default (TF32 on Hopper for f32)
 
   @nn.compact
   def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
@@ -93,7 +94,7 @@ class Conv(nn.Module):
     else:
       padding = [(p, p), (p, p)]
     return nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                   padding=padding, dtype=self.dtype,
+                   padding=padding, dtype=self.dtype, precision=self.precision,
                    kernel_init=torch_conv_init(fan_in),
                    bias_init=torch_conv_init(fan_in),
                    conv_general_dilated=conv_for_backend)(x_NxHxWxC)
@@ -138,11 +139,12 @@ def upsample2x(x_NxHxWxC: jax.Array, mode: str) -> jax.Array:
 class SkipUNet(nn.Module):
   cfg: NetConfig
   dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
+  precision: jax.lax.Precision | None = None  # of the convolutions (fit.PRECISIONS)
   remat: bool = False  # rematerialise each conv block in the backward pass (large images)
 
   def block(self, x, features, kernel, stride=1):
     def conv_norm_act(mdl, x):
-      x = Conv(features, kernel, stride, mdl.cfg.pad, mdl.dtype)(x)
+      x = Conv(features, kernel, stride, mdl.cfg.pad, mdl.dtype, mdl.precision)(x)
       return ACTIVATIONS[mdl.cfg.act](ImageNorm()(x))
 
     if self.remat:
@@ -190,7 +192,7 @@ class SkipUNet(nn.Module):
   @nn.compact
   def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
     x = self.level(x_NxHxWxC.astype(self.dtype or x_NxHxWxC.dtype), 0)
-    x = Conv(self.cfg.out_channels, 1, 1, self.cfg.pad, self.dtype)(x)
+    x = Conv(self.cfg.out_channels, 1, 1, self.cfg.pad, self.dtype, self.precision)(x)
     x = x.astype(jnp.float32)
     return nn.sigmoid(x) if self.cfg.sigmoid else x
 

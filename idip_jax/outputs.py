@@ -47,17 +47,35 @@ def save_png(path: str, x_HxWxC: np.ndarray) -> None:
   iio.imwrite(path, x8[..., 0] if x8.shape[-1] == 1 else x8)
 
 
+# loss and psnr_y (output vs the noisy target y) are of the training pass, whose input is
+# perturbed; psnr_perturbed is that output against the ground truth. psnr, ssim (output on
+# the unperturbed input, the reported image) and the EMA's are filled every eval_every steps.
+HISTORY_COLUMNS = ("loss", "psnr_y", "psnr", "psnr_ema", "ssim", "ssim_ema", "psnr_perturbed",
+                   "backtracked")
+
+
 def write_history(path: str, history: dict[str, np.ndarray]) -> None:
   """history: name -> per-step values of one run."""
-  cols = [c for c in ("loss", "psnr_y", "psnr", "psnr_ema", "ssim", "ssim_ema", "backtracked")
-          if c in history]
+  cols = [c for c in HISTORY_COLUMNS if c in history]
   n = len(history[cols[0]])
+
+  def cell(c, v):
+    if c == "backtracked":
+      return int(v)
+    return "" if np.isnan(v) else f"{v:.6g}"  # eval columns are empty between eval steps
+
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["step"] + cols)
     for t in range(n):
-      w.writerow([t + 1] + [int(history[c][t]) if c == "backtracked" else f"{history[c][t]:.6g}"
-                            for c in cols])
+      w.writerow([t + 1] + [cell(c, history[c][t]) for c in cols])
+
+
+def read_history(path: str) -> dict[str, np.ndarray]:
+  """history.csv -> name -> per-step values; empty cells (steps not evaluated) are NaN."""
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  return {k: np.array([float(r[k]) if r[k] != "" else np.nan for r in rows]) for k in rows[0]}
 
 
 def git_commit() -> str:

@@ -40,7 +40,7 @@ class RunConfig:
   workdir: str
   sigma: float = 0.0  # AWGN std on the 0-255 scale added to clean inputs; 0 = inputs are noisy
   noise_seed: int = 0
-  clip_noisy: bool = False
+  noise: str = "float"  # data.NOISE_PROTOCOLS: float (unclipped AWGN) | clip ([0, 1]) | uint8 (+ 8-bit rounding)
   channels: int = 0  # 0 = as stored, 1 = gray, 3 = RGB
   crop: int = 0  # center crop to this size (0 = full image)
   method: str = "idip"
@@ -59,6 +59,11 @@ def validate(cfg: RunConfig) -> None:
   need(cfg.method in METHODS, f"unknown --method={cfg.method}; choose one of {', '.join(METHODS)}")
   prelim.get(cfg.prelim.name)
   need(cfg.sigma >= 0, f"--sigma must be >= 0 (got {cfg.sigma})")
+  need(cfg.noise in data.NOISE_PROTOCOLS,
+       f"unknown --noise={cfg.noise}; choose one of {', '.join(data.NOISE_PROTOCOLS)}")
+  need(cfg.fit.eval_every >= 1, f"--eval_every must be >= 1 (got {cfg.fit.eval_every})")
+  need(cfg.fit.strategy in fit.STRATEGIES,
+       f"unknown --strategy={cfg.fit.strategy}; choose one of {', '.join(fit.STRATEGIES)}")
   need(cfg.fit.steps > 0, f"--steps must be > 0 (got {cfg.fit.steps})")
   need(cfg.fit.seeds >= 1, f"--seeds must be >= 1 (got {cfg.fit.seeds})")
   need(cfg.fit.chunk >= 1, f"--chunk must be >= 1 (got {cfg.fit.chunk})")
@@ -70,7 +75,8 @@ def validate(cfg: RunConfig) -> None:
   need(cfg.net.upsample in UPSAMPLING, f"unknown --upsample={cfg.net.upsample}")
   need(cfg.net.pad in PADDINGS, f"unknown --pad={cfg.net.pad}")
   need(cfg.net.act in ACTIVATIONS, f"unknown --act={cfg.net.act}")
-  need(cfg.fit.precision in fit.PRECISIONS, f"unknown --precision={cfg.fit.precision}")
+  need(cfg.fit.precision in fit.PRECISIONS,
+       f"unknown --precision={cfg.fit.precision}; choose one of {', '.join(fit.PRECISIONS)}")
   need(cfg.fit.loop in fit.LOOPS, f"unknown --loop={cfg.fit.loop}; choose one of {', '.join(fit.LOOPS)}")
   need(cfg.fit.lr_schedule in fit.LR_SCHEDULES, f"unknown --lr_schedule={cfg.fit.lr_schedule}")
   need(bool(cfg.workdir), "--workdir is empty")
@@ -82,24 +88,26 @@ def validate(cfg: RunConfig) -> None:
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-  """The config as run: the x_bar loss weight is 0 for methods without change (3)."""
-  if METHODS[cfg.method].prelim_loss:
-    return cfg
-  return dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, prelim_weight=0.0))
+  """The config as run: the x_bar loss weight is 0 for methods without change (3), and the
+  fit knows whether its input is x_bar (change 2) for the input perturbation."""
+  m = METHODS[cfg.method]
+  return dataclasses.replace(cfg, fit=dataclasses.replace(
+      cfg.fit, prelim_weight=cfg.fit.prelim_weight if m.prelim_loss else 0.0,
+      input_is_prelim=m.prelim_input))
 
 
 def load_and_check(cfg: RunConfig) -> list[Image]:
   validate(cfg)
   images = data.load_images(cfg.input, cfg.sigma, cfg.noise_seed, cfg.channels, cfg.crop,
-                            cfg.clip_noisy, min_size=2 ** cfg.net.scales)
+                            cfg.noise, min_size=2 ** cfg.net.scales)
   if cfg.prelim.name != "none":
     prelim.get(cfg.prelim.name).check(cfg.prelim, images)
   outputs.check_workdir(cfg.workdir, cfg.overwrite)
   return images
 
 
-def _psnr(a, b) -> float:
-  return float(metrics.psnr(jnp.asarray(a), jnp.asarray(b)))
+def _psnr(a, b, clip: bool = True) -> float:
+  return float(metrics.psnr(jnp.asarray(a), jnp.asarray(b), clip=clip))
 
 
 def _ssim(a, b) -> float:
@@ -263,7 +271,7 @@ def _run_record(cfg, im: Image, k: int, res: fit.FitResult, j: int, img_dir: str
   rec = {"seed": k, "final": final, "ema": ema, "seconds": res.seconds, "batch_runs": batch_runs,
          "backtracks": int(hist["backtracked"].sum())}
   if im.clean_HxWxC is not None:
-    best = int(np.argmax(hist["psnr"]))
+    best = int(np.nanargmax(hist["psnr"]))  # clean-input output, on evaluated steps
     rec.update(psnr_final=_psnr(final, im.clean_HxWxC), psnr_ema=_psnr(ema, im.clean_HxWxC),
                ssim_final=_ssim(final, im.clean_HxWxC), ssim_ema=_ssim(ema, im.clean_HxWxC),
                oracle_best_psnr=float(hist["psnr"][best]), oracle_best_step=best + 1)
@@ -283,7 +291,7 @@ def _image_record(cfg, im: Image, xbar, runs: list[dict], img_dir: str) -> dict:
       outputs.save_png(os.path.join(img_dir, im.name + "_prelim.png"), xbar)
   if gt is None:
     return rec
-  rec["psnr_noisy"] = _psnr(im.noisy_HxWxC, gt)
+  rec["psnr_noisy"] = _psnr(im.noisy_HxWxC, gt, clip=False)  # the noisy image as fitted
   if xbar is not None:
     rec["psnr_prelim"] = _psnr(xbar, gt)
   for key in ("psnr_final", "psnr_ema", "ssim_final", "ssim_ema", "oracle_best_psnr", "oracle_best_step"):
