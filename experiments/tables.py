@@ -26,6 +26,9 @@ flags.DEFINE_string("results_dir", "experiments/results", "where the tables go")
 flags.DEFINE_string("work_dir", "runs/tables", "per-job run folders (images, histories)")
 flags.DEFINE_list("steps", ["dip=1800", "idip1=1800", "idip2=1800", "idip=1800"],
                   "steps per method, method=N")
+flags.DEFINE_list("report_steps", [], "method=N: the step count whose PSNR a table reports, read from "
+                  "the run's per-step history of the clean-input output and EMA (default: --steps)")
+flags.DEFINE_list("rows", [], "run only these row labels of each table (default: all)")
 flags.DEFINE_integer("crop", 0, "center crop (0 = full images)")
 flags.DEFINE_integer("max_images", 0, "first N images of each set (0 = all)")
 flags.DEFINE_bool("smoke", False, "tiny crops, tiny net, 4 steps, 3 images: checks the plumbing only")
@@ -119,6 +122,10 @@ class Runner:
     # The folder's location is not part of the job (a copied or moved folder is reused).
     for d in (want, have, want["prelim"], have.get("prelim", {})):
       d.pop("overwrite", None), d.pop("batch_size", None), d.pop("workdir", None)
+      d.pop("weights_dir", None)
+    # Where the data lives is not part of the job either (same set copied to a GPU machine).
+    for d in (want, have):
+      d["input"] = os.path.basename(os.path.normpath(d.get("input", "")))
     res = json.load(open(res_path))
     n = F.max_images or (3 if F.smoke else None)
     if not same_config(want, have) or (n is None and len(res["images"]) < len(data.list_inputs(cfg.input))):
@@ -169,16 +176,39 @@ class Runner:
     return res
 
 
+def selected_rows(table: str) -> list[tuple[str, "Job"]]:
+  return [(label, job) for label, job in table_jobs(table) if not F.rows or label in F.rows]
+
+
+def at_step(res: dict, n: int) -> dict:
+  """The job's results as a run stopped after n steps would report them: the clean-input
+  output and the EMA at step n, read from each image's history (n must be an eval step)."""
+  if n >= res["steps"]:
+    return res
+  images = []
+  for r in res["images"]:
+    h = res["histories"][r["name"]]
+    if np.isnan(h["psnr"][n - 1]):
+      raise ValueError(f"step {n} was not evaluated in the stored history (eval_every)")
+    images.append(dict(r, psnr_final=float(h["psnr"][n - 1]), psnr_ema=float(h["psnr_ema"][n - 1]),
+                       ssim_final=float(h["ssim"][n - 1]), ssim_ema=float(h["ssim_ema"][n - 1])))
+  return dict(res, images=images, mean=runner.summarize(images), steps=n, run_steps=res["steps"])
+
+
 def make_table(table: str, jobs: Runner) -> dict:
-  rows = table_jobs(table)
+  rows = selected_rows(table)
+  report = {k: int(v) for k, v in (s.split("=") for s in F.report_steps)}
   out = {"table": table, "device": outputs.device_name(), "commit": COMMIT_AT_START,
          "date": outputs.now(), "sigma": sorted({j.sigma for _, j in rows}), "methods": {},
          "paper": PAPER.get(table, {}), "crop": 32 if F.smoke else F.crop, "smoke": F.smoke}
   for label, job in rows:
     res = jobs.run(job)
+    if job.method in report and not job.fit:
+      res = at_step(res, report[job.method])
     is_prelim_row = job.method == "prelim"
     key = "psnr_prelim" if is_prelim_row else "psnr_final"
-    entry = {"steps": 0 if is_prelim_row else res["steps"], "prelim": job.prelim, "dataset": job.dataset, "sigma": job.sigma,
+    entry = {"steps": 0 if is_prelim_row else res["steps"],
+             "run_steps": 0 if is_prelim_row else res.get("run_steps", res["steps"]), "prelim": job.prelim, "dataset": job.dataset, "sigma": job.sigma,
              "mean_psnr": res["mean"][key], "per_image": {r["name"]: r[key] for r in res["images"]},
              "seconds": 0.0 if is_prelim_row else res["wall_seconds"]}
     if not is_prelim_row:
@@ -271,7 +301,7 @@ def plot_curves(table: str, jobs: Runner, path: str) -> None:
   except ImportError:
     return
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, job in table_jobs(table):
+  for label, job in selected_rows(table):
     if job.method == "prelim":
       continue
     h = jobs.run(job)["histories"]

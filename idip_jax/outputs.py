@@ -79,6 +79,8 @@ def read_history(path: str) -> dict[str, np.ndarray]:
 
 
 def git_commit() -> str:
+  if os.environ.get("IDIP_COMMIT"):  # a copy of the tree without its .git (e.g. a GPU machine)
+    return os.environ["IDIP_COMMIT"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
