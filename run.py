@@ -18,13 +18,15 @@ flags.DEFINE_string("noise", "float", "noisy image from clean: float (x + n) | c
                     "notebooks) | uint8 (clipped and rounded to 8 bits)")
 flags.DEFINE_integer("channels", 0, "0 = as stored, 1 = convert to gray, 3 = to RGB")
 flags.DEFINE_integer("crop", 0, "center crop to this size (0 = whole image)")
-flags.DEFINE_string("method", "idip", "dip | idip1 | idip2 | idip")
+flags.DEFINE_list("method", ["idip"], "dip | idip1 | idip2 | idip, or several (dip,idip): each in "
+                  "workdir/<method> on the same noise and x_bar, then compared")
 flags.DEFINE_string("prelim", "none", "preliminary denoiser for x_bar: none | bm3d | file | ffdnet | dncnn")
 flags.DEFINE_string("prelim_dir", "", "folder of precomputed x_bar images for --prelim=file")
 flags.DEFINE_string("weights_dir", "", "official FFDNet/DnCNN .mat files (default ../shared/weights)")
 flags.DEFINE_string("weights", "", "one explicit FFDNet/DnCNN .mat file (overrides --weights_dir)")
 flags.DEFINE_float("prelim_weight", 1.0, "weight of MSE(out, x_bar) for --method=idip")
-flags.DEFINE_integer("steps", 3000, "Adam steps")
+flags.DEFINE_integer("steps", 0, "Adam steps; 0 = the method's default, chosen on holdout9 "
+                     "(runner.DEFAULT_STEPS: dip/idip1 1190, idip2/idip 1500)")
 flags.DEFINE_float("lr", 0.01, "Adam learning rate")
 flags.DEFINE_string("lr_schedule", "constant", "constant | cosine")
 flags.DEFINE_float("reg_noise_std", 1.0 / 30.0, "std of the per-step perturbation of DIP's code z")
@@ -32,6 +34,8 @@ flags.DEFINE_float("xbar_noise_std", 1.0 / 30.0, "std of the per-step perturbati
                    "(idip2, idip)")
 flags.DEFINE_float("ema_decay", 0.99, "EMA of the outputs")
 flags.DEFINE_float("backtrack_db", 5.0, "restore when PSNR(out, y) drops by more (0 = off)")
+flags.DEFINE_string("backtrack", "safe", "safe (restore weights and Adam state, skip the step) | dip "
+                    "(the official notebook's closure)")
 flags.DEFINE_integer("seed", 0, "seed of init, z and perturbations")
 flags.DEFINE_integer("seeds", 1, "independent runs per image (reported each and averaged)")
 flags.DEFINE_integer("chunk", 100, "steps per compiled lax.scan chunk")
@@ -60,13 +64,10 @@ flags.DEFINE_bool("overwrite", False, "replace a non-empty workdir")
 flags.DEFINE_bool("save_images", True, "write PNGs")
 
 
-def config_from_flags() -> runner.RunConfig:
-  if not F.input:
-    raise InputError("--input is required (a file, folder, glob or skimage:NAME)")
-  workdir = F.workdir or f"runs/{F.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+def config_from_flags(method: str, workdir: str) -> runner.RunConfig:
   return runner.RunConfig(
       input=F.input, workdir=workdir, sigma=F.sigma, noise_seed=F.noise_seed,
-      noise=F.noise, channels=F.channels, crop=F.crop, method=F.method,
+      noise=F.noise, channels=F.channels, crop=F.crop, method=method,
       batch_size=F.batch_size, save_images=F.save_images, overwrite=F.overwrite,
       prelim=prelim.PrelimConfig(F.prelim, F.prelim_dir, F.weights_dir, F.weights, F.sigma, F.crop,
                                   F.batch_size),
@@ -75,7 +76,7 @@ def config_from_flags() -> runner.RunConfig:
                     upsample=F.upsample, pad=F.pad, act=F.act),
       fit=FitConfig(steps=F.steps, lr=F.lr, lr_schedule=F.lr_schedule,
                     reg_noise_std=F.reg_noise_std, xbar_noise_std=F.xbar_noise_std, ema_decay=F.ema_decay,
-                    backtrack_db=F.backtrack_db, prelim_weight=F.prelim_weight,
+                    backtrack_db=F.backtrack_db, backtrack=F.backtrack, prelim_weight=F.prelim_weight,
                     chunk=F.chunk, seed=F.seed, seeds=F.seeds, precision=F.precision,
                     eval_every=F.eval_every, strategy=F.strategy, loop=F.loop, remat=F.remat))
 
@@ -85,10 +86,15 @@ def main(argv) -> int:
     rest = F(argv)
     if len(rest) > 1:
       raise InputError(f"unexpected arguments: {' '.join(rest[1:])}")
-    cfg = config_from_flags()
+    if not F.input:
+      raise InputError("--input is required (a file, folder, glob or skimage:NAME)")
+    if not F.method or len(set(F.method)) != len(F.method):
+      raise InputError(f"--method needs distinct methods (got {','.join(F.method)})")
+    workdir = F.workdir or f"runs/{'-'.join(F.method)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    cfgs = [config_from_flags(m, workdir) for m in F.method]
     if F.distributed:
       runner.init_distributed(F.coordinator, F.num_processes, F.process_id)
-    runner.run(cfg, flags_text=F.flags_into_string())
+    runner.run_methods(cfgs, flags_text=F.flags_into_string())
   except (flags.Error, InputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

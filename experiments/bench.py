@@ -5,7 +5,8 @@ python experiments/bench.py --flagfile=experiments/bench/cpu.flags
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
+import json
 import os
 import platform
 import sys
@@ -32,6 +33,7 @@ flags.DEFINE_integer("eval_batch", 1, "also time this batch with the clean-input
 flags.DEFINE_integer("steps", 5, "timed steps per repeat")
 flags.DEFINE_integer("repeats", 3, "repeats; the median is reported")
 flags.DEFINE_integer("torch_steps", 5, "timed steps of the PyTorch reference (0 = skip it)")
+flags.DEFINE_list("merge", [], "instead of running: merge these results .json files into --out")
 flags.DEFINE_string("out", "", "results path without extension (default experiments/results/bench_<device>)")
 
 # Dense peak FLOP/s by device kind and the precision the convolutions run in (NVIDIA datasheets,
@@ -55,6 +57,40 @@ def device_peak(precision: str) -> tuple[float, str]:
   return 2 * 2048 ** 3 * 5 / (time.perf_counter() - t), "measured 2048^3 fp32 matmul"
 
 
+def step_cost(size: int, precision: str) -> dict:
+  """XLA's cost analysis of one run's step before compilation, backend-independent: the GPU
+  compiler's analysis counts cuDNN convolutions (custom calls) as 0 FLOPs (it reported 4.9 of
+  124.8 GFLOP at 256 px on the H100). A row's FLOPs are this times its runs (a lax.map loop
+  body would be counted once, not once per run)."""
+  net = NetConfig(out_channels=1)
+  cfg = fit.FitConfig(precision=precision)
+  step = jax.jit(jax.vmap(functools.partial(fit.train_step, fit.make_model(net, cfg), fit.make_optimizer(cfg), cfg)))
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
+  states = jax.eval_shape(lambda k: fit.init_states(net, cfg, k, size, size), keys)
+  img = lambda c: jax.ShapeDtypeStruct((1, size, size, c), jnp.float32)
+  cost = step.lower(states, fit.Batch(img(net.in_channels), img(1), img(1), img(1), None), keys).cost_analysis()
+  return cost[0] if isinstance(cost, list) else cost
+
+
+def merge(paths: list[str], out: str) -> None:
+  """One results file from several runs on the same device (a session's calls), FLOP counts
+  recomputed with step_cost; each row keeps the commit and date of its run."""
+  runs = [json.load(open(p)) for p in paths]
+  rows = []
+  for run in runs:
+    for r in run["rows"]:
+      flops = float(step_cost(r["size"], r["precision"])["flops"]) * r["batch"]
+      peak = run["peak_flops"][r["precision"]]
+      rows.append(dict(r, flops_per_step=flops, tflops=flops / (r["ms_per_step"] / 1000) / 1e12,
+                       peak_fraction=flops / (r["ms_per_step"] / 1000) / peak,
+                       commit=run["commit"], date=run["date"]))
+  meta = {k: v for k, v in runs[0].items() if k != "rows"}
+  meta.update(commit=", ".join(dict.fromkeys(r["commit"] for r in runs)),
+              date=", ".join(r["date"] for r in runs), merged_from=paths,
+              peak_flops={k: v for r in runs for k, v in r["peak_flops"].items()})
+  write_results(out, meta, rows)
+
+
 def bench_one(size: int, batch: int, precision: str, strategy: str, eval_every: int = 0) -> dict:
   """eval_every=0: the step alone (no ground truth); k: with the clean-input eval every k steps."""
   net = NetConfig(out_channels=1)
@@ -67,11 +103,7 @@ def bench_one(size: int, batch: int, precision: str, strategy: str, eval_every: 
                 gt_HxWxC=y if eval_every else None)
   states = fit.init_states(net, cfg, jnp.stack([k["init"] for k in keys]), size, size)
   noise = jnp.stack([k["noise"] for k in keys])
-  # FLOPs per step from XLA's cost analysis of one run's vmapped step, times the runs (a
-  # lax.map loop body would be counted once, not once per run).
-  one = dataclasses.replace(cfg, strategy="vmap")
-  cost = fit.compile_step(net, one, 1, size, size, with_gt=False).cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
+  cost = step_cost(size, precision)
   chunk = fit.make_fit_chunk(net, cfg, F.steps, fit.resolve_loop("auto"))
   t = time.perf_counter()
   states, m = chunk(states, b, noise, 0)  # warm-up (compiles)
@@ -122,6 +154,9 @@ def write_results(out: str, meta: dict, rows: list[dict]) -> None:
 
 
 def main(_):
+  if F.merge:
+    merge(F.merge, F.out)
+    return
   import importlib.util
   rows, torch_ms = [], {}
   have_torch = F.torch_steps > 0 and importlib.util.find_spec("torch") is not None
@@ -135,12 +170,13 @@ def main(_):
     else:
       torch.backends.cudnn.benchmark = True  # as the official DIP code sets it
   kind = getattr(jax.devices()[0], "device_kind", "cpu").replace(" ", "_")
+  peak_flops = {p: device_peak(p)[0] for p in F.precisions}
   out = F.out or os.path.join("experiments", "results", f"bench_{jax.default_backend()}")
   _, peak_src = device_peak("fp32")
   meta = {"device": outputs.device_name(), "device_kind": kind, "commit": outputs.git_commit(),
           "date": outputs.now(), "jax": jax.__version__, "python": platform.python_version(),
           "torch": (__import__("torch").__version__ if have_torch else None),
-          "peak_flops": {p: device_peak(p)[0] for p in F.precisions}, "peak_source": peak_src,
+          "peak_flops": peak_flops, "peak_source": peak_src,
           "loop": fit.resolve_loop("auto"), "steps": F.steps, "repeats": F.repeats}
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   pairs = [(s, p) for s in F.strategies for p in F.precisions]

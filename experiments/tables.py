@@ -39,6 +39,8 @@ flags.DEFINE_string("strategy", "vmap", "vmap | map: how one call fits its runs 
 flags.DEFINE_integer("eval_every", 10, "clean-input metrics every k steps")
 flags.DEFINE_string("noise", "float", "noise protocol of every table run (data.NOISE_PROTOCOLS)")
 flags.DEFINE_bool("overwrite", False, "replace existing job folders")
+flags.DEFINE_bool("allow_other_code", False, "reuse finished jobs made by other code (e.g. stored GPU "
+                  "runs); each table row records the commit and code hash of its job")
 flags.DEFINE_bool("dry_run", False, "parse flags, list the jobs, run nothing")
 
 PAPER = {  # means reported by the papers (dB); per-image values are not reproduced here
@@ -79,7 +81,9 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
     rows = []
     for s in (15, 25, 50):
       rows += [(f"BM3D@{s}", Job(ds, s, "prelim", "bm3d")), (f"DnCNN@{s}", Job(ds, s, "prelim", "dncnn")),
-               (f"FFDNet@{s}", Job(ds, s, "prelim", "ffdnet")), (f"DIP@{s}", Job(ds, s, "dip")),
+               (f"FFDNet@{s}", Job(ds, s, "prelim", "ffdnet")),
+               # The official notebook: "reg_noise_std = 1./30. # set to 1./20. for sigma=50".
+               (f"DIP@{s}", Job(ds, s, "dip", fit=(("reg_noise_std", 1 / 20),) if s == 50 else ())),
                (f"IDIP@{s}", Job(ds, s, "idip", "ffdnet"))]
     return rows
   if table == "T6":
@@ -127,6 +131,11 @@ class Runner:
     for d in (want, have):
       d["input"] = os.path.basename(os.path.normpath(d.get("input", "")))
     res = json.load(open(res_path))
+    if res.get("code_hash") != outputs.code_hash():
+      if not F.allow_other_code:
+        print(f"rerunning {cfg.workdir}: made by other code ({res.get('commit', '?')})", flush=True)
+        return None
+      print(f"reusing {cfg.workdir} from other code ({res.get('commit', '?')}, --allow_other_code)", flush=True)
     n = F.max_images or (3 if F.smoke else None)
     if not same_config(want, have) or (n is None and len(res["images"]) < len(data.list_inputs(cfg.input))):
       return None
@@ -195,6 +204,19 @@ def at_step(res: dict, n: int) -> dict:
   return dict(res, images=images, mean=runner.summarize(images), steps=n, run_steps=res["steps"])
 
 
+def mean_curve_peak(res: dict, steps: int) -> dict:
+  """Peak of the images' mean PSNR curve (clean-input output, and EMA) over steps 1..steps: on
+  HOLDOUT this picks each method's default step count; on a table's own images it is an oracle."""
+  out = {}
+  for key, name in (("psnr", "curve_peak"), ("psnr_ema", "curve_peak_ema")):
+    curve = np.mean([h[key][:steps] for h in res["histories"].values()], axis=0)
+    if np.all(np.isnan(curve)):
+      continue
+    i = int(np.nanargmax(curve))
+    out[name] = {"step": i + 1, "psnr": float(curve[i])}
+  return out
+
+
 def make_table(table: str, jobs: Runner) -> dict:
   rows = selected_rows(table)
   report = {k: int(v) for k, v in (s.split("=") for s in F.report_steps)}
@@ -203,19 +225,22 @@ def make_table(table: str, jobs: Runner) -> dict:
          "paper": PAPER.get(table, {}), "crop": 32 if F.smoke else F.crop, "smoke": F.smoke}
   for label, job in rows:
     res = jobs.run(job)
-    if job.method in report and not job.fit:
+    if job.method in report:
       res = at_step(res, report[job.method])
     is_prelim_row = job.method == "prelim"
     key = "psnr_prelim" if is_prelim_row else "psnr_final"
     entry = {"steps": 0 if is_prelim_row else res["steps"],
              "run_steps": 0 if is_prelim_row else res.get("run_steps", res["steps"]), "prelim": job.prelim, "dataset": job.dataset, "sigma": job.sigma,
              "mean_psnr": res["mean"][key], "per_image": {r["name"]: r[key] for r in res["images"]},
-             "seconds": 0.0 if is_prelim_row else res["wall_seconds"]}
+             "seconds": 0.0 if is_prelim_row else res["wall_seconds"],
+             "commit": res.get("commit", COMMIT_AT_START), "code_hash": res.get("code_hash"),
+             "device": res.get("device", outputs.device_name()), "noise": F.noise}
     if not is_prelim_row:
       entry["mean_psnr_ema"] = res["mean"]["psnr_ema"]
       entry["oracle_mean_best_psnr"] = res["mean"]["oracle_best_psnr"]
       entry["oracle_mean_best_step"] = res["mean"]["oracle_best_step"]
       entry["per_image_ema"] = {r["name"]: r["psnr_ema"] for r in res["images"]}
+      entry.update(mean_curve_peak(res, entry["steps"]))
       if res["mean"].get("psnr_prelim") is not None:
         entry["mean_psnr_prelim"] = res["mean"]["psnr_prelim"]  # its x_bar alone, same images
       if job.seeds > 1:
@@ -250,11 +275,44 @@ def fit_speed(dip: dict, idip: dict) -> dict:
           "mean_step_reduction_pct": mean(0), "mean_seconds_reduction_pct": mean(1)}
 
 
-def write_markdown(t: dict, path: str, steps: dict) -> None:
+NOISE_TEXT = {"float": "x + n, unclipped", "clip": "x + n clipped to [0, 1] (DIP's get_noisy_image)",
+              "uint8": "x + n clipped and rounded to 8 bits"}
+
+
+def protocol_lines(t: dict) -> list[str]:
+  """The FFDNet row of this table's set and sigma under every noise protocol, beside the paper's
+  (experiments/noise_protocol.py), so the table says why its protocol was chosen."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "noise_protocol.json")
+  sets = {m["dataset"] for m in t["methods"].values()}
+  if not os.path.isfile(path):
+    return []
+  rows = [r for r in json.load(open(path))["rows"] if r["set"] in sets and r["sigma"] in t["sigma"]]
+  if not rows:
+    return []
+  names = list(rows[0]["per_image"])
+  paper = rows[0]["paper_per_image"]
+  lines = ["", f"Noise protocol: FFDNet on {rows[0]['set']} at sigma {rows[0]['sigma']} under each protocol "
+           f"(experiments/results/noise_protocol.md), paper: {rows[0]['paper_source']}:", "",
+           "| protocol | " + " | ".join(names) + " | mean |", "|" + "---|" * (len(names) + 2)]
+  for r in rows:
+    lines.append(f"| {r['protocol']} | " + " | ".join(f"{r['per_image'][n]:.2f}" for n in names)
+                 + f" | {r['mean']:.2f} |")
+  lines.append("| paper | " + " | ".join(str(paper.get(n, "-")) for n in names) + f" | {rows[0]['paper_mean']} |")
+  return lines
+
+
+def write_markdown(t: dict, path: str) -> None:
+  fitted = {k: m for k, m in t["methods"].items() if m["steps"]}
+  provenance = sorted({(m["device"], m["commit"]) for m in fitted.values()})
+  noise = next(iter(t["methods"].values()))["noise"]
   lines = [f"# {t['table']}" + (" (SMOKE: plumbing check only)" if t["smoke"] else ""), "",
-           f"Device {t['device']}, commit {t['commit']}, {t['date']}. Crop: "
-           f"{t['crop'] or 'full images'}. Steps: {', '.join(f'{k}={v}' for k, v in steps.items())}. "
-           "PSNR (dB) at the fixed step count; columns marked oracle use the ground truth.", ""]
+           f"Fits run on {'; '.join(f'{d} at commit {c}' for d, c in provenance) or t['device']}; table "
+           f"made {t['date']} by commit {t['commit']}. Crop: {t['crop'] or 'full images'}. Noise: "
+           f"{NOISE_TEXT[noise]} (--noise={noise}). Steps reported: "
+           + ", ".join(f"{k} {m['steps']}" + (f" (run {m['run_steps']}, PSNR read from its history)"
+                                              if m["run_steps"] != m["steps"] else "") for k, m in fitted.items())
+           + ". PSNR (dB) of the output on the unperturbed input at that step; columns marked oracle "
+           "use the ground truth.", ""]
   methods = t["methods"]
   names = list(next(iter(methods.values()))["per_image"])
   head = ["image"] + list(methods)
@@ -268,7 +326,13 @@ def write_markdown(t: dict, path: str, steps: dict) -> None:
   if any("mean_psnr_prelim" in m for m in methods.values()):
     lines.append("| its x_bar alone | " + " | ".join(
         f"{m['mean_psnr_prelim']:.2f}" if "mean_psnr_prelim" in m else "-" for m in methods.values()) + " |")
-  lines.append("| oracle best (step) | " + " | ".join(
+  lines.append("| peak of the mean curve (step) | " + " | ".join(
+      f"{m['curve_peak']['psnr']:.2f} ({m['curve_peak']['step']})" if "curve_peak" in m else "-"
+      for m in methods.values()) + " |")
+  lines.append("| EMA: peak of the mean curve (step) | " + " | ".join(
+      f"{m['curve_peak_ema']['psnr']:.2f} ({m['curve_peak_ema']['step']})" if "curve_peak_ema" in m else "-"
+      for m in methods.values()) + " |")
+  lines.append("| oracle best per image, mean (step) | " + " | ".join(
       f"{m['oracle_mean_best_psnr']:.2f} ({m['oracle_mean_best_step']:.0f})" if "oracle_mean_best_psnr" in m else "-"
       for m in methods.values()) + " |")
   if t["paper"] and not set(t["paper"]) & set(methods):
@@ -289,6 +353,7 @@ def write_markdown(t: dict, path: str, steps: dict) -> None:
                  f"{'-' if red is None else '%.1f%%' % red} (paper: about 80%); in seconds: "
                  f"{'-' if sec is None else '%.1f%%' % sec} (median s/step of one image's fit: DIP "
                  f"{fs['seconds_per_step']['dip']:.3f}, IDIP {fs['seconds_per_step']['idip']:.3f}; making x_bar is not counted).")
+  lines += protocol_lines(t)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -337,7 +402,7 @@ def main(argv):
     t = make_table(name, jobs)
     base = os.path.join(F.results_dir, name)
     outputs.write_json(base + ".json", t)
-    write_markdown(t, base + ".md", {"smoke": 4} if F.smoke else steps)
+    write_markdown(t, base + ".md")
     plot_curves(name, jobs, base + "_curves.png")
     print(f"wrote {base}.md", flush=True)
 

@@ -33,6 +33,13 @@ LOOPS = ("auto", "scan", "host")
 # How a call fits its runs: "vmap" (per-run weights become grouped convolutions) or "map"
 # (lax.map: the runs one after another inside the compiled chunk, dense convolutions).
 STRATEGIES = ("vmap", "map")
+# What happens when PSNR(out, y) drops by more than backtrack_db. "safe": restore the last good
+# parameters and Adam moments, skip the update, keep the bad output out of the EMA. "dip": the
+# official denoising notebook's closure: restore the weights only, then still apply Adam's step
+# with the diverged pass's gradients; its EMA keeps the bad output; the check is skipped when
+# i % 100 == 0 (i: the notebook's counter, which does not advance on a fallback).
+BACKTRACK_RULES = ("safe", "dip")
+DIP_SHOW_EVERY = 100
 
 
 def resolve_loop(loop: str) -> str:
@@ -48,7 +55,7 @@ def resolve_loop(loop: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-  steps: int = 3000
+  steps: int = 3000  # runner.DEFAULT_STEPS per method when a RunConfig says 0
   lr: float = 0.01
   lr_schedule: str = "constant"
   reg_noise_std: float = 1.0 / 30.0  # DIP perturbs its code z each step by N(0, 1/30)
@@ -56,6 +63,7 @@ class FitConfig:
   input_is_prelim: bool = False  # set by runner.resolve: the input is x_bar, not z
   ema_decay: float = 0.99  # DIP's exp_weight
   backtrack_db: float = 5.0  # restore when PSNR(out, y) drops by more than this; 0 = off
+  backtrack: str = "safe"  # BACKTRACK_RULES: safe (ours) | dip (the official notebooks' closure)
   prelim_weight: float = 1.0  # IDIP change (3): loss = MSE(out, y) + w * MSE(out, x_bar); the runner
   # sets 0 for methods without change (3), so the paper's weight lives here only
   input_scale: float = 0.1  # z ~ U[0, input_scale] (DIP's 'noise' input, var=1/10)
@@ -79,6 +87,7 @@ class FitState:
   good_params: Any  # last parameters whose output passed the backtracking test
   good_opt_state: Any
   good_psnr_y: jax.Array
+  dip_i: jax.Array  # the official notebook's step counter i (backtrack="dip")
 
 
 @flax.struct.dataclass
@@ -124,20 +133,20 @@ def create_fit_state(model: SkipUNet, tx: optax.GradientTransformation, key: jax
   ema = jnp.zeros((height, width, model.cfg.out_channels), jnp.float32)
   return FitState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                   ema_HxWxC=ema, good_params=params, good_opt_state=opt_state,
-                  good_psnr_y=jnp.array(-jnp.inf, jnp.float32))
+                  good_psnr_y=jnp.array(-jnp.inf, jnp.float32), dip_i=jnp.zeros((), jnp.int32))
 
 
-def input_noise_std(cfg: FitConfig) -> float:
-  return cfg.xbar_noise_std if cfg.input_is_prelim else cfg.reg_noise_std
+def perturbed_input(cfg: FitConfig, input_HxWxC: jax.Array, step: jax.Array, key: jax.Array) -> jax.Array:
+  """The net's input at `step`: z + N(0, reg_noise_std) (DIP), x_bar + N(0, xbar_noise_std) (IDIP)."""
+  std = cfg.xbar_noise_std if cfg.input_is_prelim else cfg.reg_noise_std
+  return input_HxWxC + std * jax.random.normal(jax.random.fold_in(key, step), input_HxWxC.shape, jnp.float32)
 
 
 def train_step(model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig,
                state: FitState, batch: Batch, key: jax.Array) -> tuple[FitState, dict]:
   """One Adam step on one run; `key` is the run's noise key (per-step noise is
   fold_in(key, step), so results do not depend on how steps are chunked)."""
-  noise_key = jax.random.fold_in(key, state.step)
-  net_in = batch.input_HxWxC + input_noise_std(cfg) * jax.random.normal(
-      noise_key, batch.input_HxWxC.shape, jnp.float32)
+  net_in = perturbed_input(cfg, batch.input_HxWxC, state.step, key)
 
   def loss_fn(params):
     out = model.apply({"params": params}, net_in[None])[0]
@@ -148,33 +157,57 @@ def train_step(model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   psnr_y = metrics.psnr(out, batch.y_HxWxC, batch.mask_HxWx1)
-  # Backtracking: a drop of PSNR(out, y) by more than backtrack_db means Adam diverged; go
-  # back to the last good parameters and Adam moments and skip the update. (DIP's closure
-  # restores the weights only and still applies the step; ours is the safer variant.)
-  diverged = (cfg.backtrack_db > 0) & (psnr_y < state.good_psnr_y - cfg.backtrack_db)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-
-  def pick(if_diverged, otherwise):
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(diverged, a, b), if_diverged, otherwise)
-
   # DIP's EMA averages the outputs of the perturbed-input passes (out_avg in its notebooks).
   ema = jnp.where(state.step == 0, out,
                   cfg.ema_decay * state.ema_HxWxC + (1.0 - cfg.ema_decay) * out)
-  new_state = FitState(
-      step=state.step + 1,
-      params=pick(state.good_params, new_params),
-      opt_state=pick(state.good_opt_state, new_opt_state),
-      # A diverged output is not averaged in: the EMA would carry it for ~100 steps.
-      ema_HxWxC=jnp.where(diverged, state.ema_HxWxC, ema),
-      good_params=pick(state.good_params, state.params),
-      good_opt_state=pick(state.good_opt_state, state.opt_state),
-      good_psnr_y=jnp.where(diverged, state.good_psnr_y, psnr_y))
+  if cfg.backtrack == "dip":
+    new_state, diverged = _backtrack_dip(tx, cfg, state, grads, psnr_y, ema)
+  else:
+    new_state, diverged = _backtrack_safe(tx, cfg, state, grads, psnr_y, ema)
   step_metrics = {"loss": loss, "psnr_y": psnr_y, "backtracked": diverged}
   if batch.gt_HxWxC is not None:
     # The training pass's output (perturbed input): an extra column, not the reported image.
     step_metrics["psnr_perturbed"] = metrics.psnr(out, batch.gt_HxWxC, batch.mask_HxWx1)
   return new_state, step_metrics
+
+
+def _where(cond, a, b):
+  return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def _backtrack_safe(tx, cfg: FitConfig, state: FitState, grads, psnr_y, ema):
+  """A drop of PSNR(out, y) by more than backtrack_db means Adam diverged: go back to the last
+  good parameters and Adam moments and skip the update; the bad output stays out of the EMA
+  (it would carry it for ~100 steps)."""
+  diverged = (cfg.backtrack_db > 0) & (psnr_y < state.good_psnr_y - cfg.backtrack_db)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  return state.replace(
+      step=state.step + 1,
+      params=_where(diverged, state.good_params, new_params),
+      opt_state=_where(diverged, state.good_opt_state, new_opt_state),
+      ema_HxWxC=jnp.where(diverged, state.ema_HxWxC, ema),
+      good_params=_where(diverged, state.good_params, state.params),
+      good_opt_state=_where(diverged, state.good_opt_state, state.opt_state),
+      good_psnr_y=jnp.where(diverged, state.good_psnr_y, psnr_y),
+      dip_i=state.dip_i + 1), diverged
+
+
+def _backtrack_dip(tx, cfg: FitConfig, state: FitState, grads, psnr_y, ema):
+  """The official closure (denoising.ipynb): `if i % show_every: if psnr_noisy - last < -5:
+  restore last_net; return loss * 0` (backward() already ran, so optimizer.step() applies the
+  diverged gradients to the restored weights), `else: last_net = params; last = psnr_noisy`;
+  `i += 1` only when no fallback. The EMA was updated before the check."""
+  check = (cfg.backtrack_db > 0) & (state.dip_i % DIP_SHOW_EVERY != 0)
+  diverged = check & (psnr_y - state.good_psnr_y < -cfg.backtrack_db)
+  base = _where(diverged, state.good_params, state.params)
+  updates, new_opt_state = tx.update(grads, state.opt_state, base)
+  snapshot = check & ~diverged
+  return state.replace(
+      step=state.step + 1, params=optax.apply_updates(base, updates), opt_state=new_opt_state,
+      ema_HxWxC=ema, good_params=_where(snapshot, state.params, state.good_params),
+      good_psnr_y=jnp.where(snapshot, psnr_y, state.good_psnr_y),
+      dip_i=state.dip_i + (~diverged).astype(jnp.int32)), diverged
 
 
 EVAL_KEYS = ("psnr", "ssim", "psnr_ema", "ssim_ema")
@@ -276,10 +309,12 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, loop: str = 
   return host_chunk
 
 
-# On XLA:CPU a vmapped batch runs its per-run convolutions as one grouped convolution,
-# which is slower per image than one run at a time (experiments/results/bench_cpu.md, 64 px,
-# official net: 165 ms per image-step at batch 2 vs 92 ms at batch 1), so "auto" is 1 there.
-CPU_AUTO_BATCH = 1
+# A vmapped batch runs its per-run convolutions as grouped convolutions, which are slower per
+# image than one run at a time on both backends measured: XLA:CPU (experiments/results/bench_cpu.md,
+# 64 px: 165 ms per image-step at batch 2 vs 92 ms at batch 1) and an H100 (bench_gpu.md, 256 px:
+# 204 image-steps/s at batch 1; 62 / 99 / 124 / 119 at batch 2 / 4 / 8 / 16). So "auto" fits one
+# run per call under --strategy=vmap; the memory-aware sizing below serves --strategy=map.
+VMAP_AUTO_BATCH = 1
 MEMORY_HEADROOM = 0.85  # of the device's bytes_limit; XLA's estimate misses allocator slack
 
 
@@ -322,10 +357,10 @@ def auto_batch_size(net_cfg: NetConfig, cfg: FitConfig, height: int, width: int,
   """Runs per call: the largest batch whose compiled step fits in `memory_bytes` (default:
   the device's limit x MEMORY_HEADROOM), per device when the batch is sharded. Memory is
   affine in the batch, so two compiles (batch 1 and 2) give it. Calls are then balanced:
-  10 runs with room for 8 become two calls of 5, not 8 + 2."""
+  10 runs with room for 8 become two calls of 5, not 8 + 2. Under --strategy=vmap: VMAP_AUTO_BATCH."""
   if memory_bytes is None:
-    if jax.default_backend() == "cpu":
-      return min(CPU_AUTO_BATCH, n_runs)
+    if cfg.strategy == "vmap" or jax.default_backend() == "cpu":
+      return min(VMAP_AUTO_BATCH, n_runs)
     limit = device_memory_bytes()
     if limit is None:
       return 1

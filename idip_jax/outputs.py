@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -90,6 +91,17 @@ def git_commit() -> str:
   except (OSError, subprocess.SubprocessError):
     return "unknown"
   return (head or "unknown") + ("-dirty" if dirty else "")
+
+
+def code_hash() -> str:
+  """SHA-1 of the package's source files: a finished job from other code is not reused."""
+  pkg = os.path.dirname(os.path.abspath(__file__))
+  h = hashlib.sha1()
+  for name in sorted(f for f in os.listdir(pkg) if f.endswith(".py")):
+    h.update(name.encode())
+    with open(os.path.join(pkg, name), "rb") as f:
+      h.update(f.read())
+  return h.hexdigest()[:12]
 
 
 def device_name() -> str:

@@ -32,6 +32,11 @@ METHODS = {
     "idip2": Method(True, True, False),
     "idip": Method(True, True, True),
 }
+# Steps when --steps=0: where each method's mean PSNR (clean-input output) peaks on holdout9
+# (gray, sigma 25, 256 px crops, H100; experiments/results/gpu_h100/HOLDOUT.md): DIP 1190 (run
+# 3000), IDIP 1500 (the end of its 1500-step run, the curve flat within 0.01 dB from 1000).
+# IDIP-1 (architecture only) takes DIP's count and IDIP-2 (x_bar input) IDIP's: not measured.
+DEFAULT_STEPS = {"dip": 1190, "idip1": 1190, "idip2": 1500, "idip": 1500}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +69,9 @@ def validate(cfg: RunConfig) -> None:
   need(cfg.fit.eval_every >= 1, f"--eval_every must be >= 1 (got {cfg.fit.eval_every})")
   need(cfg.fit.strategy in fit.STRATEGIES,
        f"unknown --strategy={cfg.fit.strategy}; choose one of {', '.join(fit.STRATEGIES)}")
-  need(cfg.fit.steps > 0, f"--steps must be > 0 (got {cfg.fit.steps})")
+  need(cfg.fit.steps >= 0, f"--steps must be >= 0 (got {cfg.fit.steps}; 0 = the method's default)")
+  need(cfg.fit.backtrack in fit.BACKTRACK_RULES,
+       f"unknown --backtrack={cfg.fit.backtrack}; choose one of {', '.join(fit.BACKTRACK_RULES)}")
   need(cfg.fit.seeds >= 1, f"--seeds must be >= 1 (got {cfg.fit.seeds})")
   need(cfg.fit.chunk >= 1, f"--chunk must be >= 1 (got {cfg.fit.chunk})")
   need(cfg.batch_size >= 0, f"--batch_size must be >= 0 (got {cfg.batch_size})")
@@ -93,7 +100,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
   m = METHODS[cfg.method]
   return dataclasses.replace(cfg, fit=dataclasses.replace(
       cfg.fit, prelim_weight=cfg.fit.prelim_weight if m.prelim_loss else 0.0,
-      input_is_prelim=m.prelim_input))
+      input_is_prelim=m.prelim_input, steps=cfg.fit.steps or DEFAULT_STEPS[cfg.method]))
 
 
 def load_and_check(cfg: RunConfig) -> list[Image]:
@@ -166,7 +173,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
     log(f"preliminary denoiser {cfg.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")
 
   fit_cfg = cfg.fit
-  results = {"device": outputs.device_name(), "commit": outputs.git_commit(), "date": outputs.now(),
+  results = {"device": outputs.device_name(), "commit": outputs.git_commit(),
+             "code_hash": outputs.code_hash(), "date": outputs.now(),
              "method": cfg.method, "prelim": cfg.prelim.name, "sigma": cfg.sigma,
              "steps": fit_cfg.steps, "seeds": fit_cfg.seeds, "images": [], "mean": {}}
   records: dict[str, dict] = {}
@@ -217,6 +225,42 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
   if n_proc > 1:
     results = _merge_processes(results, all_images, cfg, results_path, t_start)
   _log_summary(results, log)
+  return results
+
+
+def run_methods(cfgs: list[RunConfig], log: Callable[[str], None] = print, flags_text: str = "") -> dict:
+  """Several methods on the same inputs, noise and x_bar (made once), each in its own
+  sub-folder of the first config's workdir; prints and writes a comparison (summary.json)."""
+  if len(cfgs) == 1:
+    return {cfgs[0].method: run(cfgs[0], log, flags_text)}
+  top = cfgs[0].workdir
+  for c in cfgs:
+    validate(c)
+  images = load_and_check(cfgs[0])  # every input error surfaces here, before compute
+  outputs.check_workdir(top, cfgs[0].overwrite)
+  needs_prelim = [c for c in cfgs if METHODS[c.method].prelim_input or METHODS[c.method].prelim_loss]
+  for c in needs_prelim:
+    prelim.get(c.prelim.name).check(c.prelim, images)
+  prelims = None
+  if needs_prelim:
+    t = time.perf_counter()
+    c = needs_prelim[0]
+    prelims = dict(zip([im.name for im in images], prelim.get(c.prelim.name).run(c.prelim, images)))
+    log(f"preliminary denoiser {c.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")
+  results = {}
+  for c in cfgs:
+    log(f"=== {c.method}")
+    sub = dataclasses.replace(c, workdir=os.path.join(top, c.method))
+    uses = c in needs_prelim
+    results[c.method] = run(sub if uses else dataclasses.replace(sub, prelim=prelim.PrelimConfig()),
+                            log, flags_text, images=images, prelim_images=prelims if uses else None)
+  summary = {m: dict(r["mean"], steps=r["steps"], wall_seconds=r["wall_seconds"]) for m, r in results.items()}
+  outputs.write_json(os.path.join(top, "summary.json"), summary)
+  log("method   steps   noisy  x_bar   final     ema  seconds")
+  fmt = lambda v: f"{v:7.2f}" if isinstance(v, float) else "      -"
+  for m, r in summary.items():
+    log(f"{m:8s} {r['steps']:5d} " + " ".join(fmt(r.get(k)) for k in ("psnr_noisy", "psnr_prelim", "psnr_final",
+                                                                    "psnr_ema")) + f" {r['wall_seconds']:8.1f}")
   return results
 
 

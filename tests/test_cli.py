@@ -133,8 +133,8 @@ def test_every_flagfile_parses():
     try:
       flags.FLAGS(["run.py", "--flagfile=" + f])
       if not os.path.basename(f).startswith("base"):  # base*.flags are include-only
-        runner_cfg = run_py.config_from_flags()  # and turn into a valid config
-        run_py.runner.validate(runner_cfg)
+        for method in flags.FLAGS.method:  # and turn into valid configs
+          run_py.runner.validate(run_py.config_from_flags(method, "runs/x"))
     finally:
       os.chdir(cwd)
     header = open(f).readline()

@@ -25,7 +25,7 @@ b = fit.fit(NET, dataclasses.replace(CFG, shard=False), batch, keys)
 assert a.final_NxHxWxC.shape == (3, 32, 32, 1) and a.history["loss"].shape == (10, 3)
 print("maxdiff", float(np.abs(a.history["loss"][0] - b.history["loss"][0]).max()),
       float(np.abs(a.final_NxHxWxC - b.final_NxHxWxC).max()),
-      float(np.abs(a.history["psnr"] - b.history["psnr"]).max()))
+      float(np.nanmax(np.abs(a.history["psnr"] - b.history["psnr"]))))
 """
 
 
@@ -129,7 +129,7 @@ def test_auto_batch_size_from_compiled_memory():
   assert pick(fixed + 4 * per_run + per_run // 2, 12) == 4  # room for 4: 3 calls of 4
   assert pick(fixed + 8 * per_run, 10) == 5  # room for 8: two calls of 5, not 8 + 2
   assert pick(fixed + 100 * per_run, 10) == 10
-  assert fit.auto_batch_size(NET, CFG, 32, 32, 10) == fit.CPU_AUTO_BATCH  # CPU default
+  assert fit.auto_batch_size(NET, CFG, 32, 32, 10) == fit.VMAP_AUTO_BATCH == 1  # measured default
 
 
 def test_runner_halves_the_batch_on_out_of_memory(tmp_path, monkeypatch):
