@@ -86,7 +86,9 @@ def git_commit() -> str:
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                           text=True, timeout=10).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+    # "-dirty": the code differs from the commit (results files written meanwhile do not count).
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "idip_jax",
+                            "experiments/*.py", "run.py"], cwd=root,
                            capture_output=True, text=True, timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return "unknown"
