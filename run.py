@@ -1,7 +1,10 @@
 """python run.py --flagfile=experiments/demo.flags  (flags -> frozen RunConfig -> idip_jax.runner.run)."""
 
 import datetime
+import os
 import sys
+
+import jax
 
 from absl import flags
 
@@ -60,7 +63,7 @@ flags.DEFINE_string("upsample", "bilinear", "bilinear | nearest")
 flags.DEFINE_string("pad", "reflection", "reflection | zero")
 flags.DEFINE_string("act", "leaky_relu", "leaky_relu | relu | elu")
 flags.DEFINE_string("workdir", "", "output folder (default runs/<method>-<time>)")
-flags.DEFINE_bool("overwrite", False, "replace a non-empty workdir")
+flags.DEFINE_bool("overwrite", False, "replace a non-empty workdir that idip-jax made (others are refused)")
 flags.DEFINE_bool("save_images", True, "write PNGs")
 
 
@@ -81,7 +84,19 @@ def config_from_flags(method: str, workdir: str) -> runner.RunConfig:
                     eval_every=F.eval_every, strategy=F.strategy, loop=F.loop, remat=F.remat))
 
 
+HELP_FLAGS = {"-h", "--help", "-help", "--helpfull", "-?"}
+
+
+def print_help() -> None:
+  print(f"{__doc__}\nusage: python run.py --flagfile=FILE [--name=value ...]\n\n"
+        "  --flagfile: read flags from FILE (one --name=value per line, '#' comments; files may include "
+        "others)\n" + F.module_help(sys.modules[__name__]))
+
+
 def main(argv) -> int:
+  if HELP_FLAGS & set(argv[1:]):  # flags are parsed without absl.app, which would define these
+    print_help()
+    return 0
   try:
     rest = F(argv)
     if len(rest) > 1:
@@ -92,6 +107,9 @@ def main(argv) -> int:
       raise InputError(f"--method needs distinct methods (got {','.join(F.method)})")
     workdir = F.workdir or f"runs/{'-'.join(F.method)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     cfgs = [config_from_flags(m, workdir) for m in F.method]
+    # Reruns skip compilation (a 64 px, 5-step run: 66 s -> 14 s measured in issue 13).
+    jax.config.update("jax_compilation_cache_dir", os.environ.get(
+        "IDIP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idip-jax", "jax")))
     if F.distributed:
       runner.init_distributed(F.coordinator, F.num_processes, F.process_id)
     runner.run_methods(cfgs, flags_text=F.flags_into_string())

@@ -176,10 +176,13 @@ def _where(cond, a, b):
 
 
 def _backtrack_safe(tx, cfg: FitConfig, state: FitState, grads, psnr_y, ema):
-  """A drop of PSNR(out, y) by more than backtrack_db means Adam diverged: go back to the last
+  """A drop of PSNR(out, y) by more than backtrack_db, or a non-finite one, means Adam diverged: go back to the last
   good parameters and Adam moments and skip the update; the bad output stays out of the EMA
   (it would carry it for ~100 steps)."""
-  diverged = (cfg.backtrack_db > 0) & (psnr_y < state.good_psnr_y - cfg.backtrack_db)
+  # A non-finite loss is a divergence too (NaN fails every comparison, so the drop test alone
+  # would never fire and the run would stay NaN).
+  diverged = (cfg.backtrack_db > 0) & ((psnr_y < state.good_psnr_y - cfg.backtrack_db)
+                                       | ~jnp.isfinite(psnr_y))
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   return state.replace(

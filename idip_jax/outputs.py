@@ -16,19 +16,39 @@ import numpy as np
 from idip_jax.data import InputError
 
 
+MARKER = ".idip-jax-workdir"  # written into every workdir this tool creates
+
+
 def check_workdir(path: str, overwrite: bool) -> None:
   if os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f"--workdir={path} exists and is not a folder")
-  if os.path.isdir(path) and os.listdir(path) and not overwrite:
-    raise InputError(f"--workdir={path} exists and is not empty; pass --overwrite to replace it")
+  if os.path.isdir(path) and os.listdir(path):
+    if not overwrite:
+      raise InputError(f"--workdir={path} exists and is not empty; pass --overwrite to replace it")
+    if not os.path.isfile(os.path.join(path, MARKER)):
+      raise InputError(f"--workdir={path} was not made by idip-jax (no {MARKER} in it); --overwrite "
+                       "only replaces folders this tool made: choose another --workdir")
 
 
 def prepare_workdir(path: str, overwrite: bool) -> None:
-  """Refuses a non-empty workdir unless --overwrite; never deletes anything else."""
+  """Refuses a non-empty workdir unless --overwrite and made by this tool; never deletes anything else."""
   check_workdir(path, overwrite)
   if os.path.isdir(path) and os.listdir(path):
     shutil.rmtree(path)
   os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, MARKER), "w") as f:
+    f.write("made by idip-jax; --overwrite may replace this folder\n")
+
+
+def _finite(obj):
+  """NaN/inf -> None: strict JSON (json.dump would write NaN/Infinity, which parsers reject)."""
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if np.isfinite(obj) else None
+  return obj
 
 
 def write_json(path: str, obj) -> None:
@@ -36,7 +56,7 @@ def write_json(path: str, obj) -> None:
   d = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
   with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=1, default=float)
+    json.dump(_finite(obj), f, indent=1, default=float, allow_nan=False)
   os.chmod(tmp, 0o644)  # mkstemp makes it private
   os.replace(tmp, path)
 

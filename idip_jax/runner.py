@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Callable
@@ -63,6 +64,10 @@ def validate(cfg: RunConfig) -> None:
       raise InputError(msg)
   need(cfg.method in METHODS, f"unknown --method={cfg.method}; choose one of {', '.join(METHODS)}")
   prelim.get(cfg.prelim.name)
+  for part in (cfg, cfg.fit, cfg.prelim):  # --sigma=inf or --lr=nan would fit NaN everywhere
+    for f in dataclasses.fields(part):
+      v = getattr(part, f.name)
+      need(not isinstance(v, float) or math.isfinite(v), f"--{f.name} must be finite (got {v})")
   need(cfg.sigma >= 0, f"--sigma must be >= 0 (got {cfg.sigma})")
   need(cfg.noise in data.NOISE_PROTOCOLS,
        f"unknown --noise={cfg.noise}; choose one of {', '.join(data.NOISE_PROTOCOLS)}")
@@ -126,10 +131,12 @@ MEAN_KEYS = ("psnr_noisy", "psnr_prelim", "psnr_final", "psnr_ema", "ssim_final"
 
 
 def summarize(records: list[dict]) -> dict:
-  mean = {}
+  """Means over the images whose fit did not fail; "failed" counts the others."""
+  ok = [r for r in records if not r.get("failed")]
+  mean = {"failed": len(records) - len(ok)}
   for k in MEAN_KEYS:
-    vals = [r[k] for r in records if r.get(k) is not None]
-    if vals and len(vals) == len(records):
+    vals = [r[k] for r in ok if r.get(k) is not None]
+    if vals and len(vals) == len(ok):
       mean[k] = float(np.mean(vals))
   return mean
 
@@ -220,6 +227,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
           records[images[i].name] = _image_record(cfg, images[i], prelims[i], runs_done[i], img_dir)
       results["images"] = [records[im.name] for im in images if im.name in records]
       results["mean"] = summarize(results["images"])
+      # A killed run leaves a results.json that says so: finished < expected, complete false.
+      results.update(expected_images=len(images), finished_images=len(results["images"]),
+                     complete=len(results["images"]) == len(images))
       results["wall_seconds"] = time.perf_counter() - t_start
       outputs.write_json(results_path, results)  # incremental
   if n_proc > 1:
@@ -247,6 +257,7 @@ def run_methods(cfgs: list[RunConfig], log: Callable[[str], None] = print, flags
     c = needs_prelim[0]
     prelims = dict(zip([im.name for im in images], prelim.get(c.prelim.name).run(c.prelim, images)))
     log(f"preliminary denoiser {c.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")
+  outputs.prepare_workdir(top, cfgs[0].overwrite)
   results = {}
   for c in cfgs:
     log(f"=== {c.method}")
@@ -313,8 +324,10 @@ def _run_record(cfg, im: Image, k: int, res: fit.FitResult, j: int, img_dir: str
     outputs.save_png(os.path.join(img_dir, tag + "_final.png"), final)
     outputs.save_png(os.path.join(img_dir, tag + "_ema.png"), ema)
   rec = {"seed": k, "final": final, "ema": ema, "seconds": res.seconds, "batch_runs": batch_runs,
-         "backtracks": int(hist["backtracked"].sum())}
-  if im.clean_HxWxC is not None:
+         "backtracks": int(hist["backtracked"].sum()),
+         # Backtracking keeps a run finite unless it was never finite; then it is reported as failed.
+         "failed": not (np.isfinite(final).all() and np.isfinite(ema).all())}
+  if im.clean_HxWxC is not None and not rec["failed"]:
     best = int(np.nanargmax(hist["psnr"]))  # clean-input output, on evaluated steps
     rec.update(psnr_final=_psnr(final, im.clean_HxWxC), psnr_ema=_psnr(ema, im.clean_HxWxC),
                ssim_final=_ssim(final, im.clean_HxWxC), ssim_ema=_ssim(ema, im.clean_HxWxC),
@@ -327,13 +340,13 @@ def _image_record(cfg, im: Image, xbar, runs: list[dict], img_dir: str) -> dict:
   gt = im.clean_HxWxC
   rec = {"name": im.name, "height": h, "width": w, "channels": c, "steps": cfg.fit.steps,
          "seconds": float(np.mean([r["seconds"] for r in runs])), "batch_runs": runs[0]["batch_runs"],
-         "backtracks": sum(r["backtracks"] for r in runs),
+         "backtracks": sum(r["backtracks"] for r in runs), "failed": any(r["failed"] for r in runs),
          "psnr_noisy": None, "psnr_prelim": None}
   if cfg.save_images:
     outputs.save_png(os.path.join(img_dir, im.name + "_noisy.png"), im.noisy_HxWxC)
     if xbar is not None:
       outputs.save_png(os.path.join(img_dir, im.name + "_prelim.png"), xbar)
-  if gt is None:
+  if gt is None or rec["failed"]:
     return rec
   rec["psnr_noisy"] = _psnr(im.noisy_HxWxC, gt, clip=False)  # the noisy image as fitted
   if xbar is not None:

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are dominated by XLA:CPU compilation of many small programs; optimisation level 0
 # halves the suite's time (test_fit.py: 110 s -> 56 s) and changes results only by rounding.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# run.py enables JAX's persistent compilation cache; each test process (xdist worker) gets its
+# own folder, so workers never share one and no run of the suite reads another's programs.
+os.environ.setdefault("IDIP_JAX_CACHE", tempfile.mkdtemp(prefix="idip-jax-cache-"))
 
 from idip_jax.data import shared_dir  # noqa: E402
 

@@ -101,6 +101,14 @@ def _bad_inputs(tmp_path):
       "unknown prelim": (["--input=" + good, "--prelim=foo"], "prelim"),
       "idip without prelim": (["--input=" + good, "--method=idip"], "prelim"),
       "prelim file missing dir": (["--input=" + good, "--prelim=file"], "prelim_dir"),
+      "infinite sigma": (["--input=" + good, "--sigma=inf"], "finite"),
+      "nan lr": (["--input=" + good, "--lr=nan"], "finite"),
+      "infinite input noise": (["--input=" + good, "--reg_noise_std=inf"], "finite"),
+      "unknown noise protocol": (["--input=" + good, "--sigma=25", "--noise=poisson"], "noise"),
+      "unknown backtrack rule": (["--input=" + good, "--backtrack=never"], "backtrack"),
+      "unknown strategy": (["--input=" + good, "--strategy=pmap"], "strategy"),
+      "unknown precision": (["--input=" + good, "--precision=fp8"], "precision"),
+      "zero eval_every": (["--input=" + good, "--eval_every=0"], "eval_every"),
   }
 
 
