@@ -68,11 +68,12 @@ flags.DEFINE_bool("save_images", True, "write PNGs")
 
 
 def config_from_flags(method: str, workdir: str) -> runner.RunConfig:
+  path = os.path.expanduser  # ~ in any path flag
   return runner.RunConfig(
-      input=F.input, workdir=workdir, sigma=F.sigma, noise_seed=F.noise_seed,
+      input=path(F.input), workdir=path(workdir), sigma=F.sigma, noise_seed=F.noise_seed,
       noise=F.noise, channels=F.channels, crop=F.crop, method=method,
       batch_size=F.batch_size, save_images=F.save_images, overwrite=F.overwrite,
-      prelim=prelim.PrelimConfig(F.prelim, F.prelim_dir, F.weights_dir, F.weights, F.sigma, F.crop,
+      prelim=prelim.PrelimConfig(F.prelim, path(F.prelim_dir), path(F.weights_dir), path(F.weights), F.sigma, F.crop,
                                   F.batch_size),
       net=NetConfig(in_channels=F.input_depth, scales=F.scales, channels=F.net_channels,
                     skip_channels=F.skip_channels, cc_features=F.cc_features,

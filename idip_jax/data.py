@@ -50,6 +50,9 @@ def list_inputs(spec: str) -> list[str]:
     paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
     if not paths:
       raise InputError(f"no files match {spec}")
+    paths = [p for p in paths if p.lower().endswith(IMAGE_EXTS)]  # a .txt beside the images
+    if not paths:
+      raise InputError(f"no images ({', '.join(IMAGE_EXTS)}) among the files matching {spec}")
     return paths
   raise InputError(f"input not found: {spec}")
 
@@ -91,11 +94,22 @@ def read_image(path: str, channels: int = 0) -> np.ndarray:
   if path.startswith("skimage:"):
     return to_float(_from_skimage(path.split(":", 1)[1]), path, channels)
   import imageio.v3 as iio
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    raise InputError(f"cannot read image {path}: the file is empty (0 bytes)")
   try:
-    img = iio.imread(path)
+    mode = iio.immeta(path).get("mode", "")
+    # CMYK JPEGs and palette images are converted by Pillow (a palette image of gray colours
+    # is gray, not RGB); everything else is read as stored.
+    img = iio.imread(path, **({"mode": "RGB"} if mode in ("CMYK", "P", "PA") else {}))
   except Exception as e:  # imageio raises many types for unreadable files
-    raise InputError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-  return to_float(np.asarray(img), path, channels)
+    msg = str(e).splitlines()[0] if str(e) else ""
+    if "backend" in msg:  # imageio's message for bytes no plugin can decode
+      msg = "not a PNG/JPEG/BMP/TIFF image (or a corrupt one)"
+    raise InputError(f"cannot read image {path}: {msg or type(e).__name__}") from None
+  img = np.asarray(img)
+  if mode in ("P", "PA") and img.ndim == 3 and np.ptp(img[..., :3].astype(np.int32), axis=-1).max() == 0:
+    img = img[..., 0]
+  return to_float(img, path, channels)
 
 
 def center_crop(x_HxWxC: np.ndarray, size: int) -> np.ndarray:
@@ -140,6 +154,8 @@ def load_images(spec: str, sigma: float, noise_seed: int = 0, channels: int = 0,
     seen.add(name)
     x = read_image(path, channels)
     if crop:
+      if crop > min(x.shape[:2]):
+        raise InputError(f"--crop={crop} is larger than {path} ({x.shape[0]}x{x.shape[1]})")
       x = center_crop(x, crop)
     h, w, _ = x.shape
     if min(h, w) < min_size:

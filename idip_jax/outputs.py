@@ -22,6 +22,13 @@ MARKER = ".idip-jax-workdir"  # written into every workdir this tool creates
 def check_workdir(path: str, overwrite: bool) -> None:
   if os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f"--workdir={path} exists and is not a folder")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):  # the folder it would be made in
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise InputError(f"--workdir={path}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise InputError(f"--workdir={path}: {existing} is not writable")
   if os.path.isdir(path) and os.listdir(path):
     if not overwrite:
       raise InputError(f"--workdir={path} exists and is not empty; pass --overwrite to replace it")

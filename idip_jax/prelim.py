@@ -49,6 +49,11 @@ def sigmas_for(cfg: PrelimConfig, images: list[Image]) -> list[float]:
   return [estimate_sigma(im.noisy_HxWxC) for im in images]
 
 
+# Noise levels the official weights were trained on (FFDNet: [0, 75]; DnCNN-B: [0, 55]); BM3D
+# has no such limit. Outside, x_bar is an extrapolation: the runner warns.
+TRAINED_SIGMA_MAX = {"ffdnet": 75.0, "dncnn": 55.0}
+
+
 def get(name: str) -> Prelim:
   if name not in REGISTRY:
     raise InputError(f"unknown --prelim={name}; choose one of {', '.join(sorted(REGISTRY))}")

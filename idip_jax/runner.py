@@ -179,6 +179,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
     prelims = prelim.get(cfg.prelim.name).run(cfg.prelim, images)
     log(f"preliminary denoiser {cfg.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")
 
+  prelim_sigmas = _prelim_sigmas(cfg, images, log)
   fit_cfg = cfg.fit
   results = {"device": outputs.device_name(), "commit": outputs.git_commit(),
              "code_hash": outputs.code_hash(), "date": outputs.now(),
@@ -224,7 +225,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
         runs_done.setdefault(i, []).append(
             _run_record(cfg, images[i], k, res, j, img_dir, hist_dir, len(part)))
         if len(runs_done[i]) == fit_cfg.seeds:
-          records[images[i].name] = _image_record(cfg, images[i], prelims[i], runs_done[i], img_dir)
+          records[images[i].name] = dict(_image_record(cfg, images[i], prelims[i], runs_done[i], img_dir),
+                                          prelim_sigma=prelim_sigmas.get(images[i].name))
       results["images"] = [records[im.name] for im in images if im.name in records]
       results["mean"] = summarize(results["images"])
       # A killed run leaves a results.json that says so: finished < expected, complete false.
@@ -236,6 +238,22 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
     results = _merge_processes(results, all_images, cfg, results_path, t_start)
   _log_summary(results, log)
   return results
+
+
+def _prelim_sigmas(cfg: RunConfig, images: list[Image], log) -> dict[str, float]:
+  """The noise level x_bar was made for, per image: --sigma, or the blind estimate (logged and
+  recorded); warns when it lies outside what the denoiser was trained on."""
+  if cfg.prelim.name in ("none", "file") or not images:
+    return {}
+  sigmas = dict(zip([im.name for im in images], prelim.sigmas_for(cfg.prelim, images)))
+  if not cfg.prelim.sigma:
+    log("estimated noise levels (Chen et al. 2015, 0-255): "
+        + ", ".join(f"{n} {s:.1f}" for n, s in sigmas.items()))
+  top = prelim.TRAINED_SIGMA_MAX.get(cfg.prelim.name)
+  if top is not None and max(sigmas.values()) > top:
+    log(f"warning: sigma {max(sigmas.values()):g} is above the {top:g} that {cfg.prelim.name}'s "
+        "weights were trained on; x_bar is an extrapolation")
+  return sigmas
 
 
 def run_methods(cfgs: list[RunConfig], log: Callable[[str], None] = print, flags_text: str = "") -> dict:

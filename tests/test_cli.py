@@ -83,13 +83,27 @@ def test_seeds_and_real_noisy_input(tmp_path, capsys):
 
 def _bad_inputs(tmp_path):
   empty = tmp_path / "empty"
-  empty.mkdir()
+  empty.mkdir(parents=True)
   text = tmp_path / "text.png"
   text.write_text("not an image")
   good = write_png(str(tmp_path / "good.png"), smooth_image(64, 64))
   trunc = tmp_path / "trunc.png"
   trunc.write_bytes(open(good, "rb").read()[:200])
   small = write_png(str(tmp_path / "small.png"), smooth_image(12, 12))
+  zero = tmp_path / "zero.png"
+  zero.write_bytes(b"")
+  notes = tmp_path / "notes"
+  notes.mkdir()
+  (notes / "readme.txt").write_text("not an image")
+  import imageio.v3 as iio
+  rgba = np.full((40, 40, 4), 200, np.uint8)
+  rgba[..., 3] = 100  # half transparent
+  iio.imwrite(tmp_path / "alpha.png", rgba)
+  twins = tmp_path / "twins"
+  twins.mkdir()
+  write_png(str(twins / "a.png"), smooth_image(40, 40))
+  iio.imwrite(twins / "a.bmp", np.full((40, 40), 100, np.uint8))
+  iio.imwrite(tmp_path / "float.tif", np.full((40, 40), 0.5, np.float32))
   return {
       "missing": (["--input=" + str(tmp_path / "nope.png")], "not found"),
       "empty folder": (["--input=" + str(empty)], "no images"),
@@ -109,13 +123,22 @@ def _bad_inputs(tmp_path):
       "unknown strategy": (["--input=" + good, "--strategy=pmap"], "strategy"),
       "unknown precision": (["--input=" + good, "--precision=fp8"], "precision"),
       "zero eval_every": (["--input=" + good, "--eval_every=0"], "eval_every"),
+      "crop larger than the image": (["--input=" + good, "--crop=100"], "larger"),
+      "glob matching no image": (["--input=" + str(notes / "*")], "no images"),
+      "zero-byte png": (["--input=" + str(zero)], "empty"),
+      "workdir under a file": (["--input=" + good, "--workdir=" + good + "/out"], "is a file"),
+      "workdir is a file": (["--input=" + good, "--workdir=" + good], "not a folder"),
+      "transparent alpha": (["--input=" + str(tmp_path / "alpha.png")], "transparent"),
+      "two inputs with one name": (["--input=" + str(twins)], "named"),
+      "float tiff": (["--input=" + str(tmp_path / "float.tif")], "pixel type"),
   }
 
 
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, capsys):
+  assert len(_bad_inputs(tmp_path / "count")) >= 25
   for what, (args, needle) in _bad_inputs(tmp_path).items():
     wd = tmp_path / ("wd_" + what.replace(" ", "_"))
-    code, err = run_cli(["--method=dip"] + args + ["--steps=2", "--workdir=" + str(wd)], capsys)
+    code, err = run_cli(["--method=dip", "--steps=2", "--workdir=" + str(wd)] + args, capsys)
     lines = [l for l in err.strip().splitlines() if l]
     assert code != 0, what
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (what, err)

@@ -30,6 +30,14 @@ def make_batch(images, net_cfg=NET, cfg=CFG, runs=None, prelim_input=False, sigm
   return batch, keys
 
 
+def states_and_step(cfg, keys, size=32, net_cfg=NET):
+  """Initial states of the runs, their noise keys, and the jitted vmapped train step."""
+  model, tx = fit.make_model(net_cfg, cfg), fit.make_optimizer(cfg)
+  states = fit.init_states(net_cfg, cfg, jnp.stack([k["init"] for k in keys]), size, size)
+  step = jax.jit(jax.vmap(lambda s, b, k: fit.train_step(model, tx, cfg, s, b, k)))
+  return states, jnp.stack([k["noise"] for k in keys]), step
+
+
 def take(batch, i):
   return jax.tree_util.tree_map(lambda a: a[i:i + 1], batch)
 
@@ -93,11 +101,8 @@ def test_prelim_loss_pulls_output_to_xbar():
 
 def test_backtracking_restores_only_the_diverged_run(three):
   batch, keys = three
-  model, tx = fit.make_model(NET, CFG), fit.make_optimizer(CFG)
-  states = fit.init_states(NET, CFG, jnp.stack([k["init"] for k in keys]), 32, 32)
-  noise = jnp.stack([k["noise"] for k in keys])
+  states, noise, step = states_and_step(CFG, keys)
   states, _ = fit.make_fit_chunk(NET, CFG, 5)(states, batch, noise, 0)
-  step = jax.jit(jax.vmap(lambda s, b, k: fit.train_step(model, tx, CFG, s, b, k)))
   # Blow up run 1's parameters, as a diverging Adam step would.
   wreck = lambda p: p.at[1].add(20.0 * jax.random.normal(jax.random.key(9), p.shape[1:]))
   bad = states.replace(params=jax.tree_util.tree_map(wreck, states.params))

@@ -13,7 +13,7 @@ import pytest
 from idip_jax import data, fit, metrics, runner
 from conftest import ROOT, smooth_image, write_png
 from test_cli import TINY, run_cli
-from test_fit import CFG, NET, make_batch
+from test_fit import CFG, NET, make_batch, states_and_step
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +94,7 @@ def _wreck(states, run):
 def test_official_dip_backtracking_rule(two):
   batch, keys = two
   cfg = dataclasses.replace(CFG, backtrack="dip")
-  model, tx = fit.make_model(NET, cfg), fit.make_optimizer(cfg)
-  states = fit.init_states(NET, cfg, jnp.stack([k["init"] for k in keys]), 32, 32)
-  noise = jnp.stack([k["noise"] for k in keys])
-  step = jax.jit(jax.vmap(lambda s, b, k: fit.train_step(model, tx, cfg, s, b, k)))
+  states, noise, step = states_and_step(cfg, keys)
   for _ in range(5):
     states, _ = step(states, batch, noise)
   assert list(np.asarray(states.dip_i)) == [5, 5]
@@ -119,7 +116,7 @@ def test_official_dip_backtracking_rule(two):
   assert not np.asarray(m100["backtracked"]).any()
   # The safe rule on the same state restores weights and Adam state and keeps the EMA.
   safe = dataclasses.replace(cfg, backtrack="safe")
-  snxt, sm = jax.jit(jax.vmap(lambda s, b, k: fit.train_step(model, tx, safe, s, b, k)))(bad, batch, noise)
+  snxt, sm = states_and_step(safe, keys)[2](bad, batch, noise)
   assert list(np.asarray(sm["backtracked"])) == [False, True]
   for a, g in zip(leaves(snxt.params), leaves(states.good_params)):
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(g[1]))

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idip_jax import fit, outputs
+from idip_jax import outputs
 from conftest import ROOT, smooth_image, write_png
 from test_cli import TINY, run_cli
-from test_fit import CFG, NET, make_batch
+from test_fit import CFG, make_batch, states_and_step
 
 
 def test_overwrite_replaces_only_folders_the_tool_made(tmp_path, capsys):
@@ -36,10 +36,7 @@ def test_overwrite_replaces_only_folders_the_tool_made(tmp_path, capsys):
 
 def test_nan_run_is_backtracked_and_json_stays_strict(tmp_path):
   batch, keys = make_batch([smooth_image(32, 32, 1, seed=s) for s in range(2)])
-  model, tx = fit.make_model(NET, CFG), fit.make_optimizer(CFG)
-  states = fit.init_states(NET, CFG, jnp.stack([k["init"] for k in keys]), 32, 32)
-  noise = jnp.stack([k["noise"] for k in keys])
-  step = jax.jit(jax.vmap(lambda s, b, k: fit.train_step(model, tx, CFG, s, b, k)))
+  states, noise, step = states_and_step(CFG, keys)
   for _ in range(3):
     states, _ = step(states, batch, noise)
   poison = lambda p: p.at[1].set(jnp.nan)  # run 1's parameters turn NaN, as an overflow would
@@ -61,3 +58,37 @@ def test_help_lists_the_flags():
     assert p.returncode == 0, (flag, p.stderr[-1000:])
     for name in ("--flagfile", "--input", "--method", "--sigma", "--noise", "--steps", "--[no]overwrite"):
       assert name in p.stdout, (flag, name)
+
+
+def test_palette_and_cmyk_images_are_read_as_they_look(tmp_path):
+  from PIL import Image as PILImage
+  from idip_jax import data
+  rng = np.random.default_rng(0)
+  gray = (rng.random((24, 24)) * 255).astype(np.uint8)
+  rgb = (rng.random((24, 24, 3)) * 255).astype(np.uint8)
+  PILImage.fromarray(gray).convert("P").save(tmp_path / "gray_palette.png")
+  PILImage.fromarray(rgb).convert("P").save(tmp_path / "rgb_palette.png")
+  PILImage.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+  g = data.read_image(str(tmp_path / "gray_palette.png"))
+  assert g.shape == (24, 24, 1) and np.abs(g[..., 0] * 255 - gray).max() < 1  # gray, values kept
+  assert data.read_image(str(tmp_path / "rgb_palette.png")).shape == (24, 24, 3)
+  cmyk = data.read_image(str(tmp_path / "cmyk.jpg"))
+  assert cmyk.shape == (24, 24, 3) and abs(cmyk.mean() * 255 - rgb.mean()) < 8  # converted, not refused
+
+
+def test_noise_level_outside_training_is_warned_and_estimate_recorded(tmp_path, capsys):
+  from conftest import WEIGHTS, need_path
+  need_path(WEIGHTS)
+  write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=2))
+  wd = tmp_path / "out"
+  code, _ = run_cli([f"--input={tmp_path / 'a.png'}", "--sigma=100", "--method=idip", "--prelim=ffdnet",
+                     "--steps=2", f"--workdir={wd}"] + TINY)
+  out = capsys.readouterr().out
+  assert code == 0 and "above the 75 that ffdnet" in out, out[-2000:]
+  noisy = wd / "images" / "a_noisy.png"  # as a real noisy photo: no --sigma, so it is estimated
+  code, _ = run_cli([f"--input={noisy}", "--method=idip", "--prelim=ffdnet", "--steps=2",
+                     f"--workdir={tmp_path / 'blind'}"] + TINY)
+  out = capsys.readouterr().out
+  assert code == 0 and "estimated noise levels" in out, out[-2000:]
+  rec = json.loads((tmp_path / "blind" / "results.json").read_text())["images"][0]
+  assert rec["psnr_noisy"] is None and 20 < rec["prelim_sigma"] < 100, rec
