@@ -65,6 +65,10 @@ flags.DEFINE_string("act", "leaky_relu", "leaky_relu | relu | elu")
 flags.DEFINE_string("workdir", "", "output folder (default runs/<method>-<time>)")
 flags.DEFINE_bool("overwrite", False, "replace a non-empty workdir that idip-jax made (others are refused)")
 flags.DEFINE_bool("save_images", True, "write PNGs")
+flags.DEFINE_bool("resume", False, "continue the run in --workdir: finished images are kept, an "
+                  "unfinished call restarts from its last checkpoint; the settings must be the same")
+flags.DEFINE_integer("checkpoint_every", 10, "chunks between checkpoints of a running call (0 = none)")
+flags.DEFINE_bool("save_float", False, "also write every image as float32 .npy (lossless, as fitted)")
 
 
 def config_from_flags(method: str, workdir: str) -> runner.RunConfig:
@@ -72,7 +76,8 @@ def config_from_flags(method: str, workdir: str) -> runner.RunConfig:
   return runner.RunConfig(
       input=path(F.input), workdir=path(workdir), sigma=F.sigma, noise_seed=F.noise_seed,
       noise=F.noise, channels=F.channels, crop=F.crop, method=method,
-      batch_size=F.batch_size, save_images=F.save_images, overwrite=F.overwrite,
+      batch_size=F.batch_size, save_images=F.save_images, save_float=F.save_float, overwrite=F.overwrite,
+      resume=F.resume, checkpoint_every=F.checkpoint_every,
       prelim=prelim.PrelimConfig(F.prelim, path(F.prelim_dir), path(F.weights_dir), path(F.weights), F.sigma, F.crop,
                                   F.batch_size),
       net=NetConfig(in_channels=F.input_depth, scales=F.scales, channels=F.net_channels,
@@ -98,6 +103,7 @@ def main(argv) -> int:
   if HELP_FLAGS & set(argv[1:]):  # flags are parsed without absl.app, which would define these
     print_help()
     return 0
+  workdir = ["the workdir"]  # known once the flags are parsed
   try:
     rest = F(argv)
     if len(rest) > 1:
@@ -106,8 +112,8 @@ def main(argv) -> int:
       raise InputError("--input is required (a file, folder, glob or skimage:NAME)")
     if not F.method or len(set(F.method)) != len(F.method):
       raise InputError(f"--method needs distinct methods (got {','.join(F.method)})")
-    workdir = F.workdir or f"runs/{'-'.join(F.method)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    cfgs = [config_from_flags(m, workdir) for m in F.method]
+    workdir[0] = F.workdir or f"runs/{'-'.join(F.method)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    cfgs = [config_from_flags(m, workdir[0]) for m in F.method]
     # Reruns skip compilation (a 64 px, 5-step run: 66 s -> 14 s measured in issue 13).
     jax.config.update("jax_compilation_cache_dir", os.environ.get(
         "IDIP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idip-jax", "jax")))
@@ -117,6 +123,10 @@ def main(argv) -> int:
   except (flags.Error, InputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"interrupted: finished images are in {workdir[0]}/results.json; run the same command with "
+          f"--workdir={workdir[0]} --resume to continue", file=sys.stderr)
+    return 130
   return 0
 
 

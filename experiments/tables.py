@@ -359,30 +359,9 @@ def write_markdown(t: dict, path: str) -> None:
 
 
 def plot_curves(table: str, jobs: Runner, path: str) -> None:
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, job in selected_rows(table):
-    if job.method == "prelim":
-      continue
-    h = jobs.run(job)["histories"]
-    for key, style in (("psnr", "-"), ("psnr_ema", "--")):
-      curve = np.mean([v[key] for v in h.values()], axis=0)
-      steps = np.flatnonzero(~np.isnan(curve))  # evaluated steps only
-      ax.plot(steps + 1, curve[steps], style, label=f"{label} {'EMA' if key == 'psnr_ema' else 'output'}")
-  ax.set_xlabel("step")
-  ax.set_ylabel("mean PSNR to ground truth (dB)")
-  ax.set_title(f"{table}: fit speed")
-  ax.set_ylim(bottom=15)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  series = {label: list(jobs.run(job)["histories"].values()) for label, job in selected_rows(table)
+            if job.method != "prelim"}
+  outputs.plot_psnr_curves(path, f"{table}: fit speed", series)
 
 
 def main(argv):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from idip_jax import metrics
+from idip_jax import checkpoint, metrics
 from idip_jax.models import NetConfig, SkipUNet, min_side
 
 # name -> (compute dtype, lax precision of the convolutions). "tf32" is JAX's default for f32:
@@ -392,7 +393,8 @@ class FitResult:
   final_NxHxWxC: np.ndarray
   ema_NxHxWxC: np.ndarray
   history: dict[str, np.ndarray]  # name -> steps x N
-  seconds: float
+  seconds: float  # the whole call, compilation included
+  compile_seconds: float | None = None  # estimated (None when the fit was one chunk)
 
 
 @functools.lru_cache(maxsize=64)
@@ -410,8 +412,10 @@ def init_states(net_cfg: NetConfig, cfg: FitConfig, init_keys_N: jax.Array,
 
 
 def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, jax.Array]],
-        log: Callable[[str], None] | None = None, label: str = "") -> FitResult:
-  """Fits N runs in parallel; `batch` arrays and `keys` have a leading axis N."""
+        log: Callable[[str], None] | None = None, label: str = "", ckpt_path: str | None = None,
+        ckpt_every: int = 0) -> FitResult:
+  """Fits N runs in parallel; `batch` arrays and `keys` have a leading axis N. With ckpt_path,
+  the fit resumes from that checkpoint if it exists and saves one every ckpt_every chunks."""
   t0 = time.perf_counter()
   n_runs = len(keys)
   n_dev = jax.local_device_count() if cfg.shard else 1
@@ -428,17 +432,34 @@ def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, j
     states, batch, noise_keys = jax.device_put((states, batch, noise_keys), runs)
   loop = resolve_loop(cfg.loop)
   history: dict[str, list[np.ndarray]] = {}
-  done = 0
+  done, first, steady = 0, None, [0, 0.0]  # first chunk (compiles): (steps, s); later: [steps, s]
+  if ckpt_path and os.path.isfile(ckpt_path):
+    done, states, history = checkpoint.load(ckpt_path, states)
+    if n_dev > 1:
+      states = jax.device_put(states, NamedSharding(runs_mesh(n_dev), PartitionSpec("runs")))
+    if log is not None:
+      log(f"{label}resumed at step {done} from {ckpt_path}")
+  chunks = 0
   while done < cfg.steps:
     length = min(cfg.chunk, cfg.steps - done)
+    t_chunk = time.perf_counter()
     states, m = make_fit_chunk(net_cfg, cfg, length, loop, n_dev)(states, batch, noise_keys, done)
     m = jax.device_get(m)  # the one host transfer per chunk
+    dt = time.perf_counter() - t_chunk
+    if first is None:
+      first = (length, dt)
+    else:
+      steady[0] += length
+      steady[1] += dt
     for k, v in m.items():
       history.setdefault(k, []).append(np.asarray(v)[:, :n_runs])
     done += length
+    chunks += 1
+    if ckpt_path and ckpt_every and chunks % ckpt_every == 0 and done < cfg.steps:
+      checkpoint.save(ckpt_path, done, states, history)
     if log is not None:
-      elapsed = time.perf_counter() - t0
-      rate = done / elapsed
+      # Rate and ETA from the chunks after the first, which also compiles.
+      rate = steady[0] / steady[1] if steady[0] else first[0] / first[1]
       eta = (cfg.steps - done) / rate
       msg = (f"{label}step {done}/{cfg.steps}  {rate:.2f} steps/s  "
              f"{rate * n_runs:.1f} image-steps/s  ETA {eta:.0f}s  "
@@ -449,11 +470,13 @@ def fit(net_cfg: NetConfig, cfg: FitConfig, batch: Batch, keys: list[dict[str, j
           msg += (f"  psnr {np.mean(m['psnr'][last[-1]]):.2f}"
                   f"  psnr_ema {np.mean(m['psnr_ema'][last[-1]]):.2f}")
       log(msg)
+  # The first chunk's time beyond what its steps take at the steady rate: compilation.
+  compile_s = max(0.0, first[1] - first[0] * steady[1] / steady[0]) if steady[0] else None
   final = make_predict(net_cfg, cfg, n_dev)(states.params, batch.input_HxWxC)
   return FitResult(final_NxHxWxC=np.asarray(final)[:n_runs],
                    ema_NxHxWxC=np.asarray(states.ema_HxWxC)[:n_runs],
                    history={k: np.concatenate(v, axis=0) for k, v in history.items()},
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, compile_seconds=compile_s)
 
 
 def make_inputs(net_cfg: NetConfig, cfg: FitConfig, keys: list[dict[str, jax.Array]],

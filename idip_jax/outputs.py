@@ -68,6 +68,40 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def save_image(path_png: str, x_HxWxC: np.ndarray, save_float: bool) -> None:
+  """8-bit PNG (clipped, rounded), and with save_float the exact float32 array as .npy beside it."""
+  save_png(path_png, x_HxWxC)
+  if save_float:
+    np.save(os.path.splitext(path_png)[0] + ".npy", np.asarray(x_HxWxC, np.float32))
+
+
+def plot_psnr_curves(path: str, title: str, series: dict[str, list[dict[str, np.ndarray]]]) -> bool:
+  """Mean PSNR of the clean-input output (solid) and of the EMA (dashed) vs step, one pair of
+  lines per label (its images' histories); evaluated steps only. False without matplotlib."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, histories in series.items():
+    for key, style in (("psnr", "-"), ("psnr_ema", "--")):
+      curve = np.mean([h[key] for h in histories], axis=0)
+      steps = np.flatnonzero(~np.isnan(curve))
+      ax.plot(steps + 1, curve[steps], style, label=f"{label} {'EMA' if key == 'psnr_ema' else 'output'}")
+  ax.set_xlabel("step")
+  ax.set_ylabel("mean PSNR to ground truth (dB)")
+  ax.set_title(title)
+  ax.set_ylim(bottom=15)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
 def save_png(path: str, x_HxWxC: np.ndarray) -> None:
   import imageio.v3 as iio
   x = np.clip(np.asarray(x_HxWxC), 0.0, 1.0)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idip_jax import data, fit, metrics, outputs, prelim
+from idip_jax import checkpoint, data, fit, metrics, outputs, prelim
 from idip_jax.data import Image, InputError
 from idip_jax.fit import FitConfig
 from idip_jax.models import ACTIVATIONS, PADDINGS, UPSAMPLING, NetConfig
@@ -52,6 +52,9 @@ class RunConfig:
   method: str = "idip"
   batch_size: int = 0  # runs per vmapped call; 0 = auto (fit.auto_batch_size: memory, backend)
   save_images: bool = True
+  save_float: bool = False  # also each image as float32 .npy (lossless; PNGs are 8-bit)
+  resume: bool = False  # continue the run in workdir: finished images kept, a call's checkpoint restored
+  checkpoint_every: int = 10  # chunks between checkpoints of a running call (0 = none)
   overwrite: bool = False
   prelim: prelim.PrelimConfig = prelim.PrelimConfig()
   net: NetConfig = NetConfig()
@@ -92,6 +95,8 @@ def validate(cfg: RunConfig) -> None:
   need(cfg.fit.loop in fit.LOOPS, f"unknown --loop={cfg.fit.loop}; choose one of {', '.join(fit.LOOPS)}")
   need(cfg.fit.lr_schedule in fit.LR_SCHEDULES, f"unknown --lr_schedule={cfg.fit.lr_schedule}")
   need(bool(cfg.workdir), "--workdir is empty")
+  need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
+  need(cfg.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (got {cfg.checkpoint_every})")
   m = METHODS[cfg.method]
   need(not (m.prelim_input or m.prelim_loss) or cfg.prelim.name != "none",
        f"--method={cfg.method} needs a preliminary denoiser: set --prelim (bm3d, file, ffdnet, dncnn)")
@@ -109,13 +114,52 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
 
 def load_and_check(cfg: RunConfig) -> list[Image]:
+  images = load_inputs(cfg)
+  check_output_folder(cfg)
+  return images
+
+
+def load_inputs(cfg: RunConfig) -> list[Image]:
   validate(cfg)
   images = data.load_images(cfg.input, cfg.sigma, cfg.noise_seed, cfg.channels, cfg.crop,
                             cfg.noise, min_size=2 ** cfg.net.scales)
   if cfg.prelim.name != "none":
     prelim.get(cfg.prelim.name).check(cfg.prelim, images)
-  outputs.check_workdir(cfg.workdir, cfg.overwrite)
   return images
+
+
+# Settings that may differ between a run and its --resume: where and how outputs are written.
+RESUME_FREE = ("workdir", "overwrite", "resume", "batch_size", "checkpoint_every", "save_images", "save_float")
+
+
+def check_output_folder(cfg: RunConfig) -> None:
+  """A new run needs an empty (or --overwrite-able) workdir; --resume needs the stored run's
+  folder and the same settings (one line naming the first that differs)."""
+  if not cfg.resume:
+    outputs.check_workdir(cfg.workdir, cfg.overwrite)
+    return
+  path = os.path.join(cfg.workdir, "config.json")
+  if not os.path.isfile(path):
+    raise InputError(f"--resume: no run to continue in --workdir={cfg.workdir} (no config.json)")
+  with open(path) as f:
+    have = json.load(f)
+  want = json.loads(json.dumps(dataclasses.asdict(resolve(cfg))))
+
+  def first_difference(a, b, where=""):
+    for k in sorted(set(a) | set(b)):
+      if k in RESUME_FREE and not where:
+        continue
+      if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+        d = first_difference(a[k], b[k], where + k + ".")
+        if d:
+          return d
+      elif a.get(k) != b.get(k):
+        return f"{where}{k} (stored {b.get(k)!r}, now {a.get(k)!r})"
+    return None
+
+  diff = first_difference(want, have)
+  if diff:
+    raise InputError(f"--resume: the settings differ from the stored run in {cfg.workdir}: {diff}")
 
 
 def _psnr(a, b, clip: bool = True) -> float:
@@ -149,10 +193,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
     images = load_and_check(cfg)  # every input error surfaces here, before compute
   else:
     validate(cfg)
-    outputs.check_workdir(cfg.workdir, cfg.overwrite)
+    check_output_folder(cfg)
   method = METHODS[cfg.method]
   n_proc, proc = jax.process_count(), jax.process_index()
-  if proc == 0:
+  if proc == 0 and not cfg.resume:
     outputs.prepare_workdir(cfg.workdir, cfg.overwrite)
   _barrier("workdir", n_proc)
   img_dir, hist_dir = os.path.join(cfg.workdir, "images"), os.path.join(cfg.workdir, "history")
@@ -164,12 +208,17 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
     images = images[proc::n_proc]
     log(f"process {proc}/{n_proc}: {len(images)} of {len(all_images)} images")
   results_path = os.path.join(cfg.workdir, "results.json" if n_proc == 1 else f"results.process{proc}.json")
-  if flags_text and proc == 0:
+  if flags_text and proc == 0 and not cfg.resume:
     with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
       f.write(flags_text)
   cfg = resolve(cfg)
-  if proc == 0:
+  if proc == 0 and not cfg.resume:
     outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
+  records: dict[str, dict] = {}
+  if cfg.resume and os.path.isfile(results_path):
+    with open(results_path) as f:
+      records = {r["name"]: r for r in json.load(f)["images"]}
+    log(f"resuming {cfg.workdir}: {len(records)} of {len(images)} images finished")
 
   prelims: list[np.ndarray | None] = [None] * len(images)
   if prelim_images is not None:
@@ -185,13 +234,15 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
              "code_hash": outputs.code_hash(), "date": outputs.now(),
              "method": cfg.method, "prelim": cfg.prelim.name, "sigma": cfg.sigma,
              "steps": fit_cfg.steps, "seeds": fit_cfg.seeds, "images": [], "mean": {}}
-  records: dict[str, dict] = {}
   runs_done: dict[int, list[dict]] = {}
+  ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
   buckets = list(data.bucket_keys(images, cfg.net.scales).items())
   for b, ((ph, pw, c), idx) in enumerate(buckets):
     net_cfg = dataclasses.replace(cfg.net, out_channels=c, complex_connection=method.complex_connection,
                                   in_channels=c if method.prelim_input else cfg.net.in_channels)
-    runs = [(i, k) for i in idx for k in range(fit_cfg.seeds)]
+    runs = [(i, k) for i in idx for k in range(fit_cfg.seeds) if images[i].name not in records]
+    if not runs:
+      continue
     has_gt = images[idx[0]].clean_HxWxC is not None
     per_call = cfg.batch_size or fit.auto_batch_size(net_cfg, fit_cfg, ph, pw, len(runs), with_gt=has_gt)
     log(f"bucket {b + 1}/{len(buckets)} {ph}x{pw}x{c}: {len(runs)} runs, {per_call} per call"
@@ -211,7 +262,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
           gt_HxWxC=None if gts is None else jnp.asarray(gts))
       label = f"[bucket {b + 1}/{len(buckets)} {ph}x{pw}x{c}, runs {start + 1}-{start + len(part)}/{len(runs)}] "
       try:
-        res = fit.fit(net_cfg, fit_cfg, batch, keys, log=log, label=label)
+        ckpt = checkpoint.call_path(ckpt_dir, [f"{images[i].name}:{k}" for i, k in part])
+        res = fit.fit(net_cfg, fit_cfg, batch, keys, log=log, label=label, ckpt_path=ckpt,
+                      ckpt_every=cfg.checkpoint_every)
       except Exception as e:  # a set that fits one image at a time must not fail on memory
         if not fit.is_out_of_memory(e):
           raise
@@ -234,8 +287,15 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, flags_text: str = ""
                      complete=len(results["images"]) == len(images))
       results["wall_seconds"] = time.perf_counter() - t_start
       outputs.write_json(results_path, results)  # incremental
+      if os.path.isfile(ckpt):
+        os.remove(ckpt)  # the call's results are written: its checkpoint is spent
+      checkpoint.fault("image")
   if n_proc > 1:
     results = _merge_processes(results, all_images, cfg, results_path, t_start)
+  if proc == 0 and all(im.clean_HxWxC is not None for im in all_images) and results["images"]:
+    names = [r["name"] + ("_seed0" if fit_cfg.seeds > 1 else "") for r in results["images"]]
+    outputs.plot_psnr_curves(os.path.join(cfg.workdir, "psnr_curve.png"), f"{cfg.method}: mean PSNR vs step",
+                             {cfg.method: [outputs.read_history(os.path.join(hist_dir, n + ".csv")) for n in names]})
   _log_summary(results, log)
   return results
 
@@ -264,8 +324,12 @@ def run_methods(cfgs: list[RunConfig], log: Callable[[str], None] = print, flags
   top = cfgs[0].workdir
   for c in cfgs:
     validate(c)
-  images = load_and_check(cfgs[0])  # every input error surfaces here, before compute
-  outputs.check_workdir(top, cfgs[0].overwrite)
+  images = load_inputs(cfgs[0])  # every input error surfaces here, before compute
+  if cfgs[0].resume:
+    for c in cfgs:
+      check_output_folder(dataclasses.replace(c, workdir=os.path.join(top, c.method)))
+  else:
+    outputs.check_workdir(top, cfgs[0].overwrite)
   needs_prelim = [c for c in cfgs if METHODS[c.method].prelim_input or METHODS[c.method].prelim_loss]
   for c in needs_prelim:
     prelim.get(c.prelim.name).check(c.prelim, images)
@@ -275,7 +339,8 @@ def run_methods(cfgs: list[RunConfig], log: Callable[[str], None] = print, flags
     c = needs_prelim[0]
     prelims = dict(zip([im.name for im in images], prelim.get(c.prelim.name).run(c.prelim, images)))
     log(f"preliminary denoiser {c.prelim.name}: {len(images)} images in {time.perf_counter() - t:.1f}s")
-  outputs.prepare_workdir(top, cfgs[0].overwrite)
+  if not cfgs[0].resume:
+    outputs.prepare_workdir(top, cfgs[0].overwrite)
   results = {}
   for c in cfgs:
     log(f"=== {c.method}")
@@ -339,9 +404,10 @@ def _run_record(cfg, im: Image, k: int, res: fit.FitResult, j: int, img_dir: str
   hist = {name: v[:, j] for name, v in res.history.items()}
   outputs.write_history(os.path.join(hist_dir, tag + ".csv"), hist)
   if cfg.save_images:
-    outputs.save_png(os.path.join(img_dir, tag + "_final.png"), final)
-    outputs.save_png(os.path.join(img_dir, tag + "_ema.png"), ema)
-  rec = {"seed": k, "final": final, "ema": ema, "seconds": res.seconds, "batch_runs": batch_runs,
+    outputs.save_image(os.path.join(img_dir, tag + "_final.png"), final, cfg.save_float)
+    outputs.save_image(os.path.join(img_dir, tag + "_ema.png"), ema, cfg.save_float)
+  rec = {"seed": k, "final": final, "ema": ema, "seconds": res.seconds, "compile_seconds": res.compile_seconds,
+         "batch_runs": batch_runs,
          "backtracks": int(hist["backtracked"].sum()),
          # Backtracking keeps a run finite unless it was never finite; then it is reported as failed.
          "failed": not (np.isfinite(final).all() and np.isfinite(ema).all())}
@@ -357,13 +423,14 @@ def _image_record(cfg, im: Image, xbar, runs: list[dict], img_dir: str) -> dict:
   h, w, c = im.noisy_HxWxC.shape
   gt = im.clean_HxWxC
   rec = {"name": im.name, "height": h, "width": w, "channels": c, "steps": cfg.fit.steps,
-         "seconds": float(np.mean([r["seconds"] for r in runs])), "batch_runs": runs[0]["batch_runs"],
+         "seconds": float(np.mean([r["seconds"] for r in runs])), "compile_seconds": runs[0]["compile_seconds"],
+         "batch_runs": runs[0]["batch_runs"],
          "backtracks": sum(r["backtracks"] for r in runs), "failed": any(r["failed"] for r in runs),
          "psnr_noisy": None, "psnr_prelim": None}
   if cfg.save_images:
-    outputs.save_png(os.path.join(img_dir, im.name + "_noisy.png"), im.noisy_HxWxC)
+    outputs.save_image(os.path.join(img_dir, im.name + "_noisy.png"), im.noisy_HxWxC, cfg.save_float)
     if xbar is not None:
-      outputs.save_png(os.path.join(img_dir, im.name + "_prelim.png"), xbar)
+      outputs.save_image(os.path.join(img_dir, im.name + "_prelim.png"), xbar, cfg.save_float)
   if gt is None or rec["failed"]:
     return rec
   rec["psnr_noisy"] = _psnr(im.noisy_HxWxC, gt, clip=False)  # the noisy image as fitted

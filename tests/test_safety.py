@@ -1,5 +1,6 @@
 """Nothing lost, nothing silent (issue 13): overwrite only what the tool made, NaN guards, help."""
 import json
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,87 @@ def test_noise_level_outside_training_is_warned_and_estimate_recorded(tmp_path, 
   assert code == 0 and "estimated noise levels" in out, out[-2000:]
   rec = json.loads((tmp_path / "blind" / "results.json").read_text())["images"][0]
   assert rec["psnr_noisy"] is None and 20 < rec["prelim_sigma"] < 100, rec
+
+
+def test_float_outputs_plot_and_compile_time(tmp_path, capsys):
+  import jax.numpy as jnp
+  from idip_jax import data, metrics
+  write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=3))
+  wd = tmp_path / "out"
+  code, err = run_cli([f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip", "--steps=10",
+                       "--save_float", f"--workdir={wd}"] + TINY, capsys)  # TINY: 5-step chunks
+  assert code == 0, err
+  im = data.load_images(str(tmp_path / "a.png"), 25)[0]
+  np.testing.assert_array_equal(np.load(wd / "images" / "a_noisy.npy"), im.noisy_HxWxC)  # exactly as fitted
+  rec = json.loads((wd / "results.json").read_text())["images"][0]
+  final = np.load(wd / "images" / "a_final.npy")
+  assert final.dtype == np.float32 and abs(float(metrics.psnr(jnp.asarray(final), im.clean_HxWxC)) - rec["psnr_final"]) < 1e-4
+  assert (wd / "psnr_curve.png").stat().st_size > 1000
+  assert 0 <= rec["compile_seconds"] < rec["seconds"], rec  # compile estimated apart from the fit
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+  """SIGKILL after the first image, and after a mid-fit checkpoint: --resume ends where an
+  uninterrupted run ends (same PSNRs and histories), and refuses changed settings."""
+  d = tmp_path / "in"
+  d.mkdir()
+  for i, name in enumerate("ab"):
+    write_png(str(d / f"{name}.png"), smooth_image(32, 32, 1, seed=i))
+  base = [sys.executable, "run.py", f"--input={d}", "--sigma=25", "--method=dip", "--steps=20", "--chunk=5",
+          "--checkpoint_every=1", "--batch_size=1"] + TINY
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  go = lambda wd, *extra, fault=None: subprocess.run(
+      base + [f"--workdir={wd}", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(env, IDIP_FAULT=fault) if fault else env)
+  assert go(tmp_path / "full").returncode == 0
+  full = json.loads((tmp_path / "full" / "results.json").read_text())
+  for fault in ("image", "checkpoint"):
+    wd = tmp_path / fault
+    assert go(wd, fault=fault).returncode == -9  # killed
+    if fault == "image":
+      partial = json.loads((wd / "results.json").read_text())
+      assert partial["complete"] is False and partial["finished_images"] == 1 and partial["expected_images"] == 2
+    else:
+      assert list((wd / "checkpoints").glob("call-*.npz")) and not (wd / "results.json").exists()
+    p = go(wd, "--steps=30", "--resume")
+    assert p.returncode == 2 and "steps" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = go(wd, "--resume")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert ("resumed at step" in p.stdout) == (fault == "checkpoint")
+    got = json.loads((wd / "results.json").read_text())
+    assert got["complete"] is True
+    for a, b in zip(full["images"], got["images"]):
+      assert a["name"] == b["name"] and a["psnr_final"] == b["psnr_final"] and a["psnr_ema"] == b["psnr_ema"]
+    for name in "ab":
+      assert (wd / "history" / f"{name}.csv").read_text() == (tmp_path / "full" / "history" / f"{name}.csv").read_text()
+    assert not list((wd / "checkpoints").glob("*.npz"))  # spent checkpoints are removed
+
+
+def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
+  import signal
+  import time
+  write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=4))
+  wd = tmp_path / "out"
+  p = subprocess.Popen([sys.executable, "run.py", f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip",
+                        "--steps=100000", f"--workdir={wd}"] + TINY, cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  deadline = time.time() + 240
+  while not (wd / "config.json").exists() and time.time() < deadline and p.poll() is None:
+    time.sleep(0.5)
+  time.sleep(2)  # inside the fit
+  p.send_signal(signal.SIGINT)
+  err = p.communicate(timeout=120)[1]
+  lines = [ln for ln in err.strip().splitlines() if ln]
+  assert p.returncode == 130 and len(lines) == 1 and "--resume" in lines[0] and str(wd) in lines[0], err[-2000:]
+
+
+def test_home_in_path_flags_is_expanded():
+  import run as run_py
+  from absl import flags
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["run.py", "--input=~/in.png", "--prelim_dir=~/xbar"])
+  cfg = run_py.config_from_flags("idip", "~/runs/x")
+  home = os.path.expanduser("~")
+  assert cfg.input == os.path.join(home, "in.png") and cfg.workdir == os.path.join(home, "runs", "x")
+  assert cfg.prelim.prelim_dir == os.path.join(home, "xbar")
+  flags.FLAGS.unparse_flags()
