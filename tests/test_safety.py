@@ -154,15 +154,21 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
   import time
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=4))
   wd = tmp_path / "out"
+  # A child inherits an ignored SIGINT (xdist workers, or a shell's background jobs, ignore it),
+  # and Python then installs no KeyboardInterrupt handler: give it the default, as a terminal does.
   p = subprocess.Popen([sys.executable, "run.py", f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip",
                         "--steps=100000", f"--workdir={wd}"] + TINY, cwd=ROOT, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  deadline = time.time() + 240
-  while not (wd / "config.json").exists() and time.time() < deadline and p.poll() is None:
-    time.sleep(0.5)
-  time.sleep(2)  # inside the fit
-  p.send_signal(signal.SIGINT)
-  err = p.communicate(timeout=120)[1]
+                       stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  try:
+    deadline = time.time() + 240
+    while not (wd / "config.json").exists() and time.time() < deadline and p.poll() is None:
+      time.sleep(0.5)
+    time.sleep(2)  # inside the fit
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+  finally:
+    p.kill()
   lines = [ln for ln in err.strip().splitlines() if ln]
   assert p.returncode == 130 and len(lines) == 1 and "--resume" in lines[0] and str(wd) in lines[0], err[-2000:]
 
