@@ -1,10 +1,7 @@
 """python run.py --flagfile=experiments/demo.flags  (flags -> frozen RunConfig -> idip_jax.runner.run)."""
 
-import datetime
 import os
 import sys
-
-import jax
 
 from absl import flags
 
@@ -103,32 +100,17 @@ def main(argv) -> int:
   if HELP_FLAGS & set(argv[1:]):  # flags are parsed without absl.app, which would define these
     print_help()
     return 0
-  workdir = ["the workdir"]  # known once the flags are parsed
   try:
     rest = F(argv)
     if len(rest) > 1:
       raise InputError(f"unexpected arguments: {' '.join(rest[1:])}")
     if not F.input:
       raise InputError("--input is required (a file, folder, glob or skimage:NAME)")
-    if not F.method or len(set(F.method)) != len(F.method):
-      raise InputError(f"--method needs distinct methods (got {','.join(F.method)})")
-    workdir[0] = F.workdir or f"runs/{'-'.join(F.method)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    cfgs = [config_from_flags(m, workdir[0]) for m in F.method]
-    # Reruns skip compilation (a 64 px, 5-step run: 66 s -> 14 s measured in issue 13).
-    jax.config.update("jax_compilation_cache_dir", os.environ.get(
-        "IDIP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idip-jax", "jax")))
-    if F.distributed:
-      runner.init_distributed(F.coordinator, F.num_processes, F.process_id)
-    runner.run_methods(cfgs, flags_text=F.flags_into_string())
   except (flags.Error, InputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print(f"interrupted: finished images are in {workdir[0]}/results.json; run the same command with "
-          f"--workdir={workdir[0]} --resume to continue", file=sys.stderr)
-    return 130
-  return 0
-
+  dist = (F.coordinator, F.num_processes, F.process_id) if F.distributed else None
+  return runner.run_cli(F.method, F.workdir, config_from_flags, F.flags_into_string(), dist)
 
 if __name__ == "__main__":
   sys.exit(main(sys.argv))

@@ -5,7 +5,6 @@ python experiments/bench.py --flagfile=experiments/bench/cpu.flags
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -62,13 +61,8 @@ def step_cost(size: int, precision: str) -> dict:
   compiler's analysis counts cuDNN convolutions (custom calls) as 0 FLOPs (it reported 4.9 of
   124.8 GFLOP at 256 px on the H100). A row's FLOPs are this times its runs (a lax.map loop
   body would be counted once, not once per run)."""
-  net = NetConfig(out_channels=1)
-  cfg = fit.FitConfig(precision=precision)
-  step = jax.jit(jax.vmap(functools.partial(fit.train_step, fit.make_model(net, cfg), fit.make_optimizer(cfg), cfg)))
-  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
-  states = jax.eval_shape(lambda k: fit.init_states(net, cfg, k, size, size), keys)
-  img = lambda c: jax.ShapeDtypeStruct((1, size, size, c), jnp.float32)
-  cost = step.lower(states, fit.Batch(img(net.in_channels), img(1), img(1), img(1), None), keys).cost_analysis()
+  cost = fit.lower_step(NetConfig(out_channels=1), fit.FitConfig(precision=precision), 1, size, size,
+                        with_gt=False).cost_analysis()
   return cost[0] if isinstance(cost, list) else cost
 
 

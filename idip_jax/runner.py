@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
+import sys
 import time
 from typing import Callable
 
@@ -356,6 +358,31 @@ def run_methods(cfgs: list[RunConfig], log: Callable[[str], None] = print, flags
     log(f"{m:8s} {r['steps']:5d} " + " ".join(fmt(r.get(k)) for k in ("psnr_noisy", "psnr_prelim", "psnr_final",
                                                                     "psnr_ema")) + f" {r['wall_seconds']:8.1f}")
   return results
+
+
+def run_cli(methods: list[str], workdir: str, make_config: Callable[[str, str], RunConfig],
+            flags_text: str = "", distributed: tuple[str, int, int] | None = None) -> int:
+  """The entry point behind run.py, given the parsed flags: an exit code, one error line for
+  bad input (before any compute), one line on Ctrl-C saying how to resume."""
+  try:
+    if not methods or len(set(methods)) != len(methods):
+      raise InputError(f"--method needs distinct methods (got {','.join(methods)})")
+    workdir = workdir or f"runs/{'-'.join(methods)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    cfgs = [make_config(m, workdir) for m in methods]
+    # Reruns skip compilation (a 64 px, 5-step run: 66 s -> 14 s measured in issue 13).
+    jax.config.update("jax_compilation_cache_dir", os.environ.get(
+        "IDIP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idip-jax", "jax")))
+    if distributed is not None:
+      init_distributed(*distributed)
+    run_methods(cfgs, flags_text=flags_text)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"interrupted: finished images are in {workdir}/results.json; run the same command with "
+          f"--workdir={workdir} --resume to continue", file=sys.stderr)
+    return 130
+  return 0
 
 
 def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
