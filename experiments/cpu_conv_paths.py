@@ -1,8 +1,9 @@
-"""Why models.conv_for_backend rewrites convolutions on XLA:CPU: times one 3x3 conv with and
+"""Why models.conv_cpu rewrites convolutions on XLA:CPU (NetConfig.conv="cpu"): times one 3x3 conv with and
 without zero padding, and the official net's fit step with the rewrites on and off.
 
 python experiments/cpu_conv_paths.py   (~2 min on the 2-core CI CPU)
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import fit, models  # noqa: E402
-from idip_jax.models import NetConfig  # noqa: E402
+from idip_jax import fit, train  # noqa: E402
+from idip_jax.config import FitConfig, NetConfig  # noqa: E402
 
 
 def ms(f, *args, n=5):
@@ -28,31 +29,30 @@ def ms(f, *args, n=5):
   return 1000 * float(np.median(times))
 
 
-def step_ms(size: int) -> float:
-  net, cfg = NetConfig(out_channels=1), fit.FitConfig()
-  keys = [fit.run_keys(0, 0)]
+def step_ms(size: int, conv: str) -> float:
+  net, cfg = NetConfig(out_channels=1, conv=conv), FitConfig()
+  keys = [train.run_keys(0, 0)]
   y = jax.random.uniform(jax.random.key(1), (1, size, size, 1))
-  b = fit.Batch(fit.make_inputs(net, cfg, keys, None, size, size, False), y, y, jnp.ones_like(y))
-  noise = jnp.stack([k["noise"] for k in keys])
-  model, tx = fit.make_model(net, cfg), fit.make_optimizer(cfg)
-  step = jax.jit(jax.vmap(lambda s, bb, k: fit.train_step(model, tx, cfg, s, bb, k)))
-  states = fit.init_states(net, cfg, jnp.stack([k["init"] for k in keys]), size, size)
+  b = fit.make_batch(net, cfg, keys, y)
+  model, tx = train.make_model(net, cfg), train.make_optimizer(cfg)
+  step = jax.jit(jax.vmap(lambda s, bb, k: train.train_step(model, tx, cfg, s, bb, k)))
+  states, noise = fit.init_runs(net, cfg, keys, size, size)
   return ms(lambda: step(states, b, noise)[1])
 
 
 def main():
   x = jax.random.normal(jax.random.key(0), (1, 128, 128, 132))
   w = jax.random.normal(jax.random.key(1), (3, 3, 132, 128)) * 0.05
-  conv = lambda pad: jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  conv = lambda pad: jax.jit(
+    lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  )
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-  print(f"3x3 conv 132->128 at 128 px: reflection-padded input, no conv padding "
-        f"{ms(conv('VALID'), xp, w):.1f} ms; zero padding 1 {ms(conv([(1, 1), (1, 1)]), x, w):.1f} ms")
+  print(
+    f"3x3 conv 132->128 at 128 px: reflection-padded input, no conv padding "
+    f"{ms(conv('VALID'), xp, w):.1f} ms; zero padding 1 {ms(conv([(1, 1), (1, 1)]), x, w):.1f} ms"
+  )
   for size in (64, 128):
-    models.CPU_CONV_REWRITES = False
-    off = step_ms(size)
-    models.CPU_CONV_REWRITES = True
-    on = step_ms(size)
+    off, on = step_ms(size, "lax"), step_ms(size, "cpu")
     print(f"fit step, official gray net, {size} px: plain convs {off:.1f} ms, CPU rewrites {on:.1f} ms")
 
 

@@ -6,6 +6,7 @@ beside the paper's value. One AWGN draw per image, seeded by (0, name), for all 
 
 python experiments/noise_protocol.py   (CPU, ~2 min; writes experiments/results/noise_protocol.{md,json})
 """
+
 from __future__ import annotations
 
 import os
@@ -15,48 +16,68 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import data, metrics, outputs, prelim  # noqa: E402
+from idip_jax import config, data, metrics, outputs, prelim  # noqa: E402
 
 F = flags.FLAGS
-flags.DEFINE_string("data_dir", "", "folder with classic10/, Set12/ (default ../shared/data)")
-flags.DEFINE_string("out", "experiments/results/noise_protocol", "results path without extension")
+config.define_flags(F, config.ExperimentConfig)
 
 # (set, sigma, denoiser, paper's mean, paper's per-image values where the paper lists them)
 CASES = [
-    ("classic10", 30, "ffdnet", 29.72, "IDIP paper, Table 2, FFDNet row",
-     {"cameraman": 28.73, "peppers": 29.63, "lena": 30.68}),
-    ("Set12", 25, "ffdnet", 30.43, "FFDNet paper, Set12 mean", {}),
+  (
+    "classic10",
+    30,
+    "ffdnet",
+    29.72,
+    "IDIP paper, Table 2, FFDNet row",
+    {"cameraman": 28.73, "peppers": 29.63, "lena": 30.68},
+  ),
+  ("Set12", 25, "ffdnet", 30.43, "FFDNet paper, Set12 mean", {}),
 ]
 
 
 def main(_):
+  out = F.out or "experiments/results/noise_protocol"
   ddir = F.data_dir or os.path.join(data.shared_dir(), "data")
   rows = []
   for ds, sigma, den, paper, source, paper_per in CASES:
     for protocol in data.NOISE_PROTOCOLS:
       images = data.load_images(os.path.join(ddir, ds), sigma, 0, channels=1, noise=protocol)
-      cfg = prelim.PrelimConfig(den, sigma=sigma)
-      prelim.get(den).check(cfg, images)
-      outs = prelim.get(den).run(cfg, images)
+      outs = prelim.make(config.RunConfig(sigma=sigma, prelim=config.PrelimConfig(den)), images)
       per = {im.name: float(metrics.psnr(o, im.clean_HxWxC)) for im, o in zip(images, outs)}
-      rows.append({"set": ds, "sigma": sigma, "denoiser": den, "protocol": protocol,
-                   "mean": float(np.mean(list(per.values()))), "per_image": per,
-                   "paper_mean": paper, "paper_per_image": paper_per, "paper_source": source})
+      rows.append(
+        {
+          "set": ds,
+          "sigma": sigma,
+          "denoiser": den,
+          "protocol": protocol,
+          "mean": float(np.mean(list(per.values()))),
+          "per_image": per,
+          "paper_mean": paper,
+          "paper_per_image": paper_per,
+          "paper_source": source,
+        }
+      )
       print(ds, sigma, den, protocol, f"{rows[-1]['mean']:.3f} (paper {paper})", flush=True)
   meta = {"device": outputs.device_name(), "commit": outputs.git_commit(), "date": outputs.now()}
-  outputs.write_json(F.out + ".json", dict(meta, rows=rows))
-  with open(F.out + ".md", "w") as f:
-    f.write(f"# Noise protocol vs the papers' baseline rows\n\n{meta['device']}, commit {meta['commit']}, "
-            f"{meta['date']}. `python experiments/noise_protocol.py`. PSNR (dB) of the preliminary "
-            "denoiser's clipped output; noisy image: float = x + n, clip = clipped to [0, 1], "
-            "uint8 = clipped and rounded to 8 bits; same AWGN draw for all three.\n\n"
-            "| set | sigma | denoiser | protocol | mean | paper | per image (paper) |\n|---|---|---|---|---|---|---|\n")
+  outputs.write_json(out + ".json", dict(meta, rows=rows))
+  with open(out + ".md", "w") as f:
+    f.write(
+      f"# Noise protocol vs the papers' baseline rows\n\n{meta['device']}, commit {meta['commit']}, "
+      f"{meta['date']}. `python experiments/noise_protocol.py`. PSNR (dB) of the preliminary "
+      "denoiser's clipped output; noisy image: float = x + n, clip = clipped to [0, 1], "
+      "uint8 = clipped and rounded to 8 bits; same AWGN draw for all three.\n\n"
+      "| set | sigma | denoiser | protocol | mean | paper | per image (paper) |\n|---|---|---|---|---|---|---|\n"
+    )
     for r in rows:
-      per = ", ".join(f"{n} {v:.2f}" + (f" ({r['paper_per_image'][n]})" if n in r["paper_per_image"] else "")
-                      for n, v in r["per_image"].items())
-      f.write(f"| {r['set']} | {r['sigma']} | {r['denoiser']} | {r['protocol']} | {r['mean']:.2f} | "
-              f"{r['paper_mean']} | {per} |\n")
-  print("wrote", F.out + ".md")
+      per = ", ".join(
+        f"{n} {v:.2f}" + (f" ({r['paper_per_image'][n]})" if n in r["paper_per_image"] else "")
+        for n, v in r["per_image"].items()
+      )
+      f.write(
+        f"| {r['set']} | {r['sigma']} | {r['denoiser']} | {r['protocol']} | {r['mean']:.2f} | "
+        f"{r['paper_mean']} | {per} |\n"
+      )
+  print("wrote", out + ".md")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 python experiments/prelim_psnr.py   # ~2 min on a 2-core CPU; writes experiments/results/prelim_psnr.{md,json}
 Protocol: AWGN on [0, 1] images, seeded by (noise_seed=0, image name); PSNR on the clipped output.
 """
-import json
+
 import os
 import sys
 
@@ -11,44 +11,62 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import data, metrics, outputs, prelim  # noqa: E402
+from idip_jax import config, data, metrics, outputs, prelim  # noqa: E402
 
-flags.DEFINE_string("out", "experiments/results/prelim_psnr", "output path without extension")
 F = flags.FLAGS
+config.define_flags(F, config.ExperimentConfig)
 
 RUNS = [  # (set, channels, denoiser, sigma, published mean)
-    ("Set12", 1, "ffdnet", 15, 32.75), ("Set12", 1, "ffdnet", 25, 30.43), ("Set12", 1, "ffdnet", 50, 27.32),
-    ("Set12", 1, "dncnn", 15, 32.86), ("Set12", 1, "dncnn", 25, 30.44), ("Set12", 1, "dncnn", 50, 27.18),
-    ("classic10", 1, "ffdnet", 30, 29.72), ("classic10", 1, "dncnn", 30, None),
-    ("cbm3d9", 3, "ffdnet", 25, None),
+  ("Set12", 1, "ffdnet", 15, 32.75),
+  ("Set12", 1, "ffdnet", 25, 30.43),
+  ("Set12", 1, "ffdnet", 50, 27.32),
+  ("Set12", 1, "dncnn", 15, 32.86),
+  ("Set12", 1, "dncnn", 25, 30.44),
+  ("Set12", 1, "dncnn", 50, 27.18),
+  ("classic10", 1, "ffdnet", 30, 29.72),
+  ("classic10", 1, "dncnn", 30, None),
+  ("cbm3d9", 3, "ffdnet", 25, None),
 ]
 
 
 def main(_):
+  out = F.out or "experiments/results/prelim_psnr"
   rows = []
   for name, channels, method, sigma, ref in RUNS:
-    images = data.load_images(os.path.join(data.shared_dir(), "data", name), sigma, 0, channels)
-    cfg = prelim.PrelimConfig(name=method, sigma=sigma)
-    prelim.get(method).check(cfg, images)
-    out = prelim.get(method).run(cfg, images)
-    per = {im.name: float(metrics.psnr(o, im.clean_HxWxC)) for o, im in zip(out, images)}
-    rows.append({"set": name, "method": method, "sigma": sigma, "mean_psnr": float(np.mean(list(per.values()))),
-                 "published": ref, "per_image": per})
+    images = data.load_images(
+      os.path.join(F.data_dir or os.path.join(data.shared_dir(), "data"), name), sigma, 0, channels
+    )
+    xbars = prelim.make(config.RunConfig(sigma=sigma, prelim=config.PrelimConfig(method)), images)
+    per = {im.name: float(metrics.psnr(o, im.clean_HxWxC)) for o, im in zip(xbars, images)}
+    rows.append(
+      {
+        "set": name,
+        "method": method,
+        "sigma": sigma,
+        "mean_psnr": float(np.mean(list(per.values()))),
+        "published": ref,
+        "per_image": per,
+      }
+    )
     print(f"{name:10s} {method:7s} sigma={sigma:2d}  {rows[-1]['mean_psnr']:.2f}  (published {ref})", flush=True)
   meta = {"device": outputs.device_name(), "commit": outputs.git_commit(), "date": outputs.now()}
-  os.makedirs(os.path.dirname(F.out), exist_ok=True)
-  outputs.write_json(F.out + ".json", dict(meta, rows=rows))
-  with open(F.out + ".md", "w") as f:
-    f.write(f"# Preliminary denoisers: mean PSNR (dB)\n\nDevice {meta['device']}, commit {meta['commit']}, "
-            f"{meta['date']}. Command: `python experiments/prelim_psnr.py`. AWGN on [0,1] images seeded by "
-            "(0, image name); PSNR of the clipped output. Published: FFDNet/DnCNN papers (Set12) and the "
-            "IDIP paper's FFDNet row (classic10, sigma 30).\n\n")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  outputs.write_json(out + ".json", dict(meta, rows=rows))
+  with open(out + ".md", "w") as f:
+    f.write(
+      f"# Preliminary denoisers: mean PSNR (dB)\n\nDevice {meta['device']}, commit {meta['commit']}, "
+      f"{meta['date']}. Command: `python experiments/prelim_psnr.py`. AWGN on [0,1] images seeded by "
+      "(0, image name); PSNR of the clipped output. Published: FFDNet/DnCNN papers (Set12) and the "
+      "IDIP paper's FFDNet row (classic10, sigma 30).\n\n"
+    )
     f.write("| set | denoiser | sigma | ours | published | diff |\n|---|---|---|---|---|---|\n")
     for r in rows:
       ref = r["published"]
-      f.write(f"| {r['set']} | {r['method']} | {r['sigma']} | {r['mean_psnr']:.2f} | "
-              f"{ref if ref is not None else '-'} | "
-              f"{'%+.2f' % (r['mean_psnr'] - ref) if ref is not None else '-'} |\n")
+      f.write(
+        f"| {r['set']} | {r['method']} | {r['sigma']} | {r['mean_psnr']:.2f} | "
+        f"{ref if ref is not None else '-'} | "
+        f"{'%+.2f' % (r['mean_psnr'] - ref) if ref is not None else '-'} |\n"
+      )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ python experiments/tables.py --flagfile=experiments/tables/t2.flags
 Writes <results_dir>/<table>.md, <table>.json and <table>_curves.png (PSNR vs step).
 Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,43 +16,42 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import data, metrics, outputs, prelim, runner  # noqa: E402
-from idip_jax.fit import FitConfig  # noqa: E402
-from idip_jax.models import NetConfig  # noqa: E402
+from idip_jax import config, data, metrics, outputs, prelim, results, runner  # noqa: E402
 
 F = flags.FLAGS
+config.define_flags(F, config.RunConfig)  # every run setting, as in run.py (--crop, --noise, --workdir...)
+config.define_flags(F, config.ExperimentConfig)  # --data_dir, --max_images (--out is unused here)
 flags.DEFINE_list("tables", ["T2"], "T1, T2, T3, T4, T6, DIPcolor, HOLDOUT, or all")
-flags.DEFINE_string("data_dir", "", "folder with classic10/, Set12/, cbm3d9/ (default ../shared/data)")
 flags.DEFINE_string("results_dir", "experiments/results", "where the tables go")
-flags.DEFINE_string("work_dir", "runs/tables", "per-job run folders (images, histories)")
-flags.DEFINE_list("steps", ["dip=1800", "idip1=1800", "idip2=1800", "idip=1800"],
-                  "steps per method, method=N")
-flags.DEFINE_list("report_steps", [], "method=N: the step count whose PSNR a table reports, read from "
-                  "the run's per-step history of the clean-input output and EMA (default: --steps)")
+flags.DEFINE_list(
+  "method_steps",
+  [],
+  "method=N: steps of that method's jobs (default: --steps, whose 0 is each method's default, config.DEFAULT_STEPS)",
+)
+flags.DEFINE_list(
+  "report_steps",
+  [],
+  "method=N: the step count whose PSNR a table reports, read from "
+  "the run's per-step history of the clean-input output and EMA (default: the run's)",
+)
 flags.DEFINE_list("rows", [], "run only these row labels of each table (default: all)")
-flags.DEFINE_integer("crop", 0, "center crop (0 = full images)")
-flags.DEFINE_integer("max_images", 0, "first N images of each set (0 = all)")
-flags.DEFINE_bool("smoke", False, "tiny crops, tiny net, 4 steps, 3 images: checks the plumbing only")
-flags.DEFINE_integer("batch_size", 0, "runs per vmapped call (0 = auto: memory-aware, 1 on CPU)")
-flags.DEFINE_integer("chunk", 100, "steps per chunk")
-flags.DEFINE_string("precision", "tf32", "tf32 | fp32 | bf16 (fit.PRECISIONS)")
-flags.DEFINE_string("strategy", "vmap", "vmap | map: how one call fits its runs (fit.STRATEGIES)")
-flags.DEFINE_integer("eval_every", 10, "clean-input metrics every k steps")
-flags.DEFINE_string("noise", "float", "noise protocol of every table run (data.NOISE_PROTOCOLS)")
-flags.DEFINE_bool("overwrite", False, "replace existing job folders")
-flags.DEFINE_bool("allow_other_code", False, "reuse finished jobs made by other code (e.g. stored GPU "
-                  "runs); each table row records the commit and code hash of its job")
+flags.DEFINE_bool("smoke", False, "32 px crops, config.TINY_NET, 4 steps, 3 images: checks the plumbing only")
+flags.DEFINE_bool(
+  "allow_other_code",
+  False,
+  "reuse finished jobs made by other code (e.g. stored GPU "
+  "runs); each table row records the commit and code hash of its job",
+)
 flags.DEFINE_bool("dry_run", False, "parse flags, list the jobs, run nothing")
+DEFAULT_WORKDIR = "runs/tables"
 
 PAPER = {  # means reported by the papers (dB); per-image values are not reproduced here
-    "T1": {"DIP": 27.73, "IDIP-1": 27.79},
-    "T2": {"DIP": 27.73, "FFDNet": 29.72, "IDIP-2": 29.80, "IDIP": 30.35},
-    "T3": {"IDIP+DnCNN": 30.34, "IDIP+BM3D": 30.17, "IDIP+FFDNet": 30.35, "IDIP+NCSR": 30.18,
-           "IDIP+WNNM": 30.33},
-    "T6": {"mean step reduction %": 80.0},
-    "DIPcolor": {"DIP@1800": 29.22, "DIP EMA": 30.43, "DIP avg 2 runs": 31.00, "CBM3D": 31.42},
+  "T1": {"DIP": 27.73, "IDIP-1": 27.79},
+  "T2": {"DIP": 27.73, "FFDNet": 29.72, "IDIP-2": 29.80, "IDIP": 30.35},
+  "T3": {"IDIP+DnCNN": 30.34, "IDIP+BM3D": 30.17, "IDIP+FFDNet": 30.35, "IDIP+NCSR": 30.18, "IDIP+WNNM": 30.33},
+  "T6": {"mean step reduction %": 80.0},
+  "DIPcolor": {"DIP@1800": 29.22, "DIP EMA": 30.43, "DIP avg 2 runs": 31.00, "CBM3D": 31.42},
 }
-COMMIT_AT_START = "unknown"
 LABEL = {"dip": "DIP", "idip1": "IDIP-1", "idip2": "IDIP-2", "idip": "IDIP"}
 
 
@@ -72,25 +72,35 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
   if table == "T1":
     return [("DIP", Job(c10, 30, "dip")), ("IDIP-1", Job(c10, 30, "idip1"))]
   if table == "T2":
-    return [("DIP", Job(c10, 30, "dip")), ("FFDNet", Job(c10, 30, "prelim", "ffdnet")),
-            ("IDIP-2", Job(c10, 30, "idip2", "ffdnet")), ("IDIP", Job(c10, 30, "idip", "ffdnet"))]
+    return [
+      ("DIP", Job(c10, 30, "dip")),
+      ("FFDNet", Job(c10, 30, "prelim", "ffdnet")),
+      ("IDIP-2", Job(c10, 30, "idip2", "ffdnet")),
+      ("IDIP", Job(c10, 30, "idip", "ffdnet")),
+    ]
   if table == "T3":
     return [(f"IDIP+{p}", Job(c10, 30, "idip", p.lower())) for p in ("DnCNN", "BM3D", "FFDNet")]
   if table.startswith("T4_"):
     ds = table[3:]
     rows = []
     for s in (15, 25, 50):
-      rows += [(f"BM3D@{s}", Job(ds, s, "prelim", "bm3d")), (f"DnCNN@{s}", Job(ds, s, "prelim", "dncnn")),
-               (f"FFDNet@{s}", Job(ds, s, "prelim", "ffdnet")),
-               # The official notebook: "reg_noise_std = 1./30. # set to 1./20. for sigma=50".
-               (f"DIP@{s}", Job(ds, s, "dip", fit=(("reg_noise_std", 1 / 20),) if s == 50 else ())),
-               (f"IDIP@{s}", Job(ds, s, "idip", "ffdnet"))]
+      rows += [
+        (f"BM3D@{s}", Job(ds, s, "prelim", "bm3d")),
+        (f"DnCNN@{s}", Job(ds, s, "prelim", "dncnn")),
+        (f"FFDNet@{s}", Job(ds, s, "prelim", "ffdnet")),
+        # The official notebook: "reg_noise_std = 1./30. # set to 1./20. for sigma=50".
+        (f"DIP@{s}", Job(ds, s, "dip", fit=(("reg_noise_std", 1 / 20),) if s == 50 else ())),
+        (f"IDIP@{s}", Job(ds, s, "idip", "ffdnet")),
+      ]
     return rows
   if table == "T6":
     return [("DIP", Job(c10, 40, "dip")), ("IDIP", Job(c10, 40, "idip", "ffdnet"))]
   if table == "HOLDOUT":  # step counts and settings are chosen here, on images no table reports
-    return [("DIP", Job("holdout9", 25, "dip")), ("IDIP", Job("holdout9", 25, "idip", "ffdnet")),
-            ("IDIP x_bar unperturbed", Job("holdout9", 25, "idip", "ffdnet", fit=(("xbar_noise_std", 0.0),)))]
+    return [
+      ("DIP", Job("holdout9", 25, "dip")),
+      ("IDIP", Job("holdout9", 25, "idip", "ffdnet")),
+      ("IDIP x_bar unperturbed", Job("holdout9", 25, "idip", "ffdnet", fit=(("xbar_noise_std", 0.0),))),
+    ]
   if table == "DIPcolor":
     return [("DIP", Job("cbm3d9", 25, "dip", seeds=2, channels=3))]
   raise ValueError(f"unknown table {table}")
@@ -99,15 +109,54 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
 def with_histories(res: dict, cfg: runner.RunConfig) -> dict:
   """Adds each image's per-step history (the first seed's) read from the job folder."""
   suffix = "_seed0" if cfg.fit.seeds > 1 else ""
-  res["histories"] = {r["name"]: outputs.read_history(os.path.join(cfg.workdir, "history", r["name"] + suffix + ".csv"))
-                      for r in res["images"]}
+  res["histories"] = {
+    r["name"]: results.read_history(os.path.join(cfg.workdir, "history", r["name"] + suffix + ".csv"))
+    for r in res["images"]
+  }
   return res
 
 
+# Renamed in issue 14; stored jobs (e.g. the GPU runs in experiments/results/gpu_h100/jobs) keep
+# the old names.
+LEGACY_KEYS = {"channels": "image_channels", "net.channels": "net.width"}
+# How a job runs, not what it computes: a job stored by a GPU run is reused on a CPU.
+HOW = ("weights_dir", "loop", "conv", "shard", "remat")
+
+
+def comparable(cfg: runner.RunConfig) -> dict:
+  """The settings that make a job: every flag-set field of the resolved config except where and
+  how outputs are written; net.in_channels only where z is the input (else the image's)."""
+  resolved = runner.resolve(cfg, cfg.image_channels)
+  out = {}
+  for path, f, _ in config.leaves(runner.RunConfig):
+    key = ".".join(path)
+    if config.flag_name(f) is None or path[-1] in runner.RESUME_FREE + HOW:
+      continue
+    if key == "net.in_channels" and config.METHODS[cfg.method].prelim_input:
+      continue
+    v = resolved
+    for p in path:
+      v = getattr(v, p)
+    out[key] = v
+  # Where the data lives is not part of the job (the same set copied to a GPU machine).
+  out["input"] = os.path.basename(os.path.normpath(out["input"]))
+  return json.loads(json.dumps(out))
+
+
 def same_config(want: dict, have: dict) -> bool:
-  """Equal on every field the stored job recorded (fields added to the code later are skipped)."""
-  return all(same_config(want[k], v) if isinstance(v, dict) and isinstance(want.get(k), dict)
-             else want.get(k) == v for k, v in have.items())
+  """Equal on every setting both record; a stored "auto" (older code recorded it unresolved)
+  matches anything."""
+  flat = {}
+
+  def walk(d, prefix=""):
+    for k, v in d.items():
+      walk(v, prefix + k + ".") if isinstance(v, dict) else flat.__setitem__(prefix + k, v)
+
+  walk(have)
+  flat = {LEGACY_KEYS.get(k, k): v for k, v in flat.items()}
+  if "input" in flat:
+    flat["input"] = os.path.basename(os.path.normpath(flat["input"]))
+  return all(flat[k] in (v, "auto") for k, v in want.items() if k in flat)
 
 
 class Runner:
@@ -120,16 +169,9 @@ class Runner:
     res_path, cfg_path = (os.path.join(cfg.workdir, f) for f in ("results.json", "config.json"))
     if not (os.path.isfile(res_path) and os.path.isfile(cfg_path)):
       return None
-    want = json.loads(json.dumps(dataclasses.asdict(runner.resolve(cfg))))
-    have = json.load(open(cfg_path))
-    # Per-call batch sizes change the grouping of runs, not the runs (batched == single fits).
-    # The folder's location is not part of the job (a copied or moved folder is reused).
-    for d in (want, have, want["prelim"], have.get("prelim", {})):
-      d.pop("overwrite", None), d.pop("batch_size", None), d.pop("workdir", None)
-      d.pop("weights_dir", None)
-    # Where the data lives is not part of the job either (same set copied to a GPU machine).
-    for d in (want, have):
-      d["input"] = os.path.basename(os.path.normpath(d.get("input", "")))
+    # Per-call batch sizes change the grouping of runs, not the runs (batched == single fits);
+    # the folder's location is not part of the job (a copied or moved folder is reused).
+    want, have = comparable(cfg), json.load(open(cfg_path))
     res = json.load(open(res_path))
     if res.get("code_hash") != outputs.code_hash():
       if not F.allow_other_code:
@@ -142,42 +184,61 @@ class Runner:
     print(f"reusing finished job {cfg.workdir}", flush=True)
     if n is not None and len(res["images"]) > n:  # same images as the table's other rows
       res["images"] = res["images"][:n]
-      res["mean"] = runner.summarize(res["images"])
+      res["mean"] = results.summarize(res["images"])
     return with_histories(res, cfg)
 
   def config(self, job: Job, workdir: str) -> runner.RunConfig:
+    """The job's RunConfig: the flags' settings (shared with run.py), the job's set, sigma,
+    method, x_bar and variant; --smoke shrinks everything to config.TINY_NET scale."""
+    base = config.from_flags(F, runner.RunConfig)
     ddir = F.data_dir or os.path.join(data.shared_dir(), "data")
-    net = NetConfig(scales=2, channels=8, skip_channels=2, cc_features=4, in_channels=4) if F.smoke else NetConfig()
-    steps = 4 if F.smoke else self.steps[job.method]
-    return runner.RunConfig(
-        input=os.path.join(ddir, job.dataset), workdir=workdir, sigma=job.sigma, method=job.method,
-        channels=job.channels, crop=32 if F.smoke else F.crop, batch_size=F.batch_size,
-        overwrite=F.overwrite, save_images=not F.smoke,
-        noise=F.noise, prelim=prelim.PrelimConfig(job.prelim, sigma=job.sigma, crop=F.crop),
-        net=net, fit=FitConfig(steps=steps, seeds=job.seeds, chunk=4 if F.smoke else F.chunk,
-                               precision=F.precision, strategy=F.strategy,
-                               eval_every=2 if F.smoke else F.eval_every, **dict(job.fit)))
+    fit_cfg = dataclasses.replace(
+      base.fit, steps=self.steps.get(job.method, base.fit.steps), seeds=job.seeds, **dict(job.fit)
+    )
+    cfg = dataclasses.replace(
+      base,
+      input=os.path.join(ddir, job.dataset),
+      workdir=workdir,
+      sigma=job.sigma,
+      method=job.method,
+      image_channels=job.channels,
+      prelim=dataclasses.replace(base.prelim, name=job.prelim),
+      fit=fit_cfg,
+    )
+    if F.smoke:
+      cfg = dataclasses.replace(
+        cfg,
+        crop=32,
+        save_images=False,
+        net=config.TINY_NET,
+        fit=dataclasses.replace(fit_cfg, steps=4, chunk=4, eval_every=2),
+      )
+    return cfg
 
   def run(self, job: Job) -> dict:
     if job in self.done:
       return self.done[job]
     name = f"{job.dataset}_s{job.sigma:g}_{F.noise}_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
-        f"_{k}{v:g}" for k, v in job.fit)
-    cfg = self.config(dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
-                      os.path.join(F.work_dir, name))
+      f"_{k}{v:g}" for k, v in job.fit
+    )
+    cfg = self.config(
+      dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
+      os.path.join(F.workdir or DEFAULT_WORKDIR, name),
+    )
     if job.method != "prelim" and (done := self.finished(cfg)) is not None:
       self.done[job] = done
       return done
     images = runner.load_and_check(cfg)
     if F.max_images or F.smoke:
-      images = images[:F.max_images or 3]
+      images = images[: F.max_images or 3]
     key = (job.dataset, job.sigma, job.prelim)
     if job.prelim != "none" and key not in self.prelims:
-      prelim.get(job.prelim).check(cfg.prelim, images)
-      self.prelims[key] = dict(zip([im.name for im in images], prelim.get(job.prelim).run(cfg.prelim, images)))
+      self.prelims[key] = dict(zip([im.name for im in images], prelim.make(cfg, images)))
     if job.method == "prelim":
-      recs = [{"name": im.name, "psnr_prelim": float(metrics.psnr(self.prelims[key][im.name], im.clean_HxWxC))}
-              for im in images]
+      recs = [
+        {"name": im.name, "psnr_prelim": float(metrics.psnr(self.prelims[key][im.name], im.clean_HxWxC))}
+        for im in images
+      ]
       self.done[job] = {"images": recs, "mean": {"psnr_prelim": float(np.mean([r["psnr_prelim"] for r in recs]))}}
       return self.done[job]
     res = with_histories(runner.run(cfg, images=images, prelim_images=self.prelims.get(key)), cfg)
@@ -185,7 +246,7 @@ class Runner:
     return res
 
 
-def selected_rows(table: str) -> list[tuple[str, "Job"]]:
+def selected_rows(table: str) -> list[tuple[str, Job]]:
   return [(label, job) for label, job in table_jobs(table) if not F.rows or label in F.rows]
 
 
@@ -199,9 +260,16 @@ def at_step(res: dict, n: int) -> dict:
     h = res["histories"][r["name"]]
     if np.isnan(h["psnr"][n - 1]):
       raise ValueError(f"step {n} was not evaluated in the stored history (eval_every)")
-    images.append(dict(r, psnr_final=float(h["psnr"][n - 1]), psnr_ema=float(h["psnr_ema"][n - 1]),
-                       ssim_final=float(h["ssim"][n - 1]), ssim_ema=float(h["ssim_ema"][n - 1])))
-  return dict(res, images=images, mean=runner.summarize(images), steps=n, run_steps=res["steps"])
+    images.append(
+      dict(
+        r,
+        psnr_final=float(h["psnr"][n - 1]),
+        psnr_ema=float(h["psnr_ema"][n - 1]),
+        ssim_final=float(h["ssim"][n - 1]),
+        ssim_ema=float(h["ssim_ema"][n - 1]),
+      )
+    )
+  return dict(res, images=images, mean=results.summarize(images), steps=n, run_steps=res["steps"])
 
 
 def mean_curve_peak(res: dict, steps: int) -> dict:
@@ -217,24 +285,40 @@ def mean_curve_peak(res: dict, steps: int) -> dict:
   return out
 
 
-def make_table(table: str, jobs: Runner) -> dict:
+def make_table(table: str, jobs: Runner, commit: str) -> dict:
   rows = selected_rows(table)
   report = {k: int(v) for k, v in (s.split("=") for s in F.report_steps)}
-  out = {"table": table, "device": outputs.device_name(), "commit": COMMIT_AT_START,
-         "date": outputs.now(), "sigma": sorted({j.sigma for _, j in rows}), "methods": {},
-         "paper": PAPER.get(table, {}), "crop": 32 if F.smoke else F.crop, "smoke": F.smoke}
+  out = {
+    "table": table,
+    "device": outputs.device_name(),
+    "commit": commit,
+    "date": outputs.now(),
+    "sigma": sorted({j.sigma for _, j in rows}),
+    "methods": {},
+    "paper": PAPER.get(table, {}),
+    "crop": 32 if F.smoke else F.crop,
+    "smoke": F.smoke,
+  }
   for label, job in rows:
     res = jobs.run(job)
     if job.method in report:
       res = at_step(res, report[job.method])
     is_prelim_row = job.method == "prelim"
     key = "psnr_prelim" if is_prelim_row else "psnr_final"
-    entry = {"steps": 0 if is_prelim_row else res["steps"],
-             "run_steps": 0 if is_prelim_row else res.get("run_steps", res["steps"]), "prelim": job.prelim, "dataset": job.dataset, "sigma": job.sigma,
-             "mean_psnr": res["mean"][key], "per_image": {r["name"]: r[key] for r in res["images"]},
-             "seconds": 0.0 if is_prelim_row else res["wall_seconds"],
-             "commit": res.get("commit", COMMIT_AT_START), "code_hash": res.get("code_hash"),
-             "device": res.get("device", outputs.device_name()), "noise": F.noise}
+    entry = {
+      "steps": 0 if is_prelim_row else res["steps"],
+      "run_steps": 0 if is_prelim_row else res.get("run_steps", res["steps"]),
+      "prelim": job.prelim,
+      "dataset": job.dataset,
+      "sigma": job.sigma,
+      "mean_psnr": res["mean"][key],
+      "per_image": {r["name"]: r[key] for r in res["images"]},
+      "seconds": 0.0 if is_prelim_row else res["wall_seconds"],
+      "commit": res.get("commit", commit),
+      "code_hash": res.get("code_hash"),
+      "device": res.get("device", outputs.device_name()),
+      "noise": F.noise,
+    }
     if not is_prelim_row:
       entry["mean_psnr_ema"] = res["mean"]["psnr_ema"]
       entry["oracle_mean_best_psnr"] = res["mean"]["oracle_best_psnr"]
@@ -265,18 +349,31 @@ def fit_speed(dip: dict, idip: dict) -> dict:
     target = float(np.nanmax(hd))  # history rows are NaN between eval steps
     sd = int(np.argmax(hd >= target)) + 1
     si = int(np.argmax(hi >= target)) + 1 if (hi >= target).any() else None
-    per[name] = {"dip_best_psnr": target, "dip_steps": sd, "idip_steps": si,
-                 "dip_seconds": sd * sec_d, "idip_seconds": None if si is None else si * sec_i}
+    per[name] = {
+      "dip_best_psnr": target,
+      "dip_steps": sd,
+      "idip_steps": si,
+      "dip_seconds": sd * sec_d,
+      "idip_seconds": None if si is None else si * sec_i,
+    }
     if si is not None:
       reductions.append((100.0 * (1 - si / sd), 100.0 * (1 - si * sec_i / (sd * sec_d))))
   mean = lambda j: float(np.mean([r[j] for r in reductions])) if reductions else None
-  return {"per_image": per, "reached": len(reductions), "images": len(per),
-          "seconds_per_step": {"dip": sec_d, "idip": sec_i},
-          "mean_step_reduction_pct": mean(0), "mean_seconds_reduction_pct": mean(1)}
+  return {
+    "per_image": per,
+    "reached": len(reductions),
+    "images": len(per),
+    "seconds_per_step": {"dip": sec_d, "idip": sec_i},
+    "mean_step_reduction_pct": mean(0),
+    "mean_seconds_reduction_pct": mean(1),
+  }
 
 
-NOISE_TEXT = {"float": "x + n, unclipped", "clip": "x + n clipped to [0, 1] (DIP's get_noisy_image)",
-              "uint8": "x + n clipped and rounded to 8 bits"}
+NOISE_TEXT = {
+  "float": "x + n, unclipped",
+  "clip": "x + n clipped to [0, 1] (DIP's get_noisy_image)",
+  "uint8": "x + n clipped and rounded to 8 bits",
+}
 
 
 def protocol_lines(t: dict) -> list[str]:
@@ -291,12 +388,18 @@ def protocol_lines(t: dict) -> list[str]:
     return []
   names = list(rows[0]["per_image"])
   paper = rows[0]["paper_per_image"]
-  lines = ["", f"Noise protocol: FFDNet on {rows[0]['set']} at sigma {rows[0]['sigma']} under each protocol "
-           f"(experiments/results/noise_protocol.md), paper: {rows[0]['paper_source']}:", "",
-           "| protocol | " + " | ".join(names) + " | mean |", "|" + "---|" * (len(names) + 2)]
+  lines = [
+    "",
+    f"Noise protocol: FFDNet on {rows[0]['set']} at sigma {rows[0]['sigma']} under each protocol "
+    f"(experiments/results/noise_protocol.md), paper: {rows[0]['paper_source']}:",
+    "",
+    "| protocol | " + " | ".join(names) + " | mean |",
+    "|" + "---|" * (len(names) + 2),
+  ]
   for r in rows:
-    lines.append(f"| {r['protocol']} | " + " | ".join(f"{r['per_image'][n]:.2f}" for n in names)
-                 + f" | {r['mean']:.2f} |")
+    lines.append(
+      f"| {r['protocol']} | " + " | ".join(f"{r['per_image'][n]:.2f}" for n in names) + f" | {r['mean']:.2f} |"
+    )
   lines.append("| paper | " + " | ".join(str(paper.get(n, "-")) for n in names) + f" | {rows[0]['paper_mean']} |")
   return lines
 
@@ -305,72 +408,118 @@ def write_markdown(t: dict, path: str) -> None:
   fitted = {k: m for k, m in t["methods"].items() if m["steps"]}
   provenance = sorted({(m["device"], m["commit"]) for m in fitted.values()})
   noise = next(iter(t["methods"].values()))["noise"]
-  lines = [f"# {t['table']}" + (" (SMOKE: plumbing check only)" if t["smoke"] else ""), "",
-           f"Fits run on {'; '.join(f'{d} at commit {c}' for d, c in provenance) or t['device']}; table "
-           f"made {t['date']} by commit {t['commit']}. Crop: {t['crop'] or 'full images'}. Noise: "
-           f"{NOISE_TEXT[noise]} (--noise={noise}). Steps reported: "
-           + ", ".join(f"{k} {m['steps']}" + (f" (run {m['run_steps']}, PSNR read from its history)"
-                                              if m["run_steps"] != m["steps"] else "") for k, m in fitted.items())
-           + ". PSNR (dB) of the output on the unperturbed input at that step; columns marked oracle "
-           "use the ground truth.", ""]
+  lines = [
+    f"# {t['table']}" + (" (SMOKE: plumbing check only)" if t["smoke"] else ""),
+    "",
+    f"Fits run on {'; '.join(f'{d} at commit {c}' for d, c in provenance) or t['device']}; table "
+    f"made {t['date']} by commit {t['commit']}. Crop: {t['crop'] or 'full images'}. Noise: "
+    f"{NOISE_TEXT[noise]} (--noise={noise}). Steps reported: "
+    + ", ".join(
+      f"{k} {m['steps']}"
+      + (f" (run {m['run_steps']}, PSNR read from its history)" if m["run_steps"] != m["steps"] else "")
+      for k, m in fitted.items()
+    )
+    + ". PSNR (dB) of the output on the unperturbed input at that step; columns marked oracle "
+    "use the ground truth.",
+    "",
+  ]
   methods = t["methods"]
   names = list(next(iter(methods.values()))["per_image"])
   head = ["image"] + list(methods)
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for n in names:
-    lines.append("| " + " | ".join([n] + [f"{m['per_image'].get(n, float('nan')):.2f}" for m in methods.values()]) + " |")
+    lines.append(
+      "| " + " | ".join([n] + [f"{m['per_image'].get(n, float('nan')):.2f}" for m in methods.values()]) + " |"
+    )
   fmt = lambda vals: f"{np.mean(vals):.2f} ± {np.std(vals):.2f}"
   lines.append("| **mean ± std** | " + " | ".join(fmt(list(m["per_image"].values())) for m in methods.values()) + " |")
   lines.append("| paper | " + " | ".join(str(t["paper"].get(k, "-")) for k in methods) + " |")
-  lines.append("| EMA | " + " | ".join(f"{m['mean_psnr_ema']:.2f}" if "mean_psnr_ema" in m else "-" for m in methods.values()) + " |")
+  lines.append(
+    "| EMA | "
+    + " | ".join(f"{m['mean_psnr_ema']:.2f}" if "mean_psnr_ema" in m else "-" for m in methods.values())
+    + " |"
+  )
   if any("mean_psnr_prelim" in m for m in methods.values()):
-    lines.append("| its x_bar alone | " + " | ".join(
-        f"{m['mean_psnr_prelim']:.2f}" if "mean_psnr_prelim" in m else "-" for m in methods.values()) + " |")
-  lines.append("| peak of the mean curve (step) | " + " | ".join(
+    lines.append(
+      "| its x_bar alone | "
+      + " | ".join(f"{m['mean_psnr_prelim']:.2f}" if "mean_psnr_prelim" in m else "-" for m in methods.values())
+      + " |"
+    )
+  lines.append(
+    "| peak of the mean curve (step) | "
+    + " | ".join(
       f"{m['curve_peak']['psnr']:.2f} ({m['curve_peak']['step']})" if "curve_peak" in m else "-"
-      for m in methods.values()) + " |")
-  lines.append("| EMA: peak of the mean curve (step) | " + " | ".join(
+      for m in methods.values()
+    )
+    + " |"
+  )
+  lines.append(
+    "| EMA: peak of the mean curve (step) | "
+    + " | ".join(
       f"{m['curve_peak_ema']['psnr']:.2f} ({m['curve_peak_ema']['step']})" if "curve_peak_ema" in m else "-"
-      for m in methods.values()) + " |")
-  lines.append("| oracle best per image, mean (step) | " + " | ".join(
+      for m in methods.values()
+    )
+    + " |"
+  )
+  lines.append(
+    "| oracle best per image, mean (step) | "
+    + " | ".join(
       f"{m['oracle_mean_best_psnr']:.2f} ({m['oracle_mean_best_step']:.0f})" if "oracle_mean_best_psnr" in m else "-"
-      for m in methods.values()) + " |")
+      for m in methods.values()
+    )
+    + " |"
+  )
   if t["paper"] and not set(t["paper"]) & set(methods):
     lines.append("\nPaper: " + ", ".join(f"{k} {v}" for k, v in t["paper"].items()))
   for k, m in methods.items():
     if "mean_psnr_avg_runs_ema" in m:
-      lines.append(f"\n{k}: average of 2 runs: final {m['mean_psnr_avg_runs_final']:.2f}, EMA {m['mean_psnr_avg_runs_ema']:.2f}")
+      lines.append(
+        f"\n{k}: average of 2 runs: final {m['mean_psnr_avg_runs_final']:.2f}, EMA {m['mean_psnr_avg_runs_ema']:.2f}"
+      )
   if "fit_speed" in t:
     fs = t["fit_speed"]
-    lines += ["", "Fit speed (oracle: DIP's best PSNR per image, first step each method reaches it):", "",
-              "| image | DIP best (oracle) | DIP steps | IDIP steps | DIP s | IDIP s |", "|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      "Fit speed (oracle: DIP's best PSNR per image, first step each method reaches it):",
+      "",
+      "| image | DIP best (oracle) | DIP steps | IDIP steps | DIP s | IDIP s |",
+      "|---|---|---|---|---|---|",
+    ]
     for n, r in fs["per_image"].items():
-      lines.append(f"| {n} | {r['dip_best_psnr']:.2f} | {r['dip_steps']} | {r['idip_steps'] or 'not reached'} | "
-                   f"{r['dip_seconds']:.1f} | {'-' if r['idip_seconds'] is None else '%.1f' % r['idip_seconds']} |")
+      idip_s = "-" if r["idip_seconds"] is None else f"{r['idip_seconds']:.1f}"
+      lines.append(
+        f"| {n} | {r['dip_best_psnr']:.2f} | {r['dip_steps']} | {r['idip_steps'] or 'not reached'} | "
+        f"{r['dip_seconds']:.1f} | {idip_s} |"
+      )
     red = fs["mean_step_reduction_pct"]
     sec = fs["mean_seconds_reduction_pct"]
-    lines.append(f"\nMean step reduction over the {fs['reached']}/{fs['images']} images IDIP reaches: "
-                 f"{'-' if red is None else '%.1f%%' % red} (paper: about 80%); in seconds: "
-                 f"{'-' if sec is None else '%.1f%%' % sec} (median s/step of one image's fit: DIP "
-                 f"{fs['seconds_per_step']['dip']:.3f}, IDIP {fs['seconds_per_step']['idip']:.3f}; making x_bar is not counted).")
+    lines.append(
+      f"\nMean step reduction over the {fs['reached']}/{fs['images']} images IDIP reaches: "
+      f"{'-' if red is None else f'{red:.1f}%'} (paper: about 80%); in seconds: "
+      f"{'-' if sec is None else f'{sec:.1f}%'} (median s/step of one image's fit: DIP "
+      f"{fs['seconds_per_step']['dip']:.3f}, IDIP {fs['seconds_per_step']['idip']:.3f}; making x_bar is not counted)."
+    )
   lines += protocol_lines(t)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
 
 def plot_curves(table: str, jobs: Runner, path: str) -> None:
-  series = {label: list(jobs.run(job)["histories"].values()) for label, job in selected_rows(table)
-            if job.method != "prelim"}
+  series = {
+    label: list(jobs.run(job)["histories"].values()) for label, job in selected_rows(table) if job.method != "prelim"
+  }
   outputs.plot_psnr_curves(path, f"{table}: fit speed", series)
 
 
 def main(argv):
   del argv
-  global COMMIT_AT_START
-  COMMIT_AT_START = outputs.git_commit()  # the code that runs, even if HEAD moves meanwhile
-  steps = {k: int(v) for k, v in (s.split("=") for s in F.steps)}
-  names = ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"] if F.tables == ["all"] else \
-      [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])
+  commit = outputs.git_commit()  # the code that runs, even if HEAD moves meanwhile
+  steps = {k: int(v) for k, v in (s.split("=") for s in F.method_steps)}
+  names = (
+    ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"]
+    if F.tables == ["all"]
+    else [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])
+  )
   if F.dry_run:
     for name in names:
       print(name, [(label, dataclasses.astuple(job)) for label, job in table_jobs(name)])
@@ -378,7 +527,7 @@ def main(argv):
   os.makedirs(F.results_dir, exist_ok=True)
   jobs = Runner(steps)
   for name in names:
-    t = make_table(name, jobs)
+    t = make_table(name, jobs, commit)
     base = os.path.join(F.results_dir, name)
     outputs.write_json(base + ".json", t)
     write_markdown(t, base + ".md")

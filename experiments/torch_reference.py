@@ -5,6 +5,7 @@ as idip_jax.models.SkipUNet, and the loop of DIP's denoising notebook: perturb z
 forward, MSE, backward, Adam step, EMA of the output, PSNR(out, y) on the host each
 step for backtracking (which is how the official code runs).
 """
+
 from __future__ import annotations
 
 import time
@@ -60,13 +61,12 @@ class SkipNet(tnn.Module):
     return torch.sigmoid(self.out(self.body(x)))
 
 
-def time_fit(size: int, steps: int, warmup: int = 2, channels: int = 1, device: str = "cpu",
-             **net_kw) -> float:
+def time_fit(size: int, steps: int, warmup: int = 2, channels: int = 1, device: str = "cpu", **net_kw) -> float:
   """Median-free simple timing: ms per step of the official-style loop on one image."""
   torch.manual_seed(0)
   net = SkipNet(cout=channels, **net_kw).to(device)
   opt = torch.optim.Adam(net.parameters(), lr=0.01)
-  z = (torch.rand(1, 32, size, size, device=device) * 0.1)
+  z = torch.rand(1, 32, size, size, device=device) * 0.1
   y = torch.rand(1, channels, size, size, device=device)
   y_np = y.cpu().numpy()
   ema = None

@@ -42,7 +42,7 @@ def load(path: str, like_states):
     like = jax.tree_util.tree_leaves(like_states)
     if len(leaves) != len(like) or any(a.shape != b.shape for a, b in zip(leaves, like)):
       raise ValueError(f"checkpoint {path} does not match this fit")
-    history = {k[len("history_"):]: [z[k]] for k in z.files if k.startswith("history_")}
+    history = {k[len("history_") :]: [z[k]] for k in z.files if k.startswith("history_")}
     return int(z["done"]), jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]), history
 
 

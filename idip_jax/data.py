@@ -39,8 +39,7 @@ def list_inputs(spec: str) -> list[str]:
   if spec.startswith("skimage:"):
     return [spec]
   if os.path.isdir(spec):
-    paths = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                   if f.lower().endswith(IMAGE_EXTS))
+    paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
     if not paths:
       raise InputError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {spec}")
     return paths
@@ -94,6 +93,7 @@ def read_image(path: str, channels: int = 0) -> np.ndarray:
   if path.startswith("skimage:"):
     return to_float(_from_skimage(path.split(":", 1)[1]), path, channels)
   import imageio.v3 as iio
+
   if os.path.isfile(path) and os.path.getsize(path) == 0:
     raise InputError(f"cannot read image {path}: the file is empty (0 bytes)")
   try:
@@ -116,11 +116,10 @@ def center_crop(x_HxWxC: np.ndarray, size: int) -> np.ndarray:
   h, w, _ = x_HxWxC.shape
   ch, cw = min(size, h), min(size, w)
   top, left = (h - ch) // 2, (w - cw) // 2
-  return x_HxWxC[top:top + ch, left:left + cw]
+  return x_HxWxC[top : top + ch, left : left + cw]
 
 
-def add_awgn(clean_HxWxC: np.ndarray, sigma: float, seed: int, name: str,
-             protocol: str = "float") -> np.ndarray:
+def add_awgn(clean_HxWxC: np.ndarray, sigma: float, seed: int, name: str, protocol: str = "float") -> np.ndarray:
   """AWGN of std sigma/255 on the [0, 1] image, then NOISE_PROTOCOLS. The generator is
   seeded by (seed, image name) only, so every method and protocol sees the same draw."""
   if protocol not in NOISE_PROTOCOLS:
@@ -140,8 +139,15 @@ def image_name(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def load_images(spec: str, sigma: float, noise_seed: int = 0, channels: int = 0,
-                crop: int = 0, noise: str = "float", min_size: int = 1) -> list[Image]:
+def load_images(
+  spec: str,
+  sigma: float,
+  noise_seed: int = 0,
+  channels: int = 0,
+  crop: int = 0,
+  noise: str = "float",
+  min_size: int = 1,
+) -> list[Image]:
   """Reads every input and checks it, so that bad input fails before any compute."""
   if sigma < 0:
     raise InputError(f"--sigma must be >= 0 (got {sigma})")
@@ -159,8 +165,10 @@ def load_images(spec: str, sigma: float, noise_seed: int = 0, channels: int = 0,
       x = center_crop(x, crop)
     h, w, _ = x.shape
     if min(h, w) < min_size:
-      raise InputError(f"{path}: {h}x{w} is too small; this net needs at least {min_size} px "
-                       f"per side (lower --scales or use a larger image)")
+      raise InputError(
+        f"{path}: {h}x{w} is too small; this net needs at least {min_size} px "
+        f"per side (lower --scales or use a larger image)"
+      )
     if sigma > 0:
       images.append(Image(name, add_awgn(x, sigma, noise_seed, name, noise), x))
     else:
@@ -171,7 +179,7 @@ def load_images(spec: str, sigma: float, noise_seed: int = 0, channels: int = 0,
 def padded_size(n: int, scales: int) -> int:
   """A side padded to a multiple of 2^scales, and to at least 2^(scales+1) so the
   deepest feature map is >= 2 px (reflection padding of a 1-px map is undefined)."""
-  m = 2 ** scales
+  m = 2**scales
   return max(int(math.ceil(n / m) * m), 2 * m)
 
 

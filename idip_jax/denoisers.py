@@ -21,6 +21,7 @@ DNCNN_SIGMAS = (15, 25, 50)
 
 class ConvStack(nn.Module):
   """conv (+ReLU) x (n-1), conv; 3x3, zero padding 1, as in the MatConvNet nets."""
+
   features: tuple[int, ...]  # output channels of each conv
 
   @nn.compact
@@ -49,6 +50,7 @@ def pixel_shuffle(x_NxHxWx4C: jax.Array) -> jax.Array:
 
 class FFDNet(nn.Module):
   """Non-residual: unshuffle, concat the noise-level map, 15 convs, shuffle back."""
+
   features: tuple[int, ...]
   noise_channels: int  # 1 in both official releases (gray and color)
 
@@ -69,6 +71,7 @@ class FFDNet(nn.Module):
 
 class DnCNN(nn.Module):
   """Residual learning: the net predicts the noise, the output is x - net(x)."""
+
   features: tuple[int, ...]
 
   @nn.compact
@@ -77,8 +80,7 @@ class DnCNN(nn.Module):
 
 
 def _params(convs) -> dict:
-  return {"body": {f"conv{i}": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
-                   for i, (w, b) in enumerate(convs)}}
+  return {"body": {f"conv{i}": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)} for i, (w, b) in enumerate(convs)}}
 
 
 def default_weights_dir() -> str:
@@ -103,8 +105,7 @@ def load_ffdnet(path: str, channels: int):
   _, convs = matconvnet.load(path, "ffdnet")
   in_ch = convs[0][0].shape[2]
   if convs[-1][0].shape[3] != 4 * channels or in_ch <= 4 * channels:
-    raise InputError(f"{path} is an FFDNet for {convs[-1][0].shape[3] // 4}-channel images, "
-                     f"the input has {channels}")
+    raise InputError(f"{path} is an FFDNet for {convs[-1][0].shape[3] // 4}-channel images, the input has {channels}")
   model = FFDNet(tuple(w.shape[3] for w, _ in convs), noise_channels=in_ch - 4 * channels)
   return jax.jit(lambda x, s: model.apply({"params": _params(convs)}, x, s))
 
@@ -113,8 +114,10 @@ def load_ffdnet(path: str, channels: int):
 def load_dncnn(path: str, channels: int):
   _, convs = matconvnet.load(path, "dncnn")
   if convs[0][0].shape[2] != channels:
-    raise InputError(f"{path} is a DnCNN for {convs[0][0].shape[2]}-channel images, the input has "
-                     f"{channels} (the official DnCNN-S weights are gray; use ffdnet or bm3d)")
+    raise InputError(
+      f"{path} is a DnCNN for {convs[0][0].shape[2]}-channel images, the input has "
+      f"{channels} (the official DnCNN-S weights are gray; use ffdnet or bm3d)"
+    )
   model = DnCNN(tuple(w.shape[3] for w, _ in convs))
   return jax.jit(lambda x: model.apply({"params": _params(convs)}, x))
 

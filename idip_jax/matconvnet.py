@@ -62,8 +62,10 @@ def _read_mat(path: str) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]
 def load(path: str, expect: str) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
   """(layer types, [(HWIO kernel, bias)]) of an official file; expect 'ffdnet' or 'dncnn'."""
   if not os.path.isfile(path):
-    raise InputError(f"weight file not found: {path} (set --weights_dir; official files: "
-                     f"github.com/cszn/FFDNet models/, github.com/cszn/DnCNN model/specifics/)")
+    raise InputError(
+      f"weight file not found: {path} (set --weights_dir; official files: "
+      f"github.com/cszn/FFDNet models/, github.com/cszn/DnCNN model/specifics/)"
+    )
   key = _sha1(path)
   cached = os.path.join(cache_dir(), f"{os.path.basename(path)}.{key[:16]}.npz")
   if os.path.isfile(cached):

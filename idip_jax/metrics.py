@@ -13,8 +13,7 @@ def masked_mse(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array) ->
   return err.sum() / (mask_HxWx1.sum() * a_HxWxC.shape[-1])
 
 
-def psnr(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array | None = None,
-         clip: bool = True) -> jax.Array:
+def psnr(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array | None = None, clip: bool = True) -> jax.Array:
   """PSNR in dB with peak 1, after clipping `a` to [0, 1] as a saved image would be
   (clip=False: `a` as it is, e.g. a noisy image whose AWGN was not clipped)."""
   a = jnp.clip(a_HxWxC, 0.0, 1.0) if clip else a_HxWxC
@@ -53,12 +52,12 @@ def ssim(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array | None = 
   a = jnp.clip(a_HxWxC, 0.0, 1.0).astype(jnp.float32)
   b = b_HxWxC.astype(jnp.float32)
   w = _gaussian_window()
-  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  c1, c2 = 0.01**2, 0.03**2
   mu_a, mu_b = _filter_valid(a, w), _filter_valid(b, w)
   var_a = _filter_valid(a * a, w) - mu_a * mu_a
   var_b = _filter_valid(b * b, w) - mu_b * mu_b
   cov = _filter_valid(a * b, w) - mu_a * mu_b
-  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
   if mask_HxWx1 is None:
     return s.mean()
   inside = (_filter_valid(mask_HxWx1.astype(jnp.float32), w) > 1.0 - 1e-4).astype(jnp.float32)

@@ -7,37 +7,25 @@ skip_n11=4, num_scales=5, upsample_mode='bilinear')`). Tensors are NHWC.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable
+import types
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+from idip_jax.config import NetConfig
+
+# config.ACTIVATIONS -> function.
+ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = types.MappingProxyType(
+  {
     "leaky_relu": lambda x: nn.leaky_relu(x, negative_slope=0.2),
     "relu": nn.relu,
     "elu": nn.elu,
-}
-PADDINGS = ("reflection", "zero")
-UPSAMPLING = ("bilinear", "nearest")
-
-
-@dataclasses.dataclass(frozen=True)
-class NetConfig:
-  in_channels: int = 32
-  out_channels: int = 3
-  scales: int = 5
-  channels: int = 128  # down and up width at every scale (skip_n33d = skip_n33u)
-  skip_channels: int = 4  # skip_n11
-  complex_connection: bool = False  # IDIP change (1)
-  cc_features: int = 96  # width of the complex connection's FC layer
-  upsample: str = "bilinear"
-  pad: str = "reflection"
-  act: str = "leaky_relu"
-  sigmoid: bool = True
+  }
+)
 
 
 class ImageNorm(nn.Module):
@@ -48,6 +36,7 @@ class ImageNorm(nn.Module):
   Under `vmap` over images each image therefore sees only its own statistics,
   and no running averages are needed.
   """
+
   eps: float = 1e-5
 
   @nn.compact
@@ -83,6 +72,7 @@ class Conv(nn.Module):
   pad: str = "reflection"
   dtype: jnp.dtype | None = None
   precision: jax.lax.Precision | None = None  # None: JAX's default (TF32 on Hopper for f32)
+  conv: str = "lax"  # NetConfig.conv: "cpu" takes conv_cpu's rewrites
 
   @nn.compact
   def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
@@ -93,19 +83,25 @@ class Conv(nn.Module):
       padding = "VALID"
     else:
       padding = [(p, p), (p, p)]
-    return nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                   padding=padding, dtype=self.dtype, precision=self.precision,
-                   kernel_init=torch_conv_init(fan_in),
-                   bias_init=torch_conv_init(fan_in),
-                   conv_general_dilated=conv_for_backend)(x_NxHxWxC)
+    return nn.Conv(
+      self.features,
+      (self.kernel, self.kernel),
+      strides=self.stride,
+      padding=padding,
+      dtype=self.dtype,
+      precision=self.precision,
+      kernel_init=torch_conv_init(fan_in),
+      bias_init=torch_conv_init(fan_in),
+      conv_general_dilated=conv_cpu if self.conv == "cpu" else jax.lax.conv_general_dilated,
+    )(x_NxHxWxC)
 
 
-CPU_CONV_REWRITES = True  # experiments/cpu_conv_paths.py turns it off to time the plain path
 _NHWC = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
-def conv_for_backend(lhs, rhs, window_strides, padding, **kw):
-  """lax.conv_general_dilated, with two rewrites on XLA:CPU that give the same values.
+def conv_cpu(lhs, rhs, window_strides, padding, **kw):
+  """lax.conv_general_dilated, with two rewrites that give the same values and are faster on
+  XLA:CPU (NetConfig.conv="cpu", the runner's choice on CPU).
 
   On XLA:CPU (jax 0.10.2) a conv with no padding (our reflection-padded input) runs
   ~3x slower than the same conv with any zero padding (experiments/cpu_conv_paths.py:
@@ -115,9 +111,12 @@ def conv_for_backend(lhs, rhs, window_strides, padding, **kw):
   """
   plain = functools.partial(jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, **kw)
   unpadded = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
-  simple = (kw.get("dimension_numbers") == _NHWC and kw.get("feature_group_count", 1) == 1
-            and all(d == 1 for d in (kw.get("lhs_dilation") or (1, 1)) + (kw.get("rhs_dilation") or (1, 1))))
-  if not CPU_CONV_REWRITES or jax.default_backend() != "cpu" or not unpadded or not simple:
+  simple = (
+    kw.get("dimension_numbers") == _NHWC
+    and kw.get("feature_group_count", 1) == 1
+    and all(d == 1 for d in (kw.get("lhs_dilation") or (1, 1)) + (kw.get("rhs_dilation") or (1, 1)))
+  )
+  if not unpadded or not simple:
     return plain()
   kh, kw_ = rhs.shape[:2]
   if (kh, kw_) == (1, 1) and tuple(window_strides) == (1, 1):
@@ -139,12 +138,12 @@ def upsample2x(x_NxHxWxC: jax.Array, mode: str) -> jax.Array:
 class SkipUNet(nn.Module):
   cfg: NetConfig
   dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
-  precision: jax.lax.Precision | None = None  # of the convolutions (fit.PRECISIONS)
+  precision: jax.lax.Precision | None = None  # of the convolutions (train.PRECISIONS)
   remat: bool = False  # rematerialise each conv block in the backward pass (large images)
 
   def block(self, x, features, kernel, stride=1):
     def conv_norm_act(mdl, x):
-      x = Conv(features, kernel, stride, mdl.cfg.pad, mdl.dtype, mdl.precision)(x)
+      x = Conv(features, kernel, stride, mdl.cfg.pad, mdl.dtype, mdl.precision, mdl.cfg.conv)(x)
       return ACTIVATIONS[mdl.cfg.act](ImageNorm()(x))
 
     if self.remat:
@@ -165,9 +164,11 @@ class SkipUNet(nn.Module):
     # 2.218M-parameter net, the paper's "about 2.4%" (F = d_in = 128 would be +3.1%).
     n, h, w, _ = skip_NxHxWxS.shape
     pooled_NxC = x_NxHxWxC.astype(jnp.float32).mean(axis=(1, 2))
-    fc_NxF = nn.Dense(self.cfg.cc_features,
-                      kernel_init=torch_conv_init(pooled_NxC.shape[-1]),
-                      bias_init=torch_conv_init(pooled_NxC.shape[-1]))(pooled_NxC)
+    fc_NxF = nn.Dense(
+      self.cfg.cc_features,
+      kernel_init=torch_conv_init(pooled_NxC.shape[-1]),
+      bias_init=torch_conv_init(pooled_NxC.shape[-1]),
+    )(pooled_NxC)
     fc_NxHxWxF = jnp.broadcast_to(fc_NxF[:, None, None, :], (n, h, w, fc_NxF.shape[-1]))
     cat = jnp.concatenate([skip_NxHxWxS, fc_NxHxWxF.astype(skip_NxHxWxS.dtype)], axis=-1)
     return self.block(cat, self.cfg.skip_channels, 1)
@@ -180,19 +181,19 @@ class SkipUNet(nn.Module):
       if cfg.complex_connection:
         skip = self.complex_connection(x, skip)
       parts.append(skip)
-    deeper = self.block(x, cfg.channels, 3, stride=2)
-    deeper = self.block(deeper, cfg.channels, 3)
+    deeper = self.block(x, cfg.width, 3, stride=2)
+    deeper = self.block(deeper, cfg.width, 3)
     if i < cfg.scales - 1:
       deeper = self.level(deeper, i + 1)
     parts.append(upsample2x(deeper, cfg.upsample))
     x = ImageNorm()(jnp.concatenate(parts, axis=-1))
-    x = self.block(x, cfg.channels, 3)
-    return self.block(x, cfg.channels, 1)
+    x = self.block(x, cfg.width, 3)
+    return self.block(x, cfg.width, 1)
 
   @nn.compact
   def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
     x = self.level(x_NxHxWxC.astype(self.dtype or x_NxHxWxC.dtype), 0)
-    x = Conv(self.cfg.out_channels, 1, 1, self.cfg.pad, self.dtype, self.precision)(x)
+    x = Conv(self.cfg.out_channels, 1, 1, self.cfg.pad, self.dtype, self.precision, self.cfg.conv)(x)
     x = x.astype(jnp.float32)
     return nn.sigmoid(x) if self.cfg.sigmoid else x
 

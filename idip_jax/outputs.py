@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import datetime
 import hashlib
 import json
@@ -14,7 +13,6 @@ import tempfile
 import numpy as np
 
 from idip_jax.data import InputError
-
 
 MARKER = ".idip-jax-workdir"  # written into every workdir this tool creates
 
@@ -33,8 +31,10 @@ def check_workdir(path: str, overwrite: bool) -> None:
     if not overwrite:
       raise InputError(f"--workdir={path} exists and is not empty; pass --overwrite to replace it")
     if not os.path.isfile(os.path.join(path, MARKER)):
-      raise InputError(f"--workdir={path} was not made by idip-jax (no {MARKER} in it); --overwrite "
-                       "only replaces folders this tool made: choose another --workdir")
+      raise InputError(
+        f"--workdir={path} was not made by idip-jax (no {MARKER} in it); --overwrite "
+        "only replaces folders this tool made: choose another --workdir"
+      )
 
 
 def prepare_workdir(path: str, overwrite: bool) -> None:
@@ -80,6 +80,7 @@ def plot_psnr_curves(path: str, title: str, series: dict[str, list[dict[str, np.
   lines per label (its images' histories); evaluated steps only. False without matplotlib."""
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -104,40 +105,10 @@ def plot_psnr_curves(path: str, title: str, series: dict[str, list[dict[str, np.
 
 def save_png(path: str, x_HxWxC: np.ndarray) -> None:
   import imageio.v3 as iio
+
   x = np.clip(np.asarray(x_HxWxC), 0.0, 1.0)
   x8 = np.round(x * 255.0).astype(np.uint8)
   iio.imwrite(path, x8[..., 0] if x8.shape[-1] == 1 else x8)
-
-
-# loss and psnr_y (output vs the noisy target y) are of the training pass, whose input is
-# perturbed; psnr_perturbed is that output against the ground truth. psnr, ssim (output on
-# the unperturbed input, the reported image) and the EMA's are filled every eval_every steps.
-HISTORY_COLUMNS = ("loss", "psnr_y", "psnr", "psnr_ema", "ssim", "ssim_ema", "psnr_perturbed",
-                   "backtracked")
-
-
-def write_history(path: str, history: dict[str, np.ndarray]) -> None:
-  """history: name -> per-step values of one run."""
-  cols = [c for c in HISTORY_COLUMNS if c in history]
-  n = len(history[cols[0]])
-
-  def cell(c, v):
-    if c == "backtracked":
-      return int(v)
-    return "" if np.isnan(v) else f"{v:.6g}"  # eval columns are empty between eval steps
-
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["step"] + cols)
-    for t in range(n):
-      w.writerow([t + 1] + [cell(c, history[c][t]) for c in cols])
-
-
-def read_history(path: str) -> dict[str, np.ndarray]:
-  """history.csv -> name -> per-step values; empty cells (steps not evaluated) are NaN."""
-  with open(path) as f:
-    rows = list(csv.DictReader(f))
-  return {k: np.array([float(r[k]) if r[k] != "" else np.nan for r in rows]) for k in rows[0]}
 
 
 def git_commit() -> str:
@@ -145,12 +116,17 @@ def git_commit() -> str:
     return os.environ["IDIP_COMMIT"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                          text=True, timeout=10).stdout.strip()
+    head = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+    ).stdout.strip()
     # "-dirty": the code differs from the commit (results files written meanwhile do not count).
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "idip_jax",
-                            "experiments/*.py", "run.py"], cwd=root,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no", "--", "idip_jax", "experiments/*.py", "run.py"],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=10,
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return "unknown"
   return (head or "unknown") + ("-dirty" if dirty else "")
@@ -169,6 +145,7 @@ def code_hash() -> str:
 
 def device_name() -> str:
   import jax
+
   d = jax.devices()[0]
   return f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}"
 

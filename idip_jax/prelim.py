@@ -1,48 +1,33 @@
 """Preliminary denoisers that make IDIP's x_bar (input and second target).
 
 Each entry has `check` (runs before any compute; raises InputError) and `run`
-(noisy images -> denoised images, in the same order). Add one with `register`.
+(noisy images -> denoised images, in the same order); both read the run's config: the
+denoiser (cfg.prelim), the known noise level (cfg.sigma), the crop and the batch size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
+import types
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
 from idip_jax import data, denoisers
+from idip_jax.config import RunConfig
 from idip_jax.data import Image, InputError
 from idip_jax.noise_level import estimate_sigma
 
 
 @dataclasses.dataclass(frozen=True)
-class PrelimConfig:
-  name: str = "none"
-  prelim_dir: str = ""  # for 'file': a folder of x_bar images named like the inputs
-  weights_dir: str = ""  # for 'ffdnet'/'dncnn'; '' = $IDIP_SHARED/weights or ../shared/weights
-  weights: str = ""  # one explicit .mat file, overriding the choice from weights_dir
-  sigma: float = 0.0  # known AWGN level (0-255); 0 = estimate it per image
-  crop: int = 0  # the inputs' center crop, applied to 'file' images too
-  batch_size: int = 0  # images per jitted call for the JAX denoisers; 0 = whole bucket
-
-
-@dataclasses.dataclass(frozen=True)
 class Prelim:
-  check: Callable[[PrelimConfig, list[Image]], None]
-  run: Callable[[PrelimConfig, list[Image]], list[np.ndarray]]
+  check: Callable[[RunConfig, list[Image]], None]
+  run: Callable[[RunConfig, list[Image]], list[np.ndarray]]
 
 
-REGISTRY: dict[str, Prelim] = {}
-
-
-def register(name: str, check, run) -> None:
-  REGISTRY[name] = Prelim(check, run)
-
-
-def sigmas_for(cfg: PrelimConfig, images: list[Image]) -> list[float]:
+def sigmas_for(cfg: RunConfig, images: list[Image]) -> list[float]:
   """The given sigma, or Chen et al.'s estimate for each real noisy image."""
   if cfg.sigma > 0:
     return [cfg.sigma] * len(images)
@@ -51,13 +36,7 @@ def sigmas_for(cfg: PrelimConfig, images: list[Image]) -> list[float]:
 
 # Noise levels the official weights were trained on (FFDNet: [0, 75]; DnCNN-B: [0, 55]); BM3D
 # has no such limit. Outside, x_bar is an extrapolation: the runner warns.
-TRAINED_SIGMA_MAX = {"ffdnet": 75.0, "dncnn": 55.0}
-
-
-def get(name: str) -> Prelim:
-  if name not in REGISTRY:
-    raise InputError(f"unknown --prelim={name}; choose one of {', '.join(sorted(REGISTRY))}")
-  return REGISTRY[name]
+TRAINED_SIGMA_MAX = types.MappingProxyType({"ffdnet": 75.0, "dncnn": 55.0})
 
 
 def _check_none(cfg, images):
@@ -77,6 +56,7 @@ def _check_bm3d(cfg, images):
 
 def _run_bm3d(cfg, images):
   import bm3d
+
   out = []
   for im, sigma in zip(images, sigmas_for(cfg, images)):
     y = im.noisy_HxWxC.astype(np.float64)
@@ -88,16 +68,17 @@ def _run_bm3d(cfg, images):
   return out
 
 
-def _file_for(cfg: PrelimConfig, name: str) -> str:
+def _file_for(cfg: RunConfig, name: str) -> str:
   for ext in data.IMAGE_EXTS:
-    p = os.path.join(cfg.prelim_dir, name + ext)
+    p = os.path.join(cfg.prelim.prelim_dir, name + ext)
     if os.path.isfile(p):
       return p
-  raise InputError(f"--prelim=file: no image named '{name}' ({'/'.join(data.IMAGE_EXTS)}) "
-                   f"in --prelim_dir={cfg.prelim_dir}")
+  raise InputError(
+    f"--prelim=file: no image named '{name}' ({'/'.join(data.IMAGE_EXTS)}) in --prelim_dir={cfg.prelim.prelim_dir}"
+  )
 
 
-def _read_prelim_file(cfg: PrelimConfig, im: Image) -> np.ndarray:
+def _read_prelim_file(cfg: RunConfig, im: Image) -> np.ndarray:
   path = _file_for(cfg, im.name)
   x = data.read_image(path, channels=im.noisy_HxWxC.shape[-1])
   if cfg.crop:
@@ -108,8 +89,8 @@ def _read_prelim_file(cfg: PrelimConfig, im: Image) -> np.ndarray:
 
 
 def _check_file(cfg, images):
-  if not cfg.prelim_dir or not os.path.isdir(cfg.prelim_dir):
-    raise InputError(f"--prelim=file needs --prelim_dir, a folder (got '{cfg.prelim_dir}')")
+  if not cfg.prelim.prelim_dir or not os.path.isdir(cfg.prelim.prelim_dir):
+    raise InputError(f"--prelim=file needs --prelim_dir, a folder (got '{cfg.prelim.prelim_dir}')")
   for im in images:
     _read_prelim_file(cfg, im)
 
@@ -118,21 +99,21 @@ def _run_file(cfg, images):
   return [_read_prelim_file(cfg, im) for im in images]
 
 
-def _batches(cfg: PrelimConfig, images: list[Image], key) -> list[list[int]]:
+def _batches(cfg: RunConfig, images: list[Image], key) -> list[list[int]]:
   """Indices grouped by (shape, key(i)), cut to cfg.batch_size: one jitted call each."""
   groups: dict = {}
   for i, im in enumerate(images):
     groups.setdefault((im.noisy_HxWxC.shape, key(i)), []).append(i)
   size = cfg.batch_size or len(images)
-  return [idx[k:k + size] for idx in groups.values() for k in range(0, len(idx), size)]
+  return [idx[k : k + size] for idx in groups.values() for k in range(0, len(idx), size)]
 
 
 def _ffdnet_file(cfg, channels):
-  return cfg.weights or denoisers.ffdnet_path(cfg.weights_dir, channels)
+  return cfg.prelim.weights or denoisers.ffdnet_path(cfg.prelim.weights_dir, channels)
 
 
 def _dncnn_file(cfg, sigma):
-  return cfg.weights or denoisers.dncnn_path(cfg.weights_dir, sigma)
+  return cfg.prelim.weights or denoisers.dncnn_path(cfg.prelim.weights_dir, sigma)
 
 
 def _check_ffdnet(cfg, images):
@@ -140,7 +121,7 @@ def _check_ffdnet(cfg, images):
     denoisers.load_ffdnet(_ffdnet_file(cfg, c), c)
 
 
-def _run_batched(cfg: PrelimConfig, images: list[Image], key, denoise) -> list[np.ndarray]:
+def _run_batched(cfg: RunConfig, images: list[Image], key, denoise) -> list[np.ndarray]:
   """denoise(indices, noisy_NxHxWxC) per same-(shape, key) batch, scattered back in order."""
   out = [None] * len(images)
   for idx in _batches(cfg, images, key):
@@ -177,8 +158,19 @@ def _run_dncnn(cfg, images):
   return _run_batched(cfg, images, lambda i: _dncnn_file(cfg, sigmas[i]), denoise)
 
 
-register("none", _check_none, _run_none)
-register("ffdnet", _check_ffdnet, _run_ffdnet)
-register("dncnn", _check_dncnn, _run_dncnn)
-register("bm3d", _check_bm3d, _run_bm3d)
-register("file", _check_file, _run_file)
+# config.PRELIMS -> implementation.
+REGISTRY: Mapping[str, Prelim] = types.MappingProxyType(
+  {
+    "none": Prelim(_check_none, _run_none),
+    "ffdnet": Prelim(_check_ffdnet, _run_ffdnet),
+    "dncnn": Prelim(_check_dncnn, _run_dncnn),
+    "bm3d": Prelim(_check_bm3d, _run_bm3d),
+    "file": Prelim(_check_file, _run_file),
+  }
+)
+
+
+def make(cfg: RunConfig, images: list[Image]) -> list[np.ndarray]:
+  """x_bar of each image with cfg.prelim's denoiser, after its checks."""
+  REGISTRY[cfg.prelim.name].check(cfg, images)
+  return REGISTRY[cfg.prelim.name].run(cfg, images)

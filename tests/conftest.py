@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 import tempfile
@@ -15,6 +16,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # own folder, so workers never share one and no run of the suite reads another's programs.
 os.environ.setdefault("IDIP_JAX_CACHE", tempfile.mkdtemp(prefix="idip-jax-cache-"))
 
+import dataclasses  # noqa: E402
+
+from idip_jax import config, fit  # noqa: E402
 from idip_jax.data import shared_dir  # noqa: E402
 
 SHARED = shared_dir()
@@ -43,6 +47,41 @@ def smooth_image(h: int, w: int, c: int = 1, seed: int = 0) -> np.ndarray:
 
 def write_png(path: str, x_HxWxC: np.ndarray) -> str:
   import imageio.v3 as iio
+
   x8 = np.round(np.clip(x_HxWxC, 0, 1) * 255).astype(np.uint8)
   iio.imwrite(path, x8[..., 0] if x8.shape[-1] == 1 else x8)
   return path
+
+
+# The one tiny net of the suite (config.TINY_NET), on gray images with IDIP's complex connection,
+# resolved for XLA:CPU; and the same net as run.py flags.
+NET, _ = fit.for_backend(
+  dataclasses.replace(config.TINY_NET, out_channels=1, complex_connection=True), config.FitConfig(), "cpu"
+)
+TINY_ARGS = [
+  f"--{k}={getattr(config.TINY_NET, k)}" for k in ("in_channels", "scales", "width", "skip_channels", "cc_features")
+] + ["--chunk=5"]
+
+
+@contextlib.contextmanager
+def parsed_flags(argv: list[str]):
+  """absl's global FLAGS parsed from argv (run.py's and experiments' flags share it), reset after."""
+  from absl import flags
+
+  cwd = os.getcwd()
+  os.chdir(ROOT)  # flagfiles include each other by repo-relative path
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(argv)
+    yield flags.FLAGS
+  finally:
+    flags.FLAGS.unparse_flags()
+    os.chdir(cwd)
+
+
+def import_experiment(name: str):
+  """An experiments/ script as a module, in this process."""
+  import importlib
+
+  sys.path.insert(0, os.path.join(ROOT, "experiments")) if os.path.join(ROOT, "experiments") not in sys.path else None
+  return importlib.import_module(name)

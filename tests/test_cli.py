@@ -1,4 +1,5 @@
 """run.py end to end: flagfiles, outputs, mixed sizes, seeds, and bad input."""
+
 import glob
 import json
 import os
@@ -7,17 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, TINY_ARGS, parsed_flags, smooth_image, write_png
 
 import run as run_py
-from conftest import ROOT, smooth_image, write_png
-
-TINY = ["--scales=2", "--net_channels=8", "--skip_channels=2", "--cc_features=4", "--input_depth=4",
-        "--chunk=5"]
 
 
 def run_cli(args, capsys=None):
   """Calls run.main in-process (no interpreter start-up); returns (code, stderr)."""
   from absl import flags
+
   flags.FLAGS.unparse_flags()
   code = run_py.main(["run.py"] + args)
   err = capsys.readouterr().err if capsys else ""
@@ -35,10 +34,13 @@ def two_sizes(tmp_path):
 
 def test_mixed_sizes_keep_original_extent(two_sizes, tmp_path, capsys):
   wd = tmp_path / "out"
-  code, err = run_cli(["--input=" + str(two_sizes), "--sigma=25", "--method=dip", "--steps=10",
-                       "--workdir=" + str(wd)] + TINY, capsys)
+  code, err = run_cli(
+    ["--input=" + str(two_sizes), "--sigma=25", "--method=dip", "--steps=10", "--workdir=" + str(wd)] + TINY_ARGS,
+    capsys,
+  )
   assert code == 0, err
   import imageio.v3 as iio
+
   assert iio.imread(wd / "images" / "wide_final.png").shape == (40, 56)
   assert iio.imread(wd / "images" / "square_ema.png").shape == (64, 64)
   res = json.loads((wd / "results.json").read_text())
@@ -47,8 +49,16 @@ def test_mixed_sizes_keep_original_extent(two_sizes, tmp_path, capsys):
   names = sorted(r["name"] for r in res["images"])
   assert names == ["square", "wide"]
   for r in res["images"]:
-    for key in ("psnr_noisy", "psnr_final", "psnr_ema", "ssim_final", "oracle_best_psnr",
-                "oracle_best_step", "steps", "seconds"):
+    for key in (
+      "psnr_noisy",
+      "psnr_final",
+      "psnr_ema",
+      "ssim_final",
+      "oracle_best_psnr",
+      "oracle_best_step",
+      "steps",
+      "seconds",
+    ):
       assert r[key] is not None, key
     assert r["steps"] == 10 and 1 <= r["oracle_best_step"] <= 10
   hist = (wd / "history" / "wide.csv").read_text().splitlines()
@@ -57,8 +67,10 @@ def test_mixed_sizes_keep_original_extent(two_sizes, tmp_path, capsys):
   assert "--steps=10" in (wd / "flags.txt").read_text()
   # An existing workdir is refused, not overwritten.
   before = (wd / "results.json").read_text()
-  code, err = run_cli(["--input=" + str(two_sizes), "--sigma=25", "--steps=10", "--method=dip",
-                       "--workdir=" + str(wd)] + TINY, capsys)
+  code, err = run_cli(
+    ["--input=" + str(two_sizes), "--sigma=25", "--steps=10", "--method=dip", "--workdir=" + str(wd)] + TINY_ARGS,
+    capsys,
+  )
   assert code != 0 and "--overwrite" in err
   assert (wd / "results.json").read_text() == before
 
@@ -66,16 +78,27 @@ def test_mixed_sizes_keep_original_extent(two_sizes, tmp_path, capsys):
 def test_seeds_and_real_noisy_input(tmp_path, capsys):
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 3, seed=4))
   wd = tmp_path / "out"
-  code, err = run_cli(["--input=" + str(tmp_path / "a.png"), "--sigma=30", "--method=dip",
-                       "--steps=10", "--seeds=2", "--workdir=" + str(wd)] + TINY, capsys)
+  code, err = run_cli(
+    [
+      "--input=" + str(tmp_path / "a.png"),
+      "--sigma=30",
+      "--method=dip",
+      "--steps=10",
+      "--seeds=2",
+      "--workdir=" + str(wd),
+    ]
+    + TINY_ARGS,
+    capsys,
+  )
   assert code == 0, err
   r = json.loads((wd / "results.json").read_text())["images"][0]
   assert len(r["runs"]) == 2 and r["runs"][0]["psnr_final"] != r["runs"][1]["psnr_final"]
   assert r["psnr_avg_final"] is not None and r["channels"] == 3
   # No --sigma: the input is taken as already noisy and no PSNR is claimed.
   wd2 = tmp_path / "out2"
-  code, err = run_cli(["--input=" + str(tmp_path / "a.png"), "--method=dip", "--steps=5",
-                       "--workdir=" + str(wd2)] + TINY, capsys)
+  code, err = run_cli(
+    ["--input=" + str(tmp_path / "a.png"), "--method=dip", "--steps=5", "--workdir=" + str(wd2)] + TINY_ARGS, capsys
+  )
   assert code == 0, err
   r = json.loads((wd2 / "results.json").read_text())["images"][0]
   assert r["psnr_noisy"] is None and "psnr_final" not in r
@@ -96,6 +119,7 @@ def _bad_inputs(tmp_path):
   notes.mkdir()
   (notes / "readme.txt").write_text("not an image")
   import imageio.v3 as iio
+
   rgba = np.full((40, 40, 4), 200, np.uint8)
   rgba[..., 3] = 100  # half transparent
   iio.imwrite(tmp_path / "alpha.png", rgba)
@@ -105,32 +129,32 @@ def _bad_inputs(tmp_path):
   iio.imwrite(twins / "a.bmp", np.full((40, 40), 100, np.uint8))
   iio.imwrite(tmp_path / "float.tif", np.full((40, 40), 0.5, np.float32))
   return {
-      "missing": (["--input=" + str(tmp_path / "nope.png")], "not found"),
-      "empty folder": (["--input=" + str(empty)], "no images"),
-      "text as png": (["--input=" + str(text)], "cannot read"),
-      "truncated png": (["--input=" + str(trunc)], "cannot read"),
-      "too small": (["--input=" + small, "--scales=5"], "too small"),
-      "negative sigma": (["--input=" + good, "--sigma=-5"], "sigma"),
-      "unknown method": (["--input=" + good, "--method=foo"], "method"),
-      "unknown prelim": (["--input=" + good, "--prelim=foo"], "prelim"),
-      "idip without prelim": (["--input=" + good, "--method=idip"], "prelim"),
-      "prelim file missing dir": (["--input=" + good, "--prelim=file"], "prelim_dir"),
-      "infinite sigma": (["--input=" + good, "--sigma=inf"], "finite"),
-      "nan lr": (["--input=" + good, "--lr=nan"], "finite"),
-      "infinite input noise": (["--input=" + good, "--reg_noise_std=inf"], "finite"),
-      "unknown noise protocol": (["--input=" + good, "--sigma=25", "--noise=poisson"], "noise"),
-      "unknown backtrack rule": (["--input=" + good, "--backtrack=never"], "backtrack"),
-      "unknown strategy": (["--input=" + good, "--strategy=pmap"], "strategy"),
-      "unknown precision": (["--input=" + good, "--precision=fp8"], "precision"),
-      "zero eval_every": (["--input=" + good, "--eval_every=0"], "eval_every"),
-      "crop larger than the image": (["--input=" + good, "--crop=100"], "larger"),
-      "glob matching no image": (["--input=" + str(notes / "*")], "no images"),
-      "zero-byte png": (["--input=" + str(zero)], "empty"),
-      "workdir under a file": (["--input=" + good, "--workdir=" + good + "/out"], "is a file"),
-      "workdir is a file": (["--input=" + good, "--workdir=" + good], "not a folder"),
-      "transparent alpha": (["--input=" + str(tmp_path / "alpha.png")], "transparent"),
-      "two inputs with one name": (["--input=" + str(twins)], "named"),
-      "float tiff": (["--input=" + str(tmp_path / "float.tif")], "pixel type"),
+    "missing": (["--input=" + str(tmp_path / "nope.png")], "not found"),
+    "empty folder": (["--input=" + str(empty)], "no images"),
+    "text as png": (["--input=" + str(text)], "cannot read"),
+    "truncated png": (["--input=" + str(trunc)], "cannot read"),
+    "too small": (["--input=" + small, "--scales=5"], "too small"),
+    "negative sigma": (["--input=" + good, "--sigma=-5"], "sigma"),
+    "unknown method": (["--input=" + good, "--method=foo"], "method"),
+    "unknown prelim": (["--input=" + good, "--prelim=foo"], "prelim"),
+    "idip without prelim": (["--input=" + good, "--method=idip"], "prelim"),
+    "prelim file missing dir": (["--input=" + good, "--prelim=file"], "prelim_dir"),
+    "infinite sigma": (["--input=" + good, "--sigma=inf"], "finite"),
+    "nan lr": (["--input=" + good, "--lr=nan"], "finite"),
+    "infinite input noise": (["--input=" + good, "--reg_noise_std=inf"], "finite"),
+    "unknown noise protocol": (["--input=" + good, "--sigma=25", "--noise=poisson"], "noise"),
+    "unknown backtrack rule": (["--input=" + good, "--backtrack=never"], "backtrack"),
+    "unknown strategy": (["--input=" + good, "--strategy=pmap"], "strategy"),
+    "unknown precision": (["--input=" + good, "--precision=fp8"], "precision"),
+    "zero eval_every": (["--input=" + good, "--eval_every=0"], "eval_every"),
+    "crop larger than the image": (["--input=" + good, "--crop=100"], "larger"),
+    "glob matching no image": (["--input=" + str(notes / "*")], "no images"),
+    "zero-byte png": (["--input=" + str(zero)], "empty"),
+    "workdir under a file": (["--input=" + good, "--workdir=" + good + "/out"], "is a file"),
+    "workdir is a file": (["--input=" + good, "--workdir=" + good], "not a folder"),
+    "transparent alpha": (["--input=" + str(tmp_path / "alpha.png")], "transparent"),
+    "two inputs with one name": (["--input=" + str(twins)], "named"),
+    "float tiff": (["--input=" + str(tmp_path / "float.tif")], "pixel type"),
   }
 
 
@@ -139,7 +163,7 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, capsys):
   for what, (args, needle) in _bad_inputs(tmp_path).items():
     wd = tmp_path / ("wd_" + what.replace(" ", "_"))
     code, err = run_cli(["--method=dip", "--steps=2", "--workdir=" + str(wd)] + args, capsys)
-    lines = [l for l in err.strip().splitlines() if l]
+    lines = [ln for ln in err.strip().splitlines() if ln]
     assert code != 0, what
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (what, err)
     assert not wd.exists(), what
@@ -147,27 +171,24 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, capsys):
 
 def test_unknown_flag_value_subprocess(tmp_path):
   """The real entry point: a bad flag exits non-zero with one line on stderr."""
-  p = subprocess.run([sys.executable, "run.py", "--input=x.png", "--steps=abc"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=120)
+  p = subprocess.run(
+    [sys.executable, "run.py", "--input=x.png", "--steps=abc"], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert p.returncode != 0
   assert len(p.stderr.strip().splitlines()) == 1 and "steps" in p.stderr
 
 
 def test_every_flagfile_parses():
-  from absl import flags
+  import dataclasses
+
+  from idip_jax import config
+
   files = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.flags")))
   assert files
   for f in files:
-    flags.FLAGS.unparse_flags()
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # flagfiles include each other by repo-relative path
-    try:
-      flags.FLAGS(["run.py", "--flagfile=" + f])
-      if not os.path.basename(f).startswith("base"):  # base*.flags are include-only
-        for method in flags.FLAGS.method:  # and turn into valid configs
-          run_py.runner.validate(run_py.config_from_flags(method, "runs/x"))
-    finally:
-      os.chdir(cwd)
-    header = open(f).readline()
-    assert header.startswith("#"), f
-  flags.FLAGS.unparse_flags()
+    with parsed_flags(["run.py", "--flagfile=" + f]) as fv:
+      job = config.from_flags(fv, config.JobConfig)
+    if not os.path.basename(f).startswith("base"):  # base*.flags are include-only
+      for method in job.methods:  # and turn into valid configs
+        run_py.runner.validate(dataclasses.replace(job.run, method=method, workdir="runs/x"))
+    assert open(f).readline().startswith("#"), f

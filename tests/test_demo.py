@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-
 from conftest import ROOT
 from test_cli import run_cli
 
@@ -15,13 +14,20 @@ def test_demo_flags_end_to_end(tmp_path, capsys):
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:
-    code, err = run_cli(["--flagfile=experiments/demo.flags", "--steps=40", "--chunk=20",
-                         "--crop=64", "--workdir=" + str(tmp_path / "demo")], capsys)
+    code, err = run_cli(
+      [
+        "--flagfile=experiments/demo.flags",
+        "--steps=40",
+        "--chunk=20",
+        "--crop=64",
+        "--workdir=" + str(tmp_path / "demo"),
+      ],
+      capsys,
+    )
   finally:
     os.chdir(cwd)
   assert code == 0, err
-  dip, r = (json.loads((tmp_path / "demo" / m / "results.json").read_text())["images"][0]
-            for m in ("dip", "idip"))
+  dip, r = (json.loads((tmp_path / "demo" / m / "results.json").read_text())["images"][0] for m in ("dip", "idip"))
   assert r["name"] == "camera" and r["psnr_prelim"] > r["psnr_noisy"] + 5
   assert r["psnr_final"] > r["psnr_noisy"] + 3, r
   assert dip["psnr_noisy"] == r["psnr_noisy"] and r["psnr_final"] > dip["psnr_final"] + 1, (dip, r)  # 1.8 dB measured
@@ -29,3 +35,11 @@ def test_demo_flags_end_to_end(tmp_path, capsys):
   assert summary["idip"]["steps"] == summary["dip"]["steps"] == 40
   assert summary["idip"]["psnr_final"] == r["psnr_final"]
   assert dip["psnr_prelim"] is None  # DIP does not use x_bar
+  # config.json: the settings as run, not as defaulted (issue 14)
+  ran = {m: json.loads((tmp_path / "demo" / m / "config.json").read_text()) for m in ("dip", "idip")}
+  assert ran["idip"]["net"]["in_channels"] == 1 and ran["idip"]["net"]["out_channels"] == 1  # x_bar in, gray out
+  assert ran["idip"]["net"]["complex_connection"] and not ran["dip"]["net"]["complex_connection"]
+  assert ran["dip"]["net"]["in_channels"] == 32 and ran["dip"]["fit"]["prelim_weight"] == 0.0
+  for c in ran.values():
+    assert (c["fit"]["loop"], c["net"]["conv"], c["batch_size"], c["fit"]["precision"]) == ("host", "cpu", 1, "tf32")
+    assert c["buckets"] == [{"shape": [64, 64, 1], "images": 1, "runs": 1, "batch_size": 1}]

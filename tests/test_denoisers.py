@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from idip_jax import data, denoisers, prelim
-from idip_jax.noise_level import estimate_sigma
 from conftest import DATA, WEIGHTS, need_path, smooth_image, write_png
 from test_cli import run_cli
+
+from idip_jax import config, data, denoisers, prelim
+from idip_jax.noise_level import estimate_sigma
 
 PUBLISHED = {"ffdnet": {15: 32.75, 25: 30.43, 50: 27.32}, "dncnn": {15: 32.86, 25: 30.44, 50: 27.18}}
 
@@ -48,11 +48,8 @@ def test_published_set12_psnr(name):
   need_path(WEIGHTS)
   for sigma, ref in PUBLISHED[name].items():
     images = data.load_images(os.path.join(DATA, "Set12"), sigma, noise_seed=0)
-    cfg = prelim.PrelimConfig(name=name, sigma=sigma)
-    prelim.get(name).check(cfg, images)
-    out = prelim.get(name).run(cfg, images)
-    psnr = np.mean([-10 * np.log10(np.mean((np.clip(o, 0, 1) - im.clean_HxWxC) ** 2))
-                    for o, im in zip(out, images)])
+    out = prelim.make(config.RunConfig(sigma=sigma, prelim=config.PrelimConfig(name)), images)
+    psnr = np.mean([-10 * np.log10(np.mean((np.clip(o, 0, 1) - im.clean_HxWxC) ** 2)) for o, im in zip(out, images)])
     assert abs(psnr - ref) < 0.10, (name, sigma, psnr, ref)
 
 
@@ -79,21 +76,30 @@ def test_bad_weight_files_one_line(tmp_path, capsys):
   trunc = tmp_path / "trunc.mat"
   trunc.write_bytes(open(os.path.join(WEIGHTS, "ffdnet", "FFDNet_gray.mat"), "rb").read()[:5000])
   cases = {
-      "missing": (["--weights=" + str(tmp_path / "none.mat")], "not found"),
-      "missing dir": (["--weights_dir=" + str(tmp_path / "nowhere")], "not found"),
-      "text": (["--weights=" + str(text)], "not a MATLAB v7.3"),
-      "truncated": (["--weights=" + str(trunc)], "truncated"),
-      "dncnn as ffdnet": (["--weights=" + os.path.join(WEIGHTS, "dncnn", "dncnn_sigma25.mat")], "DNCNN file"),
+    "missing": (["--weights=" + str(tmp_path / "none.mat")], "not found"),
+    "missing dir": (["--weights_dir=" + str(tmp_path / "nowhere")], "not found"),
+    "text": (["--weights=" + str(text)], "not a MATLAB v7.3"),
+    "truncated": (["--weights=" + str(trunc)], "truncated"),
+    "dncnn as ffdnet": (["--weights=" + os.path.join(WEIGHTS, "dncnn", "dncnn_sigma25.mat")], "DNCNN file"),
   }
   for what, (extra, needle) in cases.items():
     wd = tmp_path / ("wd" + what.replace(" ", "_"))
-    code, err = run_cli(["--input=" + img, "--sigma=25", "--prelim=ffdnet", "--method=idip",
-                         "--workdir=" + str(wd)] + extra, capsys)
+    code, err = run_cli(
+      ["--input=" + img, "--sigma=25", "--prelim=ffdnet", "--method=idip", "--workdir=" + str(wd)] + extra, capsys
+    )
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and needle in lines[0], (what, err)
     assert not wd.exists()
-  code, err = run_cli(["--input=" + img, "--sigma=25", "--prelim=dncnn", "--workdir=" + str(tmp_path / "x"),
-                       "--weights=" + os.path.join(WEIGHTS, "ffdnet", "FFDNet_gray.mat")], capsys)
+  code, err = run_cli(
+    [
+      "--input=" + img,
+      "--sigma=25",
+      "--prelim=dncnn",
+      "--workdir=" + str(tmp_path / "x"),
+      "--weights=" + os.path.join(WEIGHTS, "ffdnet", "FFDNet_gray.mat"),
+    ],
+    capsys,
+  )
   assert code != 0 and "FFDNET file" in err
 
 
@@ -102,15 +108,26 @@ def test_idip_with_ffdnet_flagfile_end_to_end(tmp_path, capsys):
   need_path(WEIGHTS)
   house = need_path(os.path.join(DATA, "classic10", "house.png"))
   from conftest import ROOT
+
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:
-    code, err = run_cli(["--flagfile=experiments/idip_ffdnet.flags", "--input=" + house, "--crop=64",
-                         "--steps=20", "--chunk=10", "--workdir=" + str(tmp_path / "w")], capsys)
+    code, err = run_cli(
+      [
+        "--flagfile=experiments/idip_ffdnet.flags",
+        "--input=" + house,
+        "--crop=64",
+        "--steps=20",
+        "--chunk=10",
+        "--workdir=" + str(tmp_path / "w"),
+      ],
+      capsys,
+    )
   finally:
     os.chdir(cwd)
   assert code == 0, err
   import json
+
   r = json.loads((tmp_path / "w" / "results.json").read_text())
   assert r["prelim"] == "ffdnet"
   im = r["images"][0]

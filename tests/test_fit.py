@@ -4,42 +4,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import NET, smooth_image
 
-from idip_jax import data, fit
-from idip_jax.models import NetConfig
-from conftest import smooth_image
+from idip_jax import config, data, fit, metrics, train
 
-NET = NetConfig(in_channels=8, out_channels=1, scales=2, channels=16, skip_channels=2,
-                complex_connection=True, cc_features=4)
-# XLA:CPU convolutions round differently for batch 3 and batch 1 (4e-9 at step 1) and
-# Adam at lr=0.01 on this 16-channel net amplifies that to 1e-3 in 10 steps; at lr=3e-3
-# the fits agree to 1e-6 while PSNR still rises 2.7-4.2 dB, so equality is meaningful.
-CFG = fit.FitConfig(steps=10, chunk=5, seed=3, lr=3e-3, prelim_weight=0.0)
+# XLA:CPU convolutions round differently for batch 3 and batch 1 and Adam at lr=0.01 amplifies
+# that to 1e-3 in 10 steps (measured on a 16-channel net); at lr=3e-3 the fits agree to 1e-6 while
+# PSNR still rises by dBs, so equality is meaningful.
+CFG = fit.for_backend(NET, config.FitConfig(steps=10, chunk=5, seed=3, lr=3e-3, prelim_weight=0.0), "cpu")[1]
 
 
-def make_batch(images, net_cfg=NET, cfg=CFG, runs=None, prelim_input=False, sigma=25.0):
+def make_batch(images, net_cfg=NET, cfg=CFG, runs=None, sigma=25.0):
   runs = runs if runs is not None else list(range(len(images)))
-  keys = [fit.run_keys(cfg.seed, k) for k in runs]
+  keys = [train.run_keys(cfg.seed, k) for k in runs]
   ys = np.stack([data.add_awgn(x, sigma, 0, f"im{i}") for i, x in enumerate(images)])
-  h, w = ys.shape[1:3]
   xbar = np.stack([np.clip(x, 0, 1) for x in images])  # stand-in x_bar
-  batch = fit.Batch(
-      input_HxWxC=fit.make_inputs(net_cfg, cfg, keys, xbar, h, w, prelim_input),
-      y_HxWxC=jnp.asarray(ys), prelim_HxWxC=jnp.asarray(xbar),
-      mask_HxWx1=jnp.ones(ys.shape[:3] + (1,), jnp.float32), gt_HxWxC=jnp.asarray(np.stack(images)))
-  return batch, keys
+  return fit.make_batch(net_cfg, cfg, keys, ys, prelim_NxHxWxC=xbar, clean_NxHxWxC=np.stack(images)), keys
 
 
 def states_and_step(cfg, keys, size=32, net_cfg=NET):
   """Initial states of the runs, their noise keys, and the jitted vmapped train step."""
-  model, tx = fit.make_model(net_cfg, cfg), fit.make_optimizer(cfg)
-  states = fit.init_states(net_cfg, cfg, jnp.stack([k["init"] for k in keys]), size, size)
-  step = jax.jit(jax.vmap(lambda s, b, k: fit.train_step(model, tx, cfg, s, b, k)))
-  return states, jnp.stack([k["noise"] for k in keys]), step
+  model, tx = train.make_model(net_cfg, cfg), train.make_optimizer(cfg)
+  states, noise = fit.init_runs(net_cfg, cfg, keys, size, size)
+  step = jax.jit(jax.vmap(lambda s, b, k: train.train_step(model, tx, cfg, s, b, k)))
+  return states, noise, step
 
 
 def take(batch, i):
-  return jax.tree_util.tree_map(lambda a: a[i:i + 1], batch)
+  return jax.tree_util.tree_map(lambda a: a[i : i + 1], batch)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +44,12 @@ def test_batched_fit_equals_single_fits(three):
   batch, keys = three
   together = fit.fit(NET, CFG, batch, keys)
   for i in range(3):
-    alone = fit.fit(NET, CFG, take(batch, i), keys[i:i + 1])
+    alone = fit.fit(NET, CFG, take(batch, i), keys[i : i + 1])
     # Losses agree to 1e-6 at every step (7e-7 measured); a few output pixels drift by up to 6.5e-4
     # (measured, XLA:CPU at -O0). A batching bug (mixed BN statistics, swapped keys)
     # shows up as errors of order 0.1 from step 1.
     np.testing.assert_allclose(together.history["loss"][:, i], alone.history["loss"][:, 0], atol=2e-6)
-    for a, b in ((together.final_NxHxWxC[i], alone.final_NxHxWxC[0]),
-                 (together.ema_NxHxWxC[i], alone.ema_NxHxWxC[0])):
+    for a, b in ((together.final_NxHxWxC[i], alone.final_NxHxWxC[0]), (together.ema_NxHxWxC[i], alone.ema_NxHxWxC[0])):
       assert np.abs(a - b).max() < 2e-3 and np.abs(a - b).mean() < 1e-4
   # The three runs really differ (different seeds and images), so equality above is not vacuous.
   assert np.abs(together.final_NxHxWxC[0] - together.final_NxHxWxC[1]).max() > 1e-2
@@ -81,8 +72,8 @@ def test_loss_decreases_and_psnr_rises():
   res = fit.fit(net, cfg, batch, keys)
   loss = res.history["loss"][:, 0]
   assert loss[-10:].mean() < 0.5 * loss[:10].mean()
-  psnr_noisy = float(fit.metrics.psnr(batch.y_HxWxC[0], batch.gt_HxWxC[0]))
-  psnr_final = float(fit.metrics.psnr(jnp.asarray(res.final_NxHxWxC[0]), batch.gt_HxWxC[0]))
+  psnr_noisy = float(metrics.psnr(batch.noisy[0], batch.clean[0]))
+  psnr_final = float(metrics.psnr(jnp.asarray(res.final_NxHxWxC[0]), batch.clean[0]))
   first_eval = res.history["psnr"][cfg.eval_every - 1, 0]  # rows between eval steps are NaN
   assert res.history["psnr"][-1, 0] > first_eval + 5, (first_eval, res.history["psnr"][-1, 0])
   assert psnr_final > psnr_noisy + 2, (psnr_final, psnr_noisy)

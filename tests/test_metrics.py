@@ -11,11 +11,11 @@ def test_ssim_and_psnr_match_skimage(shape):
   rng = np.random.default_rng(0)
   a = rng.random(shape).astype(np.float32)
   b = np.clip(a + 0.1 * rng.standard_normal(shape), 0, 1).astype(np.float32)
-  ref = structural_similarity(b, a, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                              data_range=1.0, channel_axis=-1)
+  ref = structural_similarity(
+    b, a, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, channel_axis=-1
+  )
   assert abs(float(metrics.ssim(jnp.asarray(b), jnp.asarray(a))) - ref) < 1e-3
-  assert abs(float(metrics.psnr(jnp.asarray(b), jnp.asarray(a)))
-             - peak_signal_noise_ratio(a, b, data_range=1.0)) < 1e-3
+  assert abs(float(metrics.psnr(jnp.asarray(b), jnp.asarray(a))) - peak_signal_noise_ratio(a, b, data_range=1.0)) < 1e-3
 
 
 def test_masked_metrics_equal_cropped():

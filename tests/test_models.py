@@ -1,12 +1,17 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idip_jax.models import NetConfig, SkipUNet, count_params, init_params
+from idip_jax.config import TINY_NET, NetConfig
+from idip_jax.models import SkipUNet, count_params, init_params
 
 
-@pytest.mark.parametrize("cc,in_ch,out_ch,expected", [
+@pytest.mark.parametrize(
+  "cc,in_ch,out_ch,expected",
+  [
     # Official DIP denoising net (5 scales x 128, skip 4, z of depth 32): "about 2.2M".
     (False, 32, 3, 2_217_831),
     (False, 32, 1, 2_217_573),
@@ -14,7 +19,8 @@ from idip_jax.models import NetConfig, SkipUNet, count_params, init_params
     (True, 32, 3, 2_272_595),
     # IDIP-2/IDIP on a gray image: x_bar (1 channel) replaces z.
     (True, 1, 1, 2_233_525),
-])
+  ],
+)
 def test_official_param_counts(cc, in_ch, out_ch, expected):
   cfg = NetConfig(in_channels=in_ch, out_channels=out_ch, complex_connection=cc)
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), 64, 64))
@@ -22,8 +28,12 @@ def test_official_param_counts(cc, in_ch, out_ch, expected):
 
 
 def test_complex_connection_overhead_near_paper():
-  counts = {cc: count_params(jax.eval_shape(lambda cc=cc: init_params(
-      NetConfig(complex_connection=cc), jax.random.key(0), 64, 64))) for cc in (False, True)}
+  counts = {
+    cc: count_params(
+      jax.eval_shape(lambda cc=cc: init_params(NetConfig(complex_connection=cc), jax.random.key(0), 64, 64))
+    )
+    for cc in (False, True)
+  }
   overhead = counts[True] / counts[False] - 1
   assert 0.02 < overhead < 0.03  # paper: "about 2.4%"
 
@@ -31,8 +41,7 @@ def test_complex_connection_overhead_near_paper():
 @pytest.mark.parametrize("cc", [False, True])
 @pytest.mark.parametrize("upsample,pad", [("bilinear", "reflection"), ("nearest", "zero")])
 def test_output_shape_and_range(cc, upsample, pad):
-  cfg = NetConfig(in_channels=5, out_channels=3, scales=3, channels=8, skip_channels=2,
-                  cc_features=4, complex_connection=cc, upsample=upsample, pad=pad)
+  cfg = dataclasses.replace(TINY_NET, in_channels=5, out_channels=3, complex_connection=cc, upsample=upsample, pad=pad)
   x = jax.random.uniform(jax.random.key(1), (2, 32, 48, 5))
   params = init_params(cfg, jax.random.key(0), 32, 48)
   y = SkipUNet(cfg).apply({"params": params}, x)
@@ -45,11 +54,11 @@ def test_output_shape_and_range(cc, upsample, pad):
 def test_batchnorm_sees_each_image_alone():
   """DIP's BN normalises with the statistics of the single image; under vmap an
   image's output must not depend on the other images of the batch."""
-  cfg = NetConfig(in_channels=3, out_channels=1, scales=2, channels=8, skip_channels=2)
+  cfg = dataclasses.replace(TINY_NET, in_channels=3, out_channels=1)
   params = init_params(cfg, jax.random.key(0), 16, 16)
   model = SkipUNet(cfg)
   x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3))
-  single = jnp.concatenate([model.apply({"params": params}, x[i:i + 1]) for i in range(3)])
+  single = jnp.concatenate([model.apply({"params": params}, x[i : i + 1]) for i in range(3)])
   batched = jax.vmap(lambda xi: model.apply({"params": params}, xi[None])[0])(x)
   np.testing.assert_allclose(np.asarray(batched), np.asarray(single), atol=1e-6)
   x2 = x.at[1].set(x[1] * 10)

@@ -1,4 +1,5 @@
 """The measurement protocol (issue 11): what the history, the records and the tables report."""
+
 import dataclasses
 import json
 import os
@@ -9,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import NET, ROOT, TINY_ARGS, import_experiment, parsed_flags, smooth_image, write_png
+from test_cli import run_cli
+from test_fit import CFG, make_batch, states_and_step
 
-from idip_jax import data, fit, metrics, runner
-from conftest import ROOT, smooth_image, write_png
-from test_cli import TINY, run_cli
-from test_fit import CFG, NET, make_batch, states_and_step
+from idip_jax import config, data, fit, metrics, outputs, results, runner, train
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def test_history_is_of_the_clean_input_output_every_k_steps(two):
     np.testing.assert_array_equal(~np.isnan(res.history[k][:, 0]), evaluated)
   # The last row is the reported image: the output on the unperturbed input after all steps.
   for i in range(2):
-    final = float(metrics.psnr(jnp.asarray(res.final_NxHxWxC[i]), batch.gt_HxWxC[i]))
-    ema = float(metrics.psnr(jnp.asarray(res.ema_NxHxWxC[i]), batch.gt_HxWxC[i]))
+    final = float(metrics.psnr(jnp.asarray(res.final_NxHxWxC[i]), batch.clean[i]))
+    ema = float(metrics.psnr(jnp.asarray(res.ema_NxHxWxC[i]), batch.clean[i]))
     assert abs(res.history["psnr"][-1, i] - final) < 1e-4, (res.history["psnr"][-1, i], final)
     assert abs(res.history["psnr_ema"][-1, i] - ema) < 1e-4
   # The training pass's output (perturbed input, every step) is another image: it differs.
@@ -62,7 +63,7 @@ def test_map_strategy_equals_vmap(two):
 def test_xbar_perturbation_is_its_own_setting():
   x = jnp.full((8, 8, 1), 0.5)
   key, step = jax.random.key(0), jnp.array(3)
-  net_in = lambda cfg: np.asarray(fit.perturbed_input(cfg, x, step, key))
+  net_in = lambda cfg: np.asarray(train.perturbed_input(cfg, x, step, key))
   z = dataclasses.replace(CFG, reg_noise_std=0.1, xbar_noise_std=0.0)
   # The input is z: only reg_noise_std matters.
   assert abs(np.std(net_in(z) - 0.5) - 0.1) < 0.03
@@ -72,17 +73,17 @@ def test_xbar_perturbation_is_its_own_setting():
   np.testing.assert_array_equal(net_in(xb), np.asarray(x))
   assert abs(np.std(net_in(dataclasses.replace(xb, xbar_noise_std=0.2)) - 0.5) - 0.2) < 0.06
   # The runner sets input_is_prelim from the method (IDIP change 2).
-  base = runner.RunConfig(input="x", workdir="w", prelim=runner.prelim.PrelimConfig("bm3d"))
-  assert runner.resolve(dataclasses.replace(base, method="idip2")).fit.input_is_prelim
-  assert not runner.resolve(dataclasses.replace(base, method="idip1")).fit.input_is_prelim
-  assert not runner.resolve(dataclasses.replace(base, method="dip")).fit.input_is_prelim
+  base = runner.RunConfig(input="x", workdir="w", prelim=config.PrelimConfig("bm3d"))
+  assert runner.resolve(dataclasses.replace(base, method="idip2"), 1).fit.input_is_prelim
+  assert not runner.resolve(dataclasses.replace(base, method="idip1"), 1).fit.input_is_prelim
+  assert not runner.resolve(dataclasses.replace(base, method="dip"), 1).fit.input_is_prelim
 
 
 def test_default_steps_per_method():
-  base = runner.RunConfig(input="x", workdir="w", fit=fit.FitConfig(steps=0))
-  for method, steps in runner.DEFAULT_STEPS.items():
-    assert runner.resolve(dataclasses.replace(base, method=method)).fit.steps == steps
-  assert runner.resolve(dataclasses.replace(base, fit=fit.FitConfig(steps=7))).fit.steps == 7
+  base = runner.RunConfig(input="x", workdir="w", fit=config.FitConfig(steps=0))
+  for method, steps in config.DEFAULT_STEPS.items():
+    assert runner.resolve(dataclasses.replace(base, method=method), 1).fit.steps == steps
+  assert runner.resolve(dataclasses.replace(base, fit=config.FitConfig(steps=7)), 1).fit.steps == 7
 
 
 def _wreck(states, run):
@@ -106,10 +107,12 @@ def test_official_dip_backtracking_rule(two):
   # gradients): the result is near, but not at, the snapshot; Adam's state moved on.
   diffs = [float(jnp.abs(a[1] - g[1]).max()) for a, g in zip(leaves(nxt.params), leaves(states.good_params))]
   assert 0 < max(diffs) < 0.1, max(diffs)
-  assert any(not np.array_equal(np.asarray(a[1]), np.asarray(b[1]))
-             for a, b in zip(leaves(nxt.opt_state), leaves(states.opt_state)))
+  assert any(
+    not np.array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    for a, b in zip(leaves(nxt.opt_state), leaves(states.opt_state))
+  )
   # Its EMA keeps the bad output; its counter i does not advance on a fallback.
-  assert not np.array_equal(np.asarray(nxt.ema_HxWxC[1]), np.asarray(states.ema_HxWxC[1]))
+  assert not np.array_equal(np.asarray(nxt.ema[1]), np.asarray(states.ema[1]))
   assert list(np.asarray(nxt.dip_i)) == [6, 5]
   # The check is skipped when i % 100 == 0.
   _, m100 = step(bad.replace(dip_i=jnp.array([100, 100], jnp.int32)), batch, noise)
@@ -120,7 +123,7 @@ def test_official_dip_backtracking_rule(two):
   assert list(np.asarray(sm["backtracked"])) == [False, True]
   for a, g in zip(leaves(snxt.params), leaves(states.good_params)):
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(g[1]))
-  np.testing.assert_array_equal(np.asarray(snxt.ema_HxWxC[1]), np.asarray(states.ema_HxWxC[1]))
+  np.testing.assert_array_equal(np.asarray(snxt.ema[1]), np.asarray(states.ema[1]))
 
 
 def test_noise_protocols_share_one_draw():
@@ -139,8 +142,18 @@ def test_noise_protocols_share_one_draw():
 def test_psnr_noisy_is_of_the_image_as_fitted(tmp_path, capsys, noise):
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=5))
   wd = tmp_path / "out"
-  code, err = run_cli([f"--input={tmp_path / 'a.png'}", "--sigma=80", f"--noise={noise}", "--method=dip",
-                       "--steps=2", "--workdir=" + str(wd)] + TINY, capsys)
+  code, err = run_cli(
+    [
+      f"--input={tmp_path / 'a.png'}",
+      "--sigma=80",
+      f"--noise={noise}",
+      "--method=dip",
+      "--steps=2",
+      "--workdir=" + str(wd),
+    ]
+    + TINY_ARGS,
+    capsys,
+  )
   assert code == 0, err
   rec = json.loads((wd / "results.json").read_text())["images"][0]
   im = data.load_images(str(tmp_path / "a.png"), 80, noise=noise)[0]
@@ -153,8 +166,11 @@ def test_psnr_noisy_is_of_the_image_as_fitted(tmp_path, capsys, noise):
 def test_method_list_needs_distinct_methods(tmp_path, capsys):
   # (Several methods on the same noise and x_bar: tests/test_demo.py runs dip,idip end to end.)
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=6))
-  code, err = run_cli([f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip,dip",
-                       "--workdir=" + str(tmp_path / "o2")] + TINY, capsys)
+  code, err = run_cli(
+    [f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip,dip", "--workdir=" + str(tmp_path / "o2")]
+    + TINY_ARGS,
+    capsys,
+  )
   assert code == 2 and "distinct" in err and not (tmp_path / "o2").exists()
 
 
@@ -165,82 +181,92 @@ def test_code_hash_changes_with_the_source(tmp_path):
   (pkg / "outputs.py").write_text(open(src).read())
   (pkg / "data.py").write_text("class InputError(ValueError): pass\n")
   env = dict(os.environ, PYTHONPATH=str(tmp_path))
-  get = lambda: subprocess.run([sys.executable, "-c", "from idip_jax import outputs; print(outputs.code_hash())"],
-                               env=env, capture_output=True, text=True, cwd=str(tmp_path)).stdout.strip()
+  get = lambda: subprocess.run(
+    [sys.executable, "-c", "from idip_jax import outputs; print(outputs.code_hash())"],
+    env=env,
+    capture_output=True,
+    text=True,
+    cwd=str(tmp_path),
+  ).stdout.strip()
   h1 = get()
   (pkg / "data.py").write_text("class InputError(ValueError): pass\n# changed\n")
   h2 = get()
   assert len(h1) == 12 and h1 != h2
 
 
-REUSE_CHECK = r"""
-import dataclasses, json, os, sys
-import numpy as np
-from absl import flags
-import tables
-from idip_jax import outputs, runner
-flags.FLAGS(["tables.py", "--max_images=1"])
-job = tables.Job("classic10", 30, "dip")
-cfg = tables.Runner({"dip": 3}).config(job, sys.argv[1])
-os.makedirs(os.path.join(cfg.workdir, "history"))
-outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(runner.resolve(cfg)))
-outputs.write_history(os.path.join(cfg.workdir, "history", "a.csv"),
-                      {"loss": np.ones(3), "psnr": np.array([np.nan, 20.0, 21.0]), "backtracked": np.zeros(3)})
-rec = {"name": "a", "psnr_final": 21.0, "psnr_ema": 20.0, "seconds": 1.0, "steps": 3}
-res = {"images": [rec], "mean": {}, "steps": 3, "commit": "abc", "code_hash": outputs.code_hash()}
-outputs.write_json(os.path.join(cfg.workdir, "results.json"), res)
-assert tables.Runner.finished(cfg) is not None  # same config, same code: reused
-res["code_hash"] = "0" * 12
-outputs.write_json(os.path.join(cfg.workdir, "results.json"), res)
-assert tables.Runner.finished(cfg) is None  # other code: rerun
-flags.FLAGS.allow_other_code = True
-got = tables.Runner.finished(cfg)
-assert got is not None and np.isnan(got["histories"]["a"]["psnr"][0]) and got["histories"]["a"]["psnr"][2] == 21
-print("ok")
-"""
+def test_finished_jobs_are_keyed_by_code(tmp_path, capsys):
+  tables = import_experiment("tables")
+  with parsed_flags(["tables.py", "--max_images=1"]) as fv:
+    cfg = tables.Runner({"dip": 3}).config(tables.Job("classic10", 30, "dip"), str(tmp_path / "job"))
+    os.makedirs(os.path.join(cfg.workdir, "history"))
+    outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(runner.resolve(cfg, 1)))
+    results.write_history(
+      os.path.join(cfg.workdir, "history", "a.csv"),
+      {"loss": np.ones(3), "psnr": np.array([np.nan, 20.0, 21.0]), "backtracked": np.zeros(3)},
+    )
+    rec = {"name": "a", "psnr_final": 21.0, "psnr_ema": 20.0, "seconds": 1.0, "steps": 3}
+    res = {"images": [rec], "mean": {}, "steps": 3, "commit": "abc", "code_hash": outputs.code_hash()}
+    outputs.write_json(os.path.join(cfg.workdir, "results.json"), res)
+    assert tables.Runner.finished(cfg) is not None  # same config, same code: reused
+    assert tables.Runner.finished(dataclasses.replace(cfg, sigma=25)) is None  # another job
+    res["code_hash"] = "0" * 12
+    outputs.write_json(os.path.join(cfg.workdir, "results.json"), res)
+    assert tables.Runner.finished(cfg) is None  # other code: rerun
+    assert "made by other code (abc)" in capsys.readouterr().out
+    fv.allow_other_code = True
+    got = tables.Runner.finished(cfg)
+    assert got is not None and np.isnan(got["histories"]["a"]["psnr"][0]) and got["histories"]["a"]["psnr"][2] == 21
+    assert "--allow_other_code" in capsys.readouterr().out
 
 
-def test_finished_jobs_are_keyed_by_code(tmp_path):
-  # In a subprocess: tables.py defines absl flags that clash with run.py's in this process.
-  p = subprocess.run([sys.executable, "-c", REUSE_CHECK, str(tmp_path / "job")],
-                     cwd=os.path.join(ROOT, "experiments"), capture_output=True, text=True, timeout=120,
-                     env=dict(os.environ, PYTHONPATH=ROOT))
-  assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]
-  assert "made by other code (abc)" in p.stdout and "--allow_other_code" in p.stdout
-
-
-AT_STEP_CHECK = r"""
-import numpy as np, tables
-nan = np.nan
-h = lambda p, e: {"psnr": np.array(p), "psnr_ema": np.array(e), "ssim": np.array(p) / 100, "ssim_ema": np.array(e) / 100}
-res = {"steps": 4, "images": [{"name": "a", "psnr_final": 9.0}, {"name": "b", "psnr_final": 9.0}],
-       "histories": {"a": h([nan, 20, nan, 22], [nan, 18, nan, 21]), "b": h([nan, 24, nan, 23], [nan, 20, nan, 22])}}
-two = tables.at_step(res, 2)
-assert two["steps"] == 2 and two["run_steps"] == 4
-assert [r["psnr_final"] for r in two["images"]] == [20, 24] and two["mean"]["psnr_final"] == 22
-assert two["mean"]["psnr_ema"] == 19
-try:
-  tables.at_step(res, 3); raise SystemExit("step 3 was not evaluated")
-except ValueError:
-  pass
-peak = tables.mean_curve_peak(res, 4)
-assert peak["curve_peak"] == {"step": 4, "psnr": 22.5} and peak["curve_peak_ema"]["step"] == 4
-assert tables.mean_curve_peak(res, 2)["curve_peak"] == {"step": 2, "psnr": 22.0}
-print("ok")
-"""
+def test_tables_reuse_jobs_stored_by_older_code(tmp_path):
+  """A config.json written before issue 14 (old names, unresolved net, loop "auto") still
+  matches the same job, so stored GPU runs rebuild their tables."""
+  tables = import_experiment("tables")
+  with parsed_flags(["tables.py", "--noise=clip"]):
+    cfg = tables.Runner({}).config(tables.Job("classic10", 30, "idip", "ffdnet"), str(tmp_path / "job"))
+  old = json.loads(json.dumps(dataclasses.asdict(runner.resolve(cfg, 1))))
+  old["channels"] = old.pop("image_channels")
+  old["net"].update(channels=old["net"].pop("width"), in_channels=32, out_channels=3, complex_connection=False)
+  old["fit"]["loop"] = "auto"
+  old["prelim"].update(sigma=30, crop=0, batch_size=0)
+  del old["net"]["conv"]
+  want = tables.comparable(cfg)
+  assert tables.same_config(want, old)
+  old["fit"]["steps"] = 999
+  assert not tables.same_config(want, old)
 
 
 def test_tables_read_a_shorter_step_count_from_the_history():
-  p = subprocess.run([sys.executable, "-c", AT_STEP_CHECK], cwd=os.path.join(ROOT, "experiments"),
-                     capture_output=True, text=True, timeout=120)
-  assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+  tables = import_experiment("tables")
+  nan = np.nan
+  h = lambda p, e: {
+    "psnr": np.array(p),
+    "psnr_ema": np.array(e),
+    "ssim": np.array(p) / 100,
+    "ssim_ema": np.array(e) / 100,
+  }
+  res = {
+    "steps": 4,
+    "images": [{"name": "a", "psnr_final": 9.0}, {"name": "b", "psnr_final": 9.0}],
+    "histories": {"a": h([nan, 20, nan, 22], [nan, 18, nan, 21]), "b": h([nan, 24, nan, 23], [nan, 20, nan, 22])},
+  }
+  two = tables.at_step(res, 2)
+  assert two["steps"] == 2 and two["run_steps"] == 4
+  assert [r["psnr_final"] for r in two["images"]] == [20, 24] and two["mean"]["psnr_final"] == 22
+  assert two["mean"]["psnr_ema"] == 19
+  with pytest.raises(ValueError):
+    tables.at_step(res, 3)  # step 3 was not evaluated
+  peak = tables.mean_curve_peak(res, 4)
+  assert peak["curve_peak"] == {"step": 4, "psnr": 22.5} and peak["curve_peak_ema"]["step"] == 4
+  assert tables.mean_curve_peak(res, 2)["curve_peak"] == {"step": 2, "psnr": 22.0}
 
 
 def test_precision_modes_reach_the_convolutions():
   x = jnp.ones((1, 32, 32, NET.in_channels))
   hlo = {}
-  for name in fit.PRECISIONS:
-    model = fit.make_model(NET, dataclasses.replace(CFG, precision=name))
+  for name in train.PRECISIONS:
+    model = train.make_model(NET, dataclasses.replace(CFG, precision=name))
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     hlo[name] = jax.jit(model.apply).lower({"params": params}, x).as_text()
   convs = {k: [ln for ln in t.splitlines() if "convolution" in ln] for k, t in hlo.items()}

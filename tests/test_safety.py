@@ -1,22 +1,26 @@
 """Nothing lost, nothing silent (issue 13): overwrite only what the tool made, NaN guards, help."""
+
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import ROOT, TINY_ARGS, parsed_flags, smooth_image, write_png
+from test_cli import run_cli
 
 from idip_jax import outputs
-from conftest import ROOT, smooth_image, write_png
-from test_cli import TINY, run_cli
+
+LOG_LINE = re.compile(r"^[IWEF]\d{4} ")  # absl.logging's prefix
 from test_fit import CFG, make_batch, states_and_step
 
 
 def test_overwrite_replaces_only_folders_the_tool_made(tmp_path, capsys):
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=1))
-  args = [f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip", "--steps=2"] + TINY
+  args = [f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip", "--steps=2"] + TINY_ARGS
   thesis = tmp_path / "thesis"
   (thesis / "data").mkdir(parents=True)
   (thesis / "thesis.tex").write_text("years of work")
@@ -46,7 +50,7 @@ def test_nan_run_is_backtracked_and_json_stays_strict(tmp_path):
   assert list(np.asarray(m["backtracked"])) == [False, True]
   for a, g in zip(jax.tree_util.tree_leaves(nxt.params), jax.tree_util.tree_leaves(states.good_params)):
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(g[1]))
-  assert np.isfinite(np.asarray(nxt.ema_HxWxC)).all()
+  assert np.isfinite(np.asarray(nxt.ema)).all()
   # Results files are strict JSON: non-finite numbers become null.
   path = tmp_path / "r.json"
   outputs.write_json(str(path), {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(2.5)})
@@ -63,7 +67,9 @@ def test_help_lists_the_flags():
 
 def test_palette_and_cmyk_images_are_read_as_they_look(tmp_path):
   from PIL import Image as PILImage
+
   from idip_jax import data
+
   rng = np.random.default_rng(0)
   gray = (rng.random((24, 24)) * 255).astype(np.uint8)
   rgb = (rng.random((24, 24, 3)) * 255).astype(np.uint8)
@@ -77,37 +83,48 @@ def test_palette_and_cmyk_images_are_read_as_they_look(tmp_path):
   assert cmyk.shape == (24, 24, 3) and abs(cmyk.mean() * 255 - rgb.mean()) < 8  # converted, not refused
 
 
-def test_noise_level_outside_training_is_warned_and_estimate_recorded(tmp_path, capsys):
+def test_noise_level_outside_training_is_warned_and_estimate_recorded(tmp_path, caplog):
   from conftest import WEIGHTS, need_path
+
   need_path(WEIGHTS)
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=2))
   wd = tmp_path / "out"
-  code, _ = run_cli([f"--input={tmp_path / 'a.png'}", "--sigma=100", "--method=idip", "--prelim=ffdnet",
-                     "--steps=2", f"--workdir={wd}"] + TINY)
-  out = capsys.readouterr().out
-  assert code == 0 and "above the 75 that ffdnet" in out, out[-2000:]
+  code, _ = run_cli(
+    [f"--input={tmp_path / 'a.png'}", "--sigma=100", "--method=idip", "--prelim=ffdnet", "--steps=2", f"--workdir={wd}"]
+    + TINY_ARGS
+  )
+  warned = [r for r in caplog.records if "above the 75 that ffdnet" in r.getMessage()]
+  assert code == 0 and warned and warned[0].levelname == "WARNING", caplog.text[-2000:]
   noisy = wd / "images" / "a_noisy.png"  # as a real noisy photo: no --sigma, so it is estimated
-  code, _ = run_cli([f"--input={noisy}", "--method=idip", "--prelim=ffdnet", "--steps=2",
-                     f"--workdir={tmp_path / 'blind'}"] + TINY)
-  out = capsys.readouterr().out
-  assert code == 0 and "estimated noise levels" in out, out[-2000:]
+  code, _ = run_cli(
+    [f"--input={noisy}", "--method=idip", "--prelim=ffdnet", "--steps=2", f"--workdir={tmp_path / 'blind'}"] + TINY_ARGS
+  )
+  assert code == 0 and "estimated noise levels" in caplog.text, caplog.text[-2000:]
   rec = json.loads((tmp_path / "blind" / "results.json").read_text())["images"][0]
   assert rec["psnr_noisy"] is None and 20 < rec["prelim_sigma"] < 100, rec
 
 
 def test_float_outputs_plot_and_compile_time(tmp_path, capsys):
   import jax.numpy as jnp
+
   from idip_jax import data, metrics
+
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=3))
   wd = tmp_path / "out"
-  code, err = run_cli([f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip", "--steps=10",
-                       "--save_float", f"--workdir={wd}"] + TINY, capsys)  # TINY: 5-step chunks
+  code, err = run_cli(
+    [f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip", "--steps=10", "--save_float", f"--workdir={wd}"]
+    + TINY_ARGS,
+    capsys,
+  )  # TINY_ARGS: 5-step chunks
   assert code == 0, err
   im = data.load_images(str(tmp_path / "a.png"), 25)[0]
   np.testing.assert_array_equal(np.load(wd / "images" / "a_noisy.npy"), im.noisy_HxWxC)  # exactly as fitted
   rec = json.loads((wd / "results.json").read_text())["images"][0]
   final = np.load(wd / "images" / "a_final.npy")
-  assert final.dtype == np.float32 and abs(float(metrics.psnr(jnp.asarray(final), im.clean_HxWxC)) - rec["psnr_final"]) < 1e-4
+  assert (
+    final.dtype == np.float32
+    and abs(float(metrics.psnr(jnp.asarray(final), im.clean_HxWxC)) - rec["psnr_final"]) < 1e-4
+  )
   assert (wd / "psnr_curve.png").stat().st_size > 1000
   assert 0 <= rec["compile_seconds"] < rec["seconds"], rec  # compile estimated apart from the fit
 
@@ -119,12 +136,26 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
   d.mkdir()
   for i, name in enumerate("ab"):
     write_png(str(d / f"{name}.png"), smooth_image(32, 32, 1, seed=i))
-  base = [sys.executable, "run.py", f"--input={d}", "--sigma=25", "--method=dip", "--steps=20", "--chunk=5",
-          "--checkpoint_every=1", "--batch_size=1"] + TINY
+  base = [
+    sys.executable,
+    "run.py",
+    f"--input={d}",
+    "--sigma=25",
+    "--method=dip",
+    "--steps=20",
+    "--chunk=5",
+    "--checkpoint_every=1",
+    "--batch_size=1",
+  ] + TINY_ARGS
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   go = lambda wd, *extra, fault=None: subprocess.run(
-      base + [f"--workdir={wd}", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(env, IDIP_FAULT=fault) if fault else env)
+    base + [f"--workdir={wd}", *extra],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(env, IDIP_FAULT=fault) if fault else env,
+  )
   assert go(tmp_path / "full").returncode == 0
   full = json.loads((tmp_path / "full" / "results.json").read_text())
   for fault in ("image", "checkpoint"):
@@ -139,7 +170,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert p.returncode == 2 and "steps" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     p = go(wd, "--resume")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert ("resumed at step" in p.stdout) == (fault == "checkpoint")
+    assert ("resumed at step" in p.stderr) == (fault == "checkpoint")  # absl.logging: stderr
+    progress = [ln for ln in p.stderr.splitlines() if LOG_LINE.match(ln) and "steps/s" in ln]
+    assert progress and all("ETA" in ln and "image-steps/s" in ln for ln in progress), p.stderr[-2000:]
     got = json.loads((wd / "results.json").read_text())
     assert got["complete"] is True
     for a, b in zip(full["images"], got["images"]):
@@ -152,14 +185,29 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
 def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
   import signal
   import time
+
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=4))
   wd = tmp_path / "out"
   # A child inherits an ignored SIGINT (xdist workers, or a shell's background jobs, ignore it),
   # and Python then installs no KeyboardInterrupt handler: give it the default, as a terminal does.
-  p = subprocess.Popen([sys.executable, "run.py", f"--input={tmp_path / 'a.png'}", "--sigma=25", "--method=dip",
-                        "--steps=100000", f"--workdir={wd}"] + TINY, cwd=ROOT, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  p = subprocess.Popen(
+    [
+      sys.executable,
+      "run.py",
+      f"--input={tmp_path / 'a.png'}",
+      "--sigma=25",
+      "--method=dip",
+      "--steps=100000",
+      f"--workdir={wd}",
+    ]
+    + TINY_ARGS,
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+  )
   try:
     deadline = time.time() + 240
     while not (wd / "config.json").exists() and time.time() < deadline and p.poll() is None:
@@ -169,17 +217,16 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
     err = p.communicate(timeout=120)[1]
   finally:
     p.kill()
-  lines = [ln for ln in err.strip().splitlines() if ln]
+  lines = [ln for ln in err.strip().splitlines() if ln and not LOG_LINE.match(ln)]  # progress: absl.logging
   assert p.returncode == 130 and len(lines) == 1 and "--resume" in lines[0] and str(wd) in lines[0], err[-2000:]
 
 
 def test_home_in_path_flags_is_expanded():
-  import run as run_py
-  from absl import flags
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["run.py", "--input=~/in.png", "--prelim_dir=~/xbar"])
-  cfg = run_py.config_from_flags("idip", "~/runs/x")
+  import run as _  # noqa: F401  (defines the flags)
+  from idip_jax import config
+
+  with parsed_flags(["run.py", "--input=~/in.png", "--prelim_dir=~/xbar", "--workdir=~/runs/x"]) as fv:
+    cfg = config.from_flags(fv, config.JobConfig).run
   home = os.path.expanduser("~")
   assert cfg.input == os.path.join(home, "in.png") and cfg.workdir == os.path.join(home, "runs", "x")
   assert cfg.prelim.prelim_dir == os.path.join(home, "xbar")
-  flags.FLAGS.unparse_flags()

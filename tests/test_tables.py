@@ -1,28 +1,30 @@
 """experiments/tables.py: every table flagfile parses; smoke scale writes well-formed tables."""
+
 import glob
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-
-from conftest import DATA, ROOT, WEIGHTS, need_path
+from conftest import DATA, ROOT, WEIGHTS, import_experiment, need_path, parsed_flags
 
 SCRIPT = os.path.join(ROOT, "experiments", "tables.py")
 
 
-def test_table_flagfiles_parse():
+def test_table_flagfiles_parse(capsys):
+  tables = import_experiment("tables")
   files = sorted(glob.glob(os.path.join(ROOT, "experiments", "tables", "*.flags")))
   assert len(files) >= 7
   for f in files:
     assert open(f).readline().startswith("#"), f
     if os.path.basename(f) == "base.flags":
       continue
-    p = subprocess.run([sys.executable, SCRIPT, "--flagfile=" + f, "--dry_run"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, (f, p.stderr[-2000:])
-    assert "Job(" not in p.stderr and p.stdout.strip(), f
+    with parsed_flags(["tables.py", "--flagfile=" + f, "--dry_run"]):
+      tables.main([])
+    out = capsys.readouterr().out
+    assert "Job(" not in out and out.strip(), f
 
 
 def test_smoke_tables_are_well_formed(tmp_path):
@@ -31,9 +33,19 @@ def test_smoke_tables_are_well_formed(tmp_path):
   need_path(WEIGHTS)
   pytest.importorskip("bm3d")
   out = tmp_path / "results"
-  p = subprocess.run([sys.executable, SCRIPT, "--flagfile=experiments/tables/smoke.flags",
-                      "--results_dir=" + str(out), "--work_dir=" + str(tmp_path / "work")],
-                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  p = subprocess.run(
+    [
+      sys.executable,
+      SCRIPT,
+      "--flagfile=experiments/tables/smoke.flags",
+      "--results_dir=" + str(out),
+      "--workdir=" + str(tmp_path / "work"),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   for table in ("T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"):
     t = json.loads((out / f"{table}.json").read_text())
@@ -58,23 +70,16 @@ def test_smoke_tables_are_well_formed(tmp_path):
   assert "mean_psnr_avg_runs_ema" in color
 
 
-FIT_SPEED_CHECK = r"""
-import numpy as np, tables
-res = lambda hists, sec: {"images": [{"name": n, "seconds": sec, "steps": 10} for n in hists],
-                          "histories": {n: {"psnr": np.array(h, float)} for n, h in hists.items()}}
-dip = res({"a": [20, 22, 24, 25, 23, 22, 21, 20, 20, 20], "b": [20, 21, 26, 25, 25, 25, 25, 25, 25, 25]}, 2.0)
-idip = res({"a": [24, 25.5, 26, 26, 26, 26, 26, 26, 26, 26], "b": [20, 21, 22, 23, 24, 25, 25, 25, 25, 25]}, 3.0)
-fs = tables.fit_speed(dip, idip)
-assert fs["per_image"]["a"]["dip_best_psnr"] == 25 and fs["per_image"]["a"]["dip_steps"] == 4, fs
-assert fs["per_image"]["a"]["idip_steps"] == 2 and fs["per_image"]["b"]["idip_steps"] is None, fs
-assert fs["reached"] == 1 and abs(fs["mean_step_reduction_pct"] - 50.0) < 1e-9, fs
-assert abs(fs["mean_seconds_reduction_pct"] - 25.0) < 1e-9, fs  # 2 x 0.3 s vs 4 x 0.2 s
-print("ok")
-"""
-
-
 def test_fit_speed_counts_first_step_reaching_dips_best():
-  # In a subprocess: tables.py defines absl flags that clash with run.py's in this process.
-  p = subprocess.run([sys.executable, "-c", FIT_SPEED_CHECK], cwd=os.path.join(ROOT, "experiments"),
-                     capture_output=True, text=True, timeout=120)
-  assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+  tables = import_experiment("tables")
+  res = lambda hists, sec: {
+    "images": [{"name": n, "seconds": sec, "steps": 10} for n in hists],
+    "histories": {n: {"psnr": np.array(h, float)} for n, h in hists.items()},
+  }
+  dip = res({"a": [20, 22, 24, 25, 23, 22, 21, 20, 20, 20], "b": [20, 21, 26, 25, 25, 25, 25, 25, 25, 25]}, 2.0)
+  idip = res({"a": [24, 25.5, 26, 26, 26, 26, 26, 26, 26, 26], "b": [20, 21, 22, 23, 24, 25, 25, 25, 25, 25]}, 3.0)
+  fs = tables.fit_speed(dip, idip)
+  assert fs["per_image"]["a"]["dip_best_psnr"] == 25 and fs["per_image"]["a"]["dip_steps"] == 4, fs
+  assert fs["per_image"]["a"]["idip_steps"] == 2 and fs["per_image"]["b"]["idip_steps"] is None, fs
+  assert fs["reached"] == 1 and abs(fs["mean_step_reduction_pct"] - 50.0) < 1e-9, fs
+  assert abs(fs["mean_seconds_reduction_pct"] - 25.0) < 1e-9, fs  # 2 x 0.3 s vs 4 x 0.2 s

@@ -1,0 +1,118 @@
+"""How many runs one call fits: XLA's memory analysis of the compiled step, the device's
+memory, and a retry at half the batch when a call runs out of memory anyway."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from idip_jax.config import FitConfig, NetConfig
+from idip_jax.fit import make_init, over_batch
+from idip_jax.train import Batch, make_model, make_optimizer, train_step
+
+# A vmapped batch runs its per-run convolutions as grouped convolutions, which are slower per
+# image than one run at a time on both backends measured: XLA:CPU (experiments/results/bench_cpu.md,
+# 64 px: 165 ms per image-step at batch 2 vs 92 ms at batch 1) and an H100 (bench_gpu.md, 256 px:
+# 204 image-steps/s at batch 1; 62 / 99 / 124 / 119 at batch 2 / 4 / 8 / 16). So "auto" fits one
+# run per call under --strategy=vmap (runner.resolve); the memory-aware sizing below serves
+# --strategy=map on accelerators.
+VMAP_AUTO_BATCH = 1
+MEMORY_HEADROOM = 0.85  # of the device's bytes_limit; XLA's estimate misses allocator slack
+
+
+def lower_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, width: int, with_gt: bool = True):
+  """The jitted step over `batch` runs, lowered from shapes only (nothing is allocated); its
+  pre-compile cost analysis counts every convolution on any backend."""
+  model, tx = make_model(net_cfg, cfg), make_optimizer(cfg)
+  step = jax.jit(over_batch(functools.partial(train_step, model, tx, cfg), cfg.strategy), donate_argnums=0)
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+  ema = jax.ShapeDtypeStruct((batch, height, width, net_cfg.out_channels), jnp.float32)
+  states = jax.eval_shape(make_init(net_cfg, cfg), keys).replace(ema=ema)
+  img = lambda c: jax.ShapeDtypeStruct((batch, height, width, c), jnp.float32)
+  b = Batch(
+    net_input=img(net_cfg.in_channels),
+    noisy=img(net_cfg.out_channels),
+    prelim=img(net_cfg.out_channels),
+    mask=img(1),
+    clean=img(net_cfg.out_channels) if with_gt else None,
+  )
+  return step.lower(states, b, keys)
+
+
+@functools.lru_cache(maxsize=64)
+def compile_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, width: int, with_gt: bool = True):
+  """lower_step, compiled: its memory analysis serves batch sizing and the benchmark."""
+  return lower_step(net_cfg, cfg, batch, height, width, with_gt).compile()
+
+
+def step_memory_bytes(
+  net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, width: int, with_gt: bool = True
+) -> int:
+  """Device bytes one step over `batch` runs needs (arguments + outputs + temporaries), from
+  XLA's memory analysis of the compiled step."""
+  mem = compile_step(net_cfg, cfg, batch, height, width, with_gt).memory_analysis()
+  if mem is None:
+    raise RuntimeError("this backend gives no memory analysis")
+  # Donated state buffers are reused for the outputs, so they are counted once.
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+
+
+def device_memory_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def auto_batch_size(
+  net_cfg: NetConfig,
+  cfg: FitConfig,
+  height: int,
+  width: int,
+  n_runs: int,
+  memory_bytes: int | None = None,
+  with_gt: bool = True,
+) -> int:
+  """Runs per call: the largest batch whose compiled step fits in `memory_bytes` (default:
+  the device's limit x MEMORY_HEADROOM), per device when the batch is sharded. Memory is
+  affine in the batch, so two compiles (batch 1 and 2) give it. Calls are then balanced:
+  10 runs with room for 8 become two calls of 5, not 8 + 2."""
+  if memory_bytes is None:
+    limit = device_memory_bytes()
+    if limit is None:
+      return 1
+    memory_bytes = int(limit * MEMORY_HEADROOM)
+  n_dev = jax.local_device_count() if cfg.shard else 1
+  one = step_memory_bytes(net_cfg, cfg, 1, height, width, with_gt)
+  per_run = max(step_memory_bytes(net_cfg, cfg, 2, height, width, with_gt) - one, 1)
+  fits = max(1, (memory_bytes - (one - per_run)) // per_run) * n_dev
+  calls = -(-n_runs // min(fits, n_runs))
+  return -(-n_runs // calls)
+
+
+def is_out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def fit_in_calls(runs: list, per_call: int, fit_call: Callable[[list], Any], what: str) -> Iterator[tuple[list, Any]]:
+  """(part, fit_call(part)) for consecutive parts of `runs`, per_call at a time; out of device
+  memory, the part is retried at half the size (a set that fits one image at a time must not
+  fail on memory)."""
+  start = 0
+  while start < len(runs):
+    part = runs[start : start + per_call]
+    try:
+      res = fit_call(part)
+    except Exception as e:
+      if not is_out_of_memory(e):
+        raise
+      if len(part) == 1:
+        raise RuntimeError(f"out of memory fitting one {what} image; try --remat") from e
+      per_call = len(part) // 2
+      logging.warning("out of memory at %d runs per call; retrying with %d", len(part), per_call)
+      continue
+    start += len(part)
+    yield part, res

@@ -1,0 +1,303 @@
+"""Every setting of a job in one place: frozen dataclasses (name, type, default, help, allowed
+values), from which the absl flags of run.py and of every experiment script are generated.
+
+The dataclasses are also the compile-cache keys (fit.make_fit_chunk is cached on NetConfig and
+FitConfig), so a setting that changes the compiled program must live in one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import types
+import typing
+from typing import Any
+
+from absl import flags
+
+from idip_jax.data import NOISE_PROTOCOLS, InputError
+
+
+def option(
+  default: Any, help: str, *, choices: tuple = (), lo: float | None = None, flag: str | None = "", path: bool = False
+) -> Any:
+  """A config field. flag: the flag's name ("" = the field's name, None = set by the library,
+  not a flag); lo: smallest allowed value; path: '~' is expanded."""
+  return dataclasses.field(
+    default=default, metadata={"help": help, "choices": choices, "lo": lo, "flag": flag, "path": path}
+  )
+
+
+# IDIP's three changes per method (paper Sec. 3; ablations IDIP-1 and IDIP-2, Table 1 and 2).
+@dataclasses.dataclass(frozen=True)
+class Method:
+  complex_connection: bool  # change (1)
+  prelim_input: bool  # change (2): x_bar replaces z
+  prelim_loss: bool  # change (3): + MSE(out, x_bar)
+
+
+METHODS = types.MappingProxyType(
+  {
+    "dip": Method(False, False, False),
+    "idip1": Method(True, False, False),
+    "idip2": Method(True, True, False),
+    "idip": Method(True, True, True),
+  }
+)
+# Steps when --steps=0: where each method's mean PSNR (clean-input output) peaks on holdout9
+# (gray, sigma 25, 256 px crops, H100; experiments/results/gpu_h100/HOLDOUT.md): DIP 1190 (run
+# 3000), IDIP 1500 (the end of its 1500-step run, the curve flat within 0.01 dB from 1000).
+# IDIP-1 (architecture only) takes DIP's count and IDIP-2 (x_bar input) IDIP's: not measured.
+DEFAULT_STEPS = types.MappingProxyType({"dip": 1190, "idip1": 1190, "idip2": 1500, "idip": 1500})
+PRELIMS = ("none", "bm3d", "file", "ffdnet", "dncnn")  # prelim.REGISTRY implements each
+PRECISIONS = ("tf32", "fp32", "bf16")  # train.PRECISIONS implements each
+ACTIVATIONS = ("leaky_relu", "relu", "elu")  # models.ACTIVATIONS implements each
+
+
+@dataclasses.dataclass(frozen=True)
+class NetConfig:
+  in_channels: int = option(
+    32,
+    "input channels: DIP's random code z (its input_depth); the runner "
+    "sets the image's channels when x_bar is the input (idip2, idip)",
+    lo=1,
+  )
+  out_channels: int = option(3, "image channels (set by the runner from the images)", flag=None)
+  scales: int = option(5, "U-Net scales (official: 5)", lo=1)
+  width: int = option(128, "channels of every down/up block (official skip_n33d = skip_n33u = 128)", lo=1)
+  skip_channels: int = option(4, "channels of each skip (official skip_n11 = 4)", lo=0)
+  complex_connection: bool = option(False, "IDIP change (1) (set by the runner from the method)", flag=None)
+  cc_features: int = option(
+    96, "width of the complex connection's FC layer (96: +2.47% params, the paper's 'about 2.4%')", lo=1
+  )
+  upsample: str = option("bilinear", "upsampling", choices=("bilinear", "nearest"))
+  pad: str = option("reflection", "conv padding", choices=("reflection", "zero"))
+  act: str = option("leaky_relu", "activation", choices=ACTIVATIONS)
+  sigmoid: bool = option(True, "sigmoid on the output (DIP's need_sigmoid)", flag=None)
+  conv: str = option(
+    "auto",
+    "convolution path: lax (plain) | cpu (rewrites faster on XLA:CPU, same "
+    "values; models.conv_cpu) | auto (cpu on CPU, lax elsewhere)",
+    choices=("auto", "lax", "cpu"),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  steps: int = option(
+    0,
+    "Adam steps; 0 = the method's default, chosen on holdout9 (config.DEFAULT_STEPS: dip/idip1 1190, idip2/idip 1500)",
+    lo=0,
+  )
+  lr: float = option(0.01, "Adam learning rate", lo=0)
+  lr_schedule: str = option("constant", "learning-rate schedule", choices=("constant", "cosine"))
+  reg_noise_std: float = option(1.0 / 30.0, "std of the per-step perturbation of DIP's code z", lo=0)
+  xbar_noise_std: float = option(1.0 / 30.0, "std of the per-step perturbation of x_bar as input (idip2, idip)", lo=0)
+  input_is_prelim: bool = option(False, "the input is x_bar, not z (set by the runner)", flag=None)
+  ema_decay: float = option(0.99, "EMA of the outputs (DIP's exp_weight)", lo=0)
+  backtrack_db: float = option(5.0, "restore when PSNR(out, y) drops by more (0 = off)", lo=0)
+  backtrack: str = option(
+    "safe",
+    "safe (restore weights and Adam state, skip the step) | dip (the official notebook's closure)",
+    choices=("safe", "dip"),
+  )
+  prelim_weight: float = option(
+    1.0,
+    "weight w of IDIP change (3): loss = MSE(out, y) + w MSE(out, "
+    "x_bar); the runner sets 0 for methods without change (3)",
+    lo=0,
+  )
+  input_scale: float = option(0.1, "z ~ U[0, input_scale] (DIP's 'noise' input, var=1/10)", lo=0)
+  chunk: int = option(100, "steps per compiled chunk; metrics reach the host once per chunk", lo=1)
+  seed: int = option(0, "seed of init, z and perturbations")
+  seeds: int = option(1, "independent runs per image (reported each and averaged)", lo=1)
+  precision: str = option(
+    "tf32",
+    "tf32 (JAX's f32 default: TF32 convs on GPUs) | fp32 (full) | bf16 (params and Adam state stay fp32)",
+    choices=PRECISIONS,
+  )
+  eval_every: int = option(10, "metrics of the clean-input output and EMA every k steps", lo=1)
+  strategy: str = option(
+    "vmap", "vmap (grouped convs) | map (runs one after another in a call)", choices=("vmap", "map")
+  )
+  loop: str = option(
+    "auto", "scan | host | auto (host loop on CPU, lax.scan elsewhere)", choices=("auto", "scan", "host")
+  )
+  shard: bool = option(True, "split the runs of a call over all local devices")
+  remat: bool = option(False, "recompute each conv block in the backward pass (less memory)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrelimConfig:
+  name: str = option("none", "preliminary denoiser for x_bar", choices=PRELIMS, flag="prelim")
+  prelim_dir: str = option("", "folder of precomputed x_bar images for --prelim=file", path=True)
+  weights_dir: str = option("", "official FFDNet/DnCNN .mat files (default ../shared/weights)", path=True)
+  weights: str = option("", "one explicit FFDNet/DnCNN .mat file (overrides --weights_dir)", path=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  input: str = option("", "image file, folder, glob, or skimage:NAME (required)", path=True)
+  workdir: str = option("", "output folder (default runs/<method>-<time>)", path=True)
+  method: str = option("idip", "the method of this run", choices=tuple(METHODS), flag=None)
+  sigma: float = option(0.0, "AWGN std (0-255 scale) added to clean inputs; 0 = inputs are noisy", lo=0)
+  noise_seed: int = option(0, "seed of the AWGN (shared by all methods)")
+  noise: str = option(
+    "float",
+    "noisy image from clean: float (x + n) | clip (to [0, 1], DIP's notebooks) | uint8 (clipped and rounded to 8 bits)",
+    choices=NOISE_PROTOCOLS,
+  )
+  image_channels: int = option(0, "0 = as stored, 1 = convert to gray, 3 = to RGB", choices=(0, 1, 3))
+  crop: int = option(0, "center crop to this size (0 = whole image)", lo=0)
+  batch_size: int = option(
+    0, "runs per call (0 = auto: 1 under --strategy=vmap or on CPU, else the most that fit the device's memory)", lo=0
+  )
+  save_images: bool = option(True, "write PNGs")
+  save_float: bool = option(False, "also write every image as float32 .npy (lossless, as fitted)")
+  resume: bool = option(
+    False,
+    "continue the run in --workdir: finished images are kept, an "
+    "unfinished call restarts from its last checkpoint; the settings must be the same",
+  )
+  checkpoint_every: int = option(10, "chunks between checkpoints of a running call (0 = none)", lo=0)
+  overwrite: bool = option(False, "replace a non-empty workdir that idip-jax made (others are refused)")
+  prelim: PrelimConfig = PrelimConfig()
+  net: NetConfig = NetConfig()
+  fit: FitConfig = FitConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+  """What run.py runs: one or several methods on the same inputs, noise and x_bar."""
+
+  methods: tuple[str, ...] = option(
+    ("idip",),
+    "dip | idip1 | idip2 | idip, or several (dip,idip): each in workdir/<method>, then compared",
+    flag="method",
+    choices=tuple(METHODS),
+  )
+  distributed: bool = option(False, "jax.distributed: each process fits its share of the images")
+  coordinator: str = option("", "host:port of process 0 (--distributed; empty = auto-detect)")
+  num_processes: int = option(0, "processes in all (--distributed; 0 = auto-detect)", lo=0)
+  process_id: int = option(-1, "this process's index (--distributed; -1 = auto-detect)")
+  run: RunConfig = RunConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Flags the experiment scripts share; each script adds its own, named nowhere else."""
+
+  out: str = option("", "results path without extension (default: the script's)", path=True)
+  data_dir: str = option("", "folder holding the test sets (default $IDIP_SHARED/data or ../shared/data)", path=True)
+  max_images: int = option(0, "first N images of each set (0 = all)", lo=0)
+
+
+# The smallest net that exercises every code path (2 scales, complex connection included):
+# tests, the smoke tables and CPU plumbing checks use it, nothing else.
+TINY_NET = NetConfig(in_channels=4, scales=2, width=8, skip_channels=2, cc_features=4)
+
+
+def leaves(cls: type, prefix: tuple[str, ...] = ()):
+  """(path, field, type) of every non-dataclass field of cls, nested dataclasses flattened."""
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    t = hints[f.name]
+    if dataclasses.is_dataclass(t):
+      yield from leaves(t, prefix + (f.name,))
+    else:
+      yield prefix + (f.name,), f, t
+
+
+def flag_name(f: dataclasses.Field) -> str | None:
+  return f.name if f.metadata.get("flag") == "" else f.metadata.get("flag")
+
+
+def define_flags(fv: flags.FlagValues, cls: type) -> None:
+  """One flag per field of cls (nested dataclasses flattened); names must be unique. Defining the
+  same fields again (two scripts in one process) is a no-op."""
+  for _, f, t in leaves(cls):
+    name = flag_name(f)
+    if name is None:
+      continue
+    if name in fv:
+      if getattr(fv[name], "config_field", None) is f:
+        continue
+      raise ValueError(f"flag --{name} is defined twice")
+    kw = dict(name=name, default=f.default, help=f.metadata["help"], flag_values=fv)
+    if t is bool:
+      flags.DEFINE_bool(**kw)
+    elif t is int:
+      flags.DEFINE_integer(**kw)
+    elif t is float:
+      flags.DEFINE_float(**kw)
+    elif t is str and f.metadata["choices"]:
+      flags.DEFINE_enum(enum_values=list(f.metadata["choices"]), **kw)
+    elif t is str:
+      flags.DEFINE_string(**kw)
+    elif typing.get_origin(t) is tuple:
+      flags.DEFINE_list(**dict(kw, default=list(f.default)))
+    else:
+      raise TypeError(f"no flag type for {f.name}: {t}")
+    fv[name].config_field = f
+
+
+def from_flags(fv: flags.FlagValues, cls: type):
+  """The parsed flags as a cls instance (nested dataclasses built from their own fields)."""
+  hints = typing.get_type_hints(cls)
+  kw = {}
+  for f in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(hints[f.name]):
+      kw[f.name] = from_flags(fv, hints[f.name])
+    elif (name := flag_name(f)) is not None:
+      v = fv[name].value
+      kw[f.name] = tuple(v) if isinstance(v, list) else os.path.expanduser(v) if f.metadata["path"] else v
+  return cls(**kw)
+
+
+HELP_ARGS = frozenset({"-h", "--help", "-help", "--helpfull", "-?"})
+
+
+def parse(fv: flags.FlagValues, argv: list[str], cls: type):
+  """argv -> a cls instance; a bad flag or a stray argument raises InputError (one line)."""
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    raise InputError(str(e)) from None
+  if len(rest) > 1:
+    raise InputError(f"unexpected arguments: {' '.join(rest[1:])}")
+  return from_flags(fv, cls)
+
+
+def usage(doc: str, fv: flags.FlagValues, cls: type) -> str:
+  names = {flag_name(f) for _, f, _ in leaves(cls)} - {None}
+  lines = [
+    doc.strip(),
+    "",
+    f"usage: python {os.path.basename(sys.argv[0])} --flagfile=FILE [--name=value ...]",
+    "",
+    "  --flagfile: read flags from FILE (one --name=value per line, '#' comments; files may include others)",
+  ]
+  for name in sorted(names):
+    fl = fv[name]
+    shown = f"[no]{name}" if fl.boolean else name
+    lines.append(f"  --{shown}: {fl.help} (default: {fl.default_as_str or repr('')})")
+  return "\n".join(lines)
+
+
+def check(cfg) -> None:
+  """Per-field rules of any config dataclass: finite numbers, allowed values, lower bounds."""
+  for path, f, _ in leaves(type(cfg)):
+    v = cfg
+    for p in path:
+      v = getattr(v, p)
+    name = flag_name(f) or ".".join(path)
+    if isinstance(v, float) and not math.isfinite(v):  # --sigma=inf or --lr=nan would fit NaN everywhere
+      raise InputError(f"--{name} must be finite (got {v})")
+    choices = f.metadata["choices"]
+    for item in v if isinstance(v, tuple) else (v,):
+      if choices and item not in choices:
+        raise InputError(f"unknown --{name}={item}; choose one of {', '.join(map(str, choices))}")
+    if f.metadata["lo"] is not None and v < f.metadata["lo"]:
+      raise InputError(f"--{name} must be >= {f.metadata['lo']:g} (got {v})")

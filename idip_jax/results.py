@@ -1,0 +1,193 @@
+"""Per-run and per-image records, their means, the per-step history files, and the
+printed summary of a job."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from idip_jax import metrics, outputs
+from idip_jax.config import RunConfig
+from idip_jax.data import Image
+from idip_jax.fit import FitResult
+
+# loss and psnr_y (output vs the noisy target y) are of the training pass, whose input is
+# perturbed; psnr_perturbed is that output against the ground truth. psnr, ssim (output on
+# the unperturbed input, the reported image) and the EMA's are filled every eval_every steps.
+HISTORY_COLUMNS = ("loss", "psnr_y", "psnr", "psnr_ema", "ssim", "ssim_ema", "psnr_perturbed", "backtracked")
+
+
+def write_history(path: str, history: dict[str, np.ndarray]) -> None:
+  """history: name -> per-step values of one run."""
+  cols = [c for c in HISTORY_COLUMNS if c in history]
+  n = len(history[cols[0]])
+
+  def cell(c, v):
+    if c == "backtracked":
+      return int(v)
+    return "" if np.isnan(v) else f"{v:.6g}"  # eval columns are empty between eval steps
+
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["step"] + cols)
+    for t in range(n):
+      w.writerow([t + 1] + [cell(c, history[c][t]) for c in cols])
+
+
+def read_history(path: str) -> dict[str, np.ndarray]:
+  """history.csv -> name -> per-step values; empty cells (steps not evaluated) are NaN."""
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  return {k: np.array([float(r[k]) if r[k] != "" else np.nan for r in rows]) for k in rows[0]}
+
+
+def psnr(a, b, clip: bool = True) -> float:
+  return float(metrics.psnr(jnp.asarray(a), jnp.asarray(b), clip=clip))
+
+
+def ssim(a, b) -> float:
+  return float(metrics.ssim(jnp.asarray(a), jnp.asarray(b)))
+
+
+MEAN_KEYS = (
+  "psnr_noisy",
+  "psnr_prelim",
+  "psnr_final",
+  "psnr_ema",
+  "ssim_final",
+  "ssim_ema",
+  "psnr_avg_final",
+  "psnr_avg_ema",
+  "oracle_best_psnr",
+  "oracle_best_step",
+  "seconds",
+)
+
+
+def summarize(records: list[dict]) -> dict:
+  """Means over the images whose fit did not fail; "failed" counts the others."""
+  ok = [r for r in records if not r.get("failed")]
+  mean = {"failed": len(records) - len(ok)}
+  for k in MEAN_KEYS:
+    vals = [r[k] for r in ok if r.get(k) is not None]
+    if vals and len(vals) == len(ok):
+      mean[k] = float(np.mean(vals))
+  return mean
+
+
+def barrier(name: str, n_proc: int) -> None:
+  if n_proc > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def merge_processes(results: dict, images: list[Image], cfg: RunConfig, own_path: str, t_start: float) -> dict:
+  """Every process's image records, gathered over the network (no shared disk needed);
+  process 0 writes them, in input order, as results.json."""
+  blob = np.frombuffer(json.dumps(results["images"], default=float).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([blob.size]))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: blob.size] = blob
+  blobs = multihost_utils.process_allgather(padded)
+  records = {}
+  for n, row in zip(np.ravel(sizes), blobs):
+    records.update({r["name"]: r for r in json.loads(bytes(row[:n]).decode())})
+  merged = dict(
+    results,
+    images=[records[im.name] for im in images if im.name in records],
+    processes=jax.process_count(),
+    wall_seconds=time.perf_counter() - t_start,
+  )
+  merged["mean"] = summarize(merged["images"])
+  if jax.process_index() == 0:
+    outputs.write_json(os.path.join(cfg.workdir, "results.json"), merged)
+  barrier("results", jax.process_count())
+  return merged
+
+
+def run_record(
+  cfg: RunConfig, im: Image, k: int, res: FitResult, j: int, img_dir: str, hist_dir: str, batch_runs: int
+) -> dict:
+  h, w, _ = im.noisy_HxWxC.shape
+  final, ema = res.final_NxHxWxC[j, :h, :w], res.ema_NxHxWxC[j, :h, :w]
+  tag = im.name if cfg.fit.seeds == 1 else f"{im.name}_seed{k}"
+  hist = {name: v[:, j] for name, v in res.history.items()}
+  write_history(os.path.join(hist_dir, tag + ".csv"), hist)
+  if cfg.save_images:
+    outputs.save_image(os.path.join(img_dir, tag + "_final.png"), final, cfg.save_float)
+    outputs.save_image(os.path.join(img_dir, tag + "_ema.png"), ema, cfg.save_float)
+  rec = {
+    "seed": k,
+    "final": final,
+    "ema": ema,
+    "seconds": res.seconds,
+    "compile_seconds": res.compile_seconds,
+    "batch_runs": batch_runs,
+    "backtracks": int(hist["backtracked"].sum()),
+    # Backtracking keeps a run finite unless it was never finite; then it is reported as failed.
+    "failed": not (np.isfinite(final).all() and np.isfinite(ema).all()),
+  }
+  if im.clean_HxWxC is not None and not rec["failed"]:
+    best = int(np.nanargmax(hist["psnr"]))  # clean-input output, on evaluated steps
+    rec.update(
+      psnr_final=psnr(final, im.clean_HxWxC),
+      psnr_ema=psnr(ema, im.clean_HxWxC),
+      ssim_final=ssim(final, im.clean_HxWxC),
+      ssim_ema=ssim(ema, im.clean_HxWxC),
+      oracle_best_psnr=float(hist["psnr"][best]),
+      oracle_best_step=best + 1,
+    )
+  return rec
+
+
+def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str) -> dict:
+  h, w, c = im.noisy_HxWxC.shape
+  gt = im.clean_HxWxC
+  rec = {
+    "name": im.name,
+    "height": h,
+    "width": w,
+    "channels": c,
+    "steps": cfg.fit.steps,
+    "seconds": float(np.mean([r["seconds"] for r in runs])),
+    "compile_seconds": runs[0]["compile_seconds"],
+    "batch_runs": runs[0]["batch_runs"],
+    "backtracks": sum(r["backtracks"] for r in runs),
+    "failed": any(r["failed"] for r in runs),
+    "psnr_noisy": None,
+    "psnr_prelim": None,
+  }
+  if cfg.save_images:
+    outputs.save_image(os.path.join(img_dir, im.name + "_noisy.png"), im.noisy_HxWxC, cfg.save_float)
+    if xbar is not None:
+      outputs.save_image(os.path.join(img_dir, im.name + "_prelim.png"), xbar, cfg.save_float)
+  if gt is None or rec["failed"]:
+    return rec
+  rec["psnr_noisy"] = psnr(im.noisy_HxWxC, gt, clip=False)  # the noisy image as fitted
+  if xbar is not None:
+    rec["psnr_prelim"] = psnr(xbar, gt)
+  for key in ("psnr_final", "psnr_ema", "ssim_final", "ssim_ema", "oracle_best_psnr", "oracle_best_step"):
+    rec[key] = float(np.mean([r[key] for r in runs]))
+  if len(runs) > 1:
+    # DIP's "average of two runs": PSNR of the mean image of the K runs.
+    rec["psnr_avg_final"] = psnr(np.mean([r["final"] for r in runs], axis=0), gt)
+    rec["psnr_avg_ema"] = psnr(np.mean([r["ema"] for r in runs], axis=0), gt)
+    rec["runs"] = [
+      {k: r[k] for k in ("seed", "psnr_final", "psnr_ema", "ssim_final", "oracle_best_psnr", "oracle_best_step")}
+      for r in runs
+    ]
+  return rec
+
+
+def print_summary(results: dict) -> None:
+  cols = ("psnr_noisy", "psnr_prelim", "psnr_final", "psnr_ema", "oracle_best_psnr")
+  print("name            noisy  prelim   final     ema  oracle_best")
+  fmt = lambda v: f"{v:7.2f}" if isinstance(v, float) else "      -"
+  for r in results["images"] + [dict(results["mean"], name="MEAN")]:
+    print(f"{r['name'][:14]:14s} " + " ".join(fmt(r.get(c)) for c in cols))

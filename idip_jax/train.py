@@ -1,0 +1,198 @@
+"""One DIP/IDIP run's pure train step (Adam, input perturbation, EMA, backtracking) and its eval.
+
+Everything here acts on one run (arrays HxWxC); fit.py maps it over a leading run axis N.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from idip_jax import metrics
+from idip_jax.config import FitConfig, NetConfig
+from idip_jax.models import SkipUNet, min_side
+
+# config.PRECISIONS -> (compute dtype, lax precision of the convolutions). "tf32" is JAX's
+# default for f32: TF32 tensor cores on Ampere/Hopper GPUs (as PyTorch's cuDNN convolutions, so
+# DIP's own code), exact fp32 on CPU. "fp32" forces full fp32 (Precision.HIGHEST). "bf16": bf16
+# convolutions; parameters, Adam state, BatchNorm statistics and outputs stay fp32 in every mode.
+PRECISIONS = types.MappingProxyType(
+  {"tf32": (None, None), "fp32": (None, jax.lax.Precision.HIGHEST), "bf16": (jnp.bfloat16, None)}
+)
+# backtrack="dip": the official notebook skips its check when i % show_every == 0.
+DIP_SHOW_EVERY = 100
+
+
+@flax.struct.dataclass
+class FitState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema: jax.Array  # EMA of the outputs: HxWxC per run (NxHxWxC over a batch of runs)
+  good_params: Any  # last parameters whose output passed the backtracking test
+  good_opt_state: Any
+  good_psnr_y: jax.Array
+  dip_i: jax.Array  # the official notebook's step counter i (backtrack="dip")
+
+
+@flax.struct.dataclass
+class Batch:
+  """The arrays of one run, each HxWxC (mask HxWx1); of N runs, each with a leading axis N."""
+
+  net_input: jax.Array  # z (DIP) or x_bar (IDIP-2/IDIP)
+  noisy: jax.Array  # y, the fitting target
+  prelim: jax.Array  # x_bar; ignored when prelim_weight = 0
+  mask: jax.Array  # 1 on the original extent, 0 on reflect padding
+  clean: jax.Array | None = None  # ground truth, for metrics only
+
+
+def run_keys(seed: int, run: int) -> dict[str, jax.Array]:
+  """Named keys of one run; they depend on (seed, run index) only, never on the
+  image or its place in a batch, so a batched fit equals single-image fits."""
+  init, inp, noise = jax.random.split(jax.random.fold_in(jax.random.key(seed), run), 3)
+  return {"init": init, "input": inp, "noise": noise}
+
+
+def make_model(net_cfg: NetConfig, fit_cfg: FitConfig) -> SkipUNet:
+  dtype, precision = PRECISIONS[fit_cfg.precision]
+  return SkipUNet(net_cfg, dtype=dtype, precision=precision, remat=fit_cfg.remat)
+
+
+def make_optimizer(fit_cfg: FitConfig) -> optax.GradientTransformation:
+  lr = fit_cfg.lr
+  if fit_cfg.lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(fit_cfg.lr, max(fit_cfg.steps, 1))
+  return optax.adam(lr)
+
+
+def random_input(key: jax.Array, height: int, width: int, channels: int, scale: float) -> jax.Array:
+  return jax.random.uniform(key, (height, width, channels), jnp.float32, 0.0, scale)
+
+
+def create_fit_state(
+  model: SkipUNet, tx: optax.GradientTransformation, key: jax.Array, height: int, width: int
+) -> FitState:
+  # Parameter shapes do not depend on the image size, and Flax draws them from the
+  # key and module path only, so initialising at the smallest valid size gives the
+  # same parameters as at full size and one compiled init serves every bucket.
+  side = min_side(model.cfg)
+  params = model.init(key, jnp.zeros((1, side, side, model.cfg.in_channels), jnp.float32))["params"]
+  opt_state = tx.init(params)
+  ema = jnp.zeros((height, width, model.cfg.out_channels), jnp.float32)
+  return FitState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=opt_state,
+    ema=ema,
+    good_params=params,
+    good_opt_state=opt_state,
+    good_psnr_y=jnp.array(-jnp.inf, jnp.float32),
+    dip_i=jnp.zeros((), jnp.int32),
+  )
+
+
+def perturbed_input(cfg: FitConfig, input_HxWxC: jax.Array, step: jax.Array, key: jax.Array) -> jax.Array:
+  """The net's input at `step`: z + N(0, reg_noise_std) (DIP), x_bar + N(0, xbar_noise_std) (IDIP)."""
+  std = cfg.xbar_noise_std if cfg.input_is_prelim else cfg.reg_noise_std
+  return input_HxWxC + std * jax.random.normal(jax.random.fold_in(key, step), input_HxWxC.shape, jnp.float32)
+
+
+def train_step(
+  model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig, state: FitState, batch: Batch, key: jax.Array
+) -> tuple[FitState, dict]:
+  """One Adam step on one run; `key` is the run's noise key (per-step noise is
+  fold_in(key, step), so results do not depend on how steps are chunked)."""
+  net_in = perturbed_input(cfg, batch.net_input, state.step, key)
+
+  def loss_fn(params):
+    out = model.apply({"params": params}, net_in[None])[0]
+    loss = metrics.masked_mse(out, batch.noisy, batch.mask)
+    if cfg.prelim_weight:
+      loss += cfg.prelim_weight * metrics.masked_mse(out, batch.prelim, batch.mask)
+    return loss, out
+
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  psnr_y = metrics.psnr(out, batch.noisy, batch.mask)
+  # DIP's EMA averages the outputs of the perturbed-input passes (out_avg in its notebooks).
+  ema = jnp.where(state.step == 0, out, cfg.ema_decay * state.ema + (1.0 - cfg.ema_decay) * out)
+  if cfg.backtrack == "dip":
+    new_state, diverged = _backtrack_dip(tx, cfg, state, grads, psnr_y, ema)
+  else:
+    new_state, diverged = _backtrack_safe(tx, cfg, state, grads, psnr_y, ema)
+  step_metrics = {"loss": loss, "psnr_y": psnr_y, "backtracked": diverged}
+  if batch.clean is not None:
+    # The training pass's output (perturbed input): an extra column, not the reported image.
+    step_metrics["psnr_perturbed"] = metrics.psnr(out, batch.clean, batch.mask)
+  return new_state, step_metrics
+
+
+def _where(cond, a, b):
+  return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def _backtrack_safe(tx, cfg: FitConfig, state: FitState, grads, psnr_y, ema):
+  """A drop of PSNR(out, y) by more than backtrack_db, or a non-finite one, means Adam diverged: go back to the last
+  good parameters and Adam moments and skip the update; the bad output stays out of the EMA
+  (it would carry it for ~100 steps)."""
+  # A non-finite loss is a divergence too (NaN fails every comparison, so the drop test alone
+  # would never fire and the run would stay NaN).
+  diverged = (cfg.backtrack_db > 0) & ((psnr_y < state.good_psnr_y - cfg.backtrack_db) | ~jnp.isfinite(psnr_y))
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  return state.replace(
+    step=state.step + 1,
+    params=_where(diverged, state.good_params, new_params),
+    opt_state=_where(diverged, state.good_opt_state, new_opt_state),
+    ema=jnp.where(diverged, state.ema, ema),
+    good_params=_where(diverged, state.good_params, state.params),
+    good_opt_state=_where(diverged, state.good_opt_state, state.opt_state),
+    good_psnr_y=jnp.where(diverged, state.good_psnr_y, psnr_y),
+    dip_i=state.dip_i + 1,
+  ), diverged
+
+
+def _backtrack_dip(tx, cfg: FitConfig, state: FitState, grads, psnr_y, ema):
+  """The official closure (denoising.ipynb): `if i % show_every: if psnr_noisy - last < -5:
+  restore last_net; return loss * 0` (backward() already ran, so optimizer.step() applies the
+  diverged gradients to the restored weights), `else: last_net = params; last = psnr_noisy`;
+  `i += 1` only when no fallback. The EMA was updated before the check."""
+  check = (cfg.backtrack_db > 0) & (state.dip_i % DIP_SHOW_EVERY != 0)
+  diverged = check & (psnr_y - state.good_psnr_y < -cfg.backtrack_db)
+  base = _where(diverged, state.good_params, state.params)
+  updates, new_opt_state = tx.update(grads, state.opt_state, base)
+  snapshot = check & ~diverged
+  return state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(base, updates),
+    opt_state=new_opt_state,
+    ema=ema,
+    good_params=_where(snapshot, state.params, state.good_params),
+    good_psnr_y=jnp.where(snapshot, psnr_y, state.good_psnr_y),
+    dip_i=state.dip_i + (~diverged).astype(jnp.int32),
+  ), diverged
+
+
+EVAL_KEYS = ("psnr", "ssim", "psnr_ema", "ssim_ema")
+
+
+def eval_step(model: SkipUNet, state: FitState, batch: Batch) -> dict:
+  """Metrics of the images a fit reports after `state.step` steps: the output on the
+  unperturbed input (what psnr_final measures at the end) and the EMA."""
+  out = model.apply({"params": state.params}, batch.net_input[None])[0]
+  gt, mask = batch.clean, batch.mask
+  return {
+    "psnr": metrics.psnr(out, gt, mask),
+    "ssim": metrics.ssim(out, gt, mask),
+    "psnr_ema": metrics.psnr(state.ema, gt, mask),
+    "ssim_ema": metrics.ssim(state.ema, gt, mask),
+  }
+
+
+def is_eval_step(cfg: FitConfig, done: jax.Array | int) -> jax.Array | bool:
+  """After `done` steps: every eval_every steps, and always after the last one."""
+  return (done % cfg.eval_every == 0) | (done == cfg.steps)
