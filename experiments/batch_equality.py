@@ -65,7 +65,7 @@ def main(_):
   d = [r["vmap"] - r["single"] for r in rows]
   short = dataclasses.replace(cfg, steps=F.map_steps, chunk=F.map_steps)
   one = np.concatenate([r.history["loss"] for r in singles(short)], axis=1)
-  mapped = fit.fit(net, dataclasses.replace(short, strategy="map"), batch, keys).history["loss"]
+  mapped = fit.fit(net, dataclasses.replace(short, batch_strategy="map"), batch, keys).history["loss"]
   vm = fit.fit(net, short, batch, keys).history["loss"]
   summary = {
     "vmap": {"max_abs": float(np.max(np.abs(d))), "mean": float(np.mean(d))},

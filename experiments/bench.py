@@ -31,7 +31,11 @@ flags.DEFINE_list(
   "runs per call of the first strategy and precision (the main sweep; stops at the first OOM)",
 )
 flags.DEFINE_list("other_batches", ["1", "8"], "runs per call of every other strategy x precision")
-flags.DEFINE_list("strategies", ["vmap"], "vmap (grouped convs), map (lax.map over runs in the chunk)")
+flags.DEFINE_list(
+  "strategies",
+  ["vmap"],
+  "--batch_strategy values (vmap, map, unroll) and vmap_im2col (vmap with --conv=im2col: batched matmuls)",
+)
 flags.DEFINE_list("precisions", ["tf32"], "tf32 (JAX default f32), fp32 (Precision.HIGHEST), bf16")
 flags.DEFINE_integer(
   "eval_batch",
@@ -76,9 +80,12 @@ def step_cost(size: int, precision: str) -> dict:
   return cost[0] if isinstance(cost, list) else cost
 
 
-def official_net(cfg: FitConfig) -> tuple[NetConfig, FitConfig]:
+def official_net(cfg: FitConfig, conv: str = "auto") -> tuple[NetConfig, FitConfig]:
   """DIP's denoising net on gray images, resolved for this backend."""
-  return fit.for_backend(NetConfig(out_channels=1), cfg, jax.default_backend())
+  return fit.for_backend(NetConfig(out_channels=1, conv=conv), cfg, jax.default_backend())
+
+
+STRATEGY_CONV = {"vmap_im2col": ("vmap", "im2col")}  # bench label -> (--batch_strategy, --conv)
 
 
 def merge(paths: list[str], out: str) -> None:
@@ -112,7 +119,10 @@ def merge(paths: list[str], out: str) -> None:
 
 def bench_one(size: int, batch: int, precision: str, strategy: str, eval_every: int = 0) -> dict:
   """eval_every=0: the step alone (no ground truth); k: with the clean-input eval every k steps."""
-  net, cfg = official_net(FitConfig(precision=precision, strategy=strategy, eval_every=max(eval_every, 1), steps=10**6))
+  batch_strategy, conv = STRATEGY_CONV.get(strategy, (strategy, "auto"))
+  net, cfg = official_net(
+    FitConfig(precision=precision, batch_strategy=batch_strategy, eval_every=max(eval_every, 1), steps=10**6), conv
+  )
   keys = [run_keys(0, k) for k in range(batch)]
   y = jax.random.uniform(jax.random.key(1), (batch, size, size, 1))
   b = fit.make_batch(net, cfg, keys, y, clean_NxHxWxC=y if eval_every else None)
@@ -141,6 +151,7 @@ def bench_one(size: int, batch: int, precision: str, strategy: str, eval_every: 
     "batch": batch,
     "precision": precision,
     "strategy": strategy,
+    "conv": net.conv,
     "eval_every": eval_every,
     "ms_per_step": ms,
     "ms_spread": 1000 * float(np.ptp(times)),
@@ -167,12 +178,12 @@ def write_results(out: str, meta: dict, rows: list[dict]) -> None:
       f"({meta['peak_source']}). PyTorch: the reference loop (experiments/torch_reference.py: "
       "official loop, host PSNR each step, cuDNN benchmark mode, TF32 convolutions as PyTorch's "
       "default), one image at a time, same device, same run.\n\n"
-      "| size | strategy | precision | batch | eval | ms/step | image-steps/s | TFLOP/s | % peak | "
-      "peak MB | first call s | torch ms/step (1 img) | ratio vs torch |\n|" + "---|" * 13 + "\n"
+      "| size | strategy | conv | precision | batch | eval | ms/step | image-steps/s | TFLOP/s | % peak | "
+      "peak MB | first call s | torch ms/step (1 img) | ratio vs torch |\n|" + "---|" * 14 + "\n"
     )
     for r in rows:
       f.write(
-        f"| {r['size']} | {r['strategy']} | {r['precision']} | {r['batch']} | "
+        f"| {r['size']} | {r['strategy']} | {r.get('conv', '-')} | {r['precision']} | {r['batch']} | "
         f"{'every step' if r['eval_every'] else '-'} | {r['ms_per_step']:.1f} | "
         f"{r['image_steps_per_s']:.2f} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f} | "
         f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 1e6, '%.0f')} | "

@@ -19,8 +19,8 @@ from idip_jax.train import Batch, make_model, make_optimizer, train_step
 # image than one run at a time on both backends measured: XLA:CPU (experiments/results/bench_cpu.md,
 # 64 px: 165 ms per image-step at batch 2 vs 92 ms at batch 1) and an H100 (bench_gpu.md, 256 px:
 # 204 image-steps/s at batch 1; 62 / 99 / 124 / 119 at batch 2 / 4 / 8 / 16). So "auto" fits one
-# run per call under --strategy=vmap (runner.resolve); the memory-aware sizing below serves
-# --strategy=map on accelerators.
+# run per call under --batch_strategy=vmap (runner.resolve); the memory-aware sizing below serves
+# --batch_strategy=map on accelerators.
 VMAP_AUTO_BATCH = 1
 MEMORY_HEADROOM = 0.85  # of the device's bytes_limit; XLA's estimate misses allocator slack
 
@@ -29,7 +29,7 @@ def lower_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, widt
   """The jitted step over `batch` runs, lowered from shapes only (nothing is allocated); its
   pre-compile cost analysis counts every convolution on any backend."""
   model, tx = make_model(net_cfg, cfg), make_optimizer(cfg)
-  step = jax.jit(over_batch(functools.partial(train_step, model, tx, cfg), cfg.strategy), donate_argnums=0)
+  step = jax.jit(over_batch(functools.partial(train_step, model, tx, cfg), cfg.batch_strategy), donate_argnums=0)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
   ema = jax.ShapeDtypeStruct((batch, height, width, net_cfg.out_channels), jnp.float32)
   states = jax.eval_shape(make_init(net_cfg, cfg), keys).replace(ema=ema)

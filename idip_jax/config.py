@@ -78,9 +78,10 @@ class NetConfig:
   sigmoid: bool = option(True, "sigmoid on the output (DIP's need_sigmoid)", flag=None)
   conv: str = option(
     "auto",
-    "convolution path: lax (plain) | cpu (rewrites faster on XLA:CPU, same "
-    "values; models.conv_cpu) | auto (cpu on CPU, lax elsewhere)",
-    choices=("auto", "lax", "cpu"),
+    "convolution path, same values: lax (plain) | cpu (rewrites faster on XLA:CPU; models.conv_cpu) | "
+    "im2col (one dot over patches: a batched matmul under vmap; models.conv_im2col) | auto (cpu on CPU, "
+    "lax elsewhere)",
+    choices=("auto", "lax", "cpu", "im2col"),
   )
 
 
@@ -119,8 +120,12 @@ class FitConfig:
     choices=PRECISIONS,
   )
   eval_every: int = option(10, "metrics of the clean-input output and EMA every k steps", lo=1)
-  strategy: str = option(
-    "vmap", "vmap (grouped convs) | map (runs one after another in a call)", choices=("vmap", "map")
+  batch_strategy: str = option(
+    "vmap",
+    "how one call fits its runs: vmap (per-run weights: grouped convs, or batched matmuls with --conv=im2col) | "
+    "map (lax.map: one after another inside a loop) | unroll (a Python loop over the runs inside the compiled "
+    "step: dense convs, no loop)",
+    choices=("vmap", "map", "unroll"),
   )
   loop: str = option(
     "auto", "scan | host | auto (host loop on CPU, lax.scan elsewhere)", choices=("auto", "scan", "host")
@@ -152,7 +157,7 @@ class RunConfig:
   image_channels: int = option(0, "0 = as stored, 1 = convert to gray, 3 = to RGB", choices=(0, 1, 3))
   crop: int = option(0, "center crop to this size (0 = whole image)", lo=0)
   batch_size: int = option(
-    0, "runs per call (0 = auto: 1 under --strategy=vmap or on CPU, else the most that fit the device's memory)", lo=0
+    0, "runs per call (0 = auto: 1 under --batch_strategy=vmap or on CPU, else the most that fit the device's memory)", lo=0
   )
   save_images: bool = option(True, "write PNGs")
   save_float: bool = option(False, "also write every image as float32 .npy (lossless, as fitted)")

@@ -62,9 +62,17 @@ def _check_resolved(net_cfg: NetConfig, cfg: FitConfig) -> None:
 
 
 def over_batch(f: Callable, strategy: str) -> Callable:
-  """f on one run -> f on a leading run axis."""
+  """f on one run -> f on a leading run axis (config.FitConfig.batch_strategy)."""
   if strategy == "map":
     return lambda *args: jax.lax.map(lambda a: f(*a), args)
+  if strategy == "unroll":
+
+    def unrolled(*args):
+      n = jax.tree_util.tree_leaves(args)[0].shape[0]
+      outs = [f(*jax.tree_util.tree_map(lambda a, i=i: a[i], args)) for i in range(n)]
+      return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+    return unrolled
   return jax.vmap(f)
 
 
@@ -93,7 +101,7 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
   is_eval_step skips. Cached by config, so refits of same-shape batches reuse the program."""
   _check_resolved(net_cfg, cfg)
   model = make_model(net_cfg, cfg)
-  step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.strategy)
+  step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
   evaluate = jax.vmap(functools.partial(eval_step, model))
 
   if cfg.loop == "scan":

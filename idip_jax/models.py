@@ -99,6 +99,14 @@ class Conv(nn.Module):
 _NHWC = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
+def _is_simple(kw) -> bool:
+  """NHWC/HWIO, no groups, no dilation: the convolutions SkipUNet makes."""
+  dilations = (kw.get("lhs_dilation") or (1, 1)) + (kw.get("rhs_dilation") or (1, 1))
+  return (
+    kw.get("dimension_numbers") == _NHWC and kw.get("feature_group_count", 1) == 1 and all(d == 1 for d in dilations)
+  )
+
+
 def conv_cpu(lhs, rhs, window_strides, padding, **kw):
   """lax.conv_general_dilated, with two rewrites that give the same values and are faster on
   XLA:CPU (NetConfig.conv="cpu", the runner's choice on CPU).
@@ -111,12 +119,7 @@ def conv_cpu(lhs, rhs, window_strides, padding, **kw):
   """
   plain = functools.partial(jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, **kw)
   unpadded = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
-  simple = (
-    kw.get("dimension_numbers") == _NHWC
-    and kw.get("feature_group_count", 1) == 1
-    and all(d == 1 for d in (kw.get("lhs_dilation") or (1, 1)) + (kw.get("rhs_dilation") or (1, 1)))
-  )
-  if not unpadded or not simple:
+  if not unpadded or not _is_simple(kw):
     return plain()
   kh, kw_ = rhs.shape[:2]
   if (kh, kw_) == (1, 1) and tuple(window_strides) == (1, 1):
@@ -125,6 +128,36 @@ def conv_cpu(lhs, rhs, window_strides, padding, **kw):
   out_h, out_w = (lhs.shape[1] - kh) // sh + 1, (lhs.shape[2] - kw_) // sw + 1
   y = jax.lax.conv_general_dilated(lhs, rhs, window_strides, [(0, 1), (0, 1)], **kw)
   return y[:, :out_h, :out_w]
+
+
+def conv_im2col(lhs, rhs, window_strides, padding, **kw):
+  """lax.conv_general_dilated as one dot over im2col patches, with the same values.
+
+  Under vmap over runs (per-run weights) XLA:CPU runs the plain convolution as a grouped
+  convolution, slowly (experiments/results/bench_cpu.md); this form becomes one batched
+  matmul instead. The patches are strided slices concatenated in HWIO order, so the kernel
+  is only reshaped. Costs kh*kw times the input's memory per convolution.
+  """
+  if not _is_simple(kw):
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
+  if padding != "VALID":
+    (pt, pb), (pl, pr) = padding
+    lhs = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw_, c, f = rhs.shape
+  sh, sw = window_strides
+  out_h, out_w = (lhs.shape[1] - kh) // sh + 1, (lhs.shape[2] - kw_) // sw + 1
+  cols = [
+    lhs[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :] for i in range(kh) for j in range(kw_)
+  ]
+  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  return jnp.einsum("nhwk,kf->nhwf", patches, rhs.reshape(kh * kw_ * c, f), precision=kw.get("precision"))
+
+
+# NetConfig.conv -> the convolution SkipUNet's layers call ("auto" is resolved by the runner;
+# unresolved it is the plain one).
+CONV_PATHS = types.MappingProxyType(
+  {"auto": jax.lax.conv_general_dilated, "lax": jax.lax.conv_general_dilated, "cpu": conv_cpu, "im2col": conv_im2col}
+)
 
 
 def upsample2x(x_NxHxWxC: jax.Array, mode: str) -> jax.Array:

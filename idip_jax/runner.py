@@ -71,8 +71,8 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
   )
   net, fit_cfg = fit.for_backend(net, fit_cfg, backend)
   batch_size = cfg.batch_size
-  if not batch_size and (fit_cfg.strategy == "vmap" or backend == "cpu"):
-    batch_size = batching.VMAP_AUTO_BATCH if fit_cfg.strategy == "vmap" else 1
+  if not batch_size and (fit_cfg.batch_strategy == "vmap" or backend == "cpu"):
+    batch_size = batching.VMAP_AUTO_BATCH if fit_cfg.batch_strategy == "vmap" else 1
   return dataclasses.replace(cfg, net=net, fit=fit_cfg, batch_size=batch_size)
 
 

@@ -144,7 +144,7 @@ def _bad_inputs(tmp_path):
     "infinite input noise": (["--input=" + good, "--reg_noise_std=inf"], "finite"),
     "unknown noise protocol": (["--input=" + good, "--sigma=25", "--noise=poisson"], "noise"),
     "unknown backtrack rule": (["--input=" + good, "--backtrack=never"], "backtrack"),
-    "unknown strategy": (["--input=" + good, "--strategy=pmap"], "strategy"),
+    "unknown strategy": (["--input=" + good, "--batch_strategy=pmap"], "strategy"),
     "unknown precision": (["--input=" + good, "--precision=fp8"], "precision"),
     "zero eval_every": (["--input=" + good, "--eval_every=0"], "eval_every"),
     "crop larger than the image": (["--input=" + good, "--crop=100"], "larger"),

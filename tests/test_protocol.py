@@ -55,7 +55,7 @@ def test_map_strategy_equals_vmap(two):
   batch, keys = two
   cfg = dataclasses.replace(CFG, steps=4, chunk=4)
   v = fit.fit(NET, cfg, batch, keys)
-  m = fit.fit(NET, dataclasses.replace(cfg, strategy="map"), batch, keys)
+  m = fit.fit(NET, dataclasses.replace(cfg, batch_strategy="map"), batch, keys)
   np.testing.assert_allclose(m.history["loss"], v.history["loss"], atol=2e-6)
   np.testing.assert_allclose(m.final_NxHxWxC, v.final_NxHxWxC, atol=1e-3)
 

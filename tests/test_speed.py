@@ -152,7 +152,7 @@ def test_auto_batch_size_from_compiled_memory():
     runner.RunConfig(method="dip", fit=dataclasses.replace(CFG, steps=0, **kw)), 1, "gpu"
   )
   assert auto().batch_size == batching.VMAP_AUTO_BATCH == 1  # vmap: one run per call (measured fastest)
-  assert auto(strategy="map").batch_size == 0  # map on an accelerator: sized from memory per bucket
+  assert auto(batch_strategy="map").batch_size == 0  # map on an accelerator: sized from memory per bucket
 
 
 def test_runner_halves_the_batch_on_out_of_memory(tmp_path, monkeypatch):
