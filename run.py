@@ -4,6 +4,7 @@ Flags are generated from the config dataclasses (idip_jax/config.py), parsed onc
 JobConfig and handed to idip_jax.runner.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -27,4 +28,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  code = main(sys.argv)
+  if code == 130:  # Ctrl-C mid-compute: XLA's threads may crash the interpreter's teardown (seen: SIGSEGV)
+    sys.stdout.flush(), sys.stderr.flush(), os._exit(code)
+  sys.exit(code)

@@ -157,7 +157,9 @@ class RunConfig:
   image_channels: int = option(0, "0 = as stored, 1 = convert to gray, 3 = to RGB", choices=(0, 1, 3))
   crop: int = option(0, "center crop to this size (0 = whole image)", lo=0)
   batch_size: int = option(
-    0, "runs per call (0 = auto: 1 under --batch_strategy=vmap or on CPU, else the most that fit the device's memory)", lo=0
+    0,
+    "runs per call (0 = auto: 1 under --batch_strategy=vmap or on CPU, else the most that fit the device's memory)",
+    lo=0,
   )
   save_images: bool = option(True, "write PNGs")
   save_float: bool = option(False, "also write every image as float32 .npy (lossless, as fitted)")

@@ -147,7 +147,9 @@ def conv_im2col(lhs, rhs, window_strides, padding, **kw):
   sh, sw = window_strides
   out_h, out_w = (lhs.shape[1] - kh) // sh + 1, (lhs.shape[2] - kw_) // sw + 1
   cols = [
-    lhs[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :] for i in range(kh) for j in range(kw_)
+    lhs[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+    for i in range(kh)
+    for j in range(kw_)
   ]
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
   return jnp.einsum("nhwk,kf->nhwf", patches, rhs.reshape(kh * kw_ * c, f), precision=kw.get("precision"))

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DATA, ROOT, WEIGHTS, import_experiment, need_path, parsed_flags
+from conftest import DATA, ROOT, TINY_ARGS, WEIGHTS, import_experiment, need_path, parsed_flags
 
 SCRIPT = os.path.join(ROOT, "experiments", "tables.py")
 
@@ -83,3 +83,36 @@ def test_fit_speed_counts_first_step_reaching_dips_best():
   assert fs["per_image"]["a"]["idip_steps"] == 2 and fs["per_image"]["b"]["idip_steps"] is None, fs
   assert fs["reached"] == 1 and abs(fs["mean_step_reduction_pct"] - 50.0) < 1e-9, fs
   assert abs(fs["mean_seconds_reduction_pct"] - 25.0) < 1e-9, fs  # 2 x 0.3 s vs 4 x 0.2 s
+
+
+def test_faithfulness_study_plumbing(tmp_path):
+  """experiments/faithfulness.py on one tiny crop: each variant's record and the markdown."""
+  need_path(os.path.join(DATA, "classic10"))
+  need_path(WEIGHTS)
+  study = import_experiment("faithfulness")
+  out = tmp_path / "study"
+  args = [
+    "faithfulness.py",
+    "--flagfile=experiments/faithfulness/study.flags",
+    *TINY_ARGS,
+    "--crop=32",
+    "--steps=4",
+    "--chunk=2",
+    "--eval_every=2",
+    "--images=classic10/cameraman",
+    "--variants=idip,w0.5,dip",
+    "--batch_size=1",
+    f"--workdir={tmp_path / 'runs'}",
+    f"--out={out}",
+  ]
+  with parsed_flags(args):
+    study.main([])
+  res = json.loads((tmp_path / "study.json").read_text())
+  assert list(res["variants"]) == ["idip", "w0.5", "dip"] and res["variants"]["w0.5"]["changes"] == {
+    "prelim_weight": 0.5
+  }
+  cam = res["variants"]["idip"]["images"]["cameraman"]
+  assert cam["curve_steps"] == [2, 4] and cam["peak"] == max(cam["curve"]) and 10 < cam["xbar"] < 60
+  # the same x_bar for every variant of one noise protocol
+  assert res["variants"]["dip"]["images"]["cameraman"]["xbar"] == cam["xbar"]
+  assert "mean peak - x_bar" in (tmp_path / "study.md").read_text()
