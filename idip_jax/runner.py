@@ -71,8 +71,9 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
   )
   net, fit_cfg = fit.for_backend(net, fit_cfg, backend)
   batch_size = cfg.batch_size
-  # On CPU no batched mode measured faster per image than one run per call (unroll: -7% / -2.5%
-  # / +5% at 64 / 128 / 256 px, vmap 2-3x slower; experiments/results/bench_cpu.md).
+  # On CPU no batched mode measured clearly faster per image than one run per call (unroll: -7% /
+  # -2.5% / +5% at 64 / 128 / 256 px, about the run-to-run drift, for 2x the compile time and
+  # memory; vmap 2-3x slower; experiments/results/bench_cpu.md). Batching would need >= 10%.
   if not batch_size and (fit_cfg.batch_strategy == "vmap" or backend == "cpu"):
     batch_size = batching.VMAP_AUTO_BATCH if fit_cfg.batch_strategy == "vmap" else 1
   return dataclasses.replace(cfg, net=net, fit=fit_cfg, batch_size=batch_size)
