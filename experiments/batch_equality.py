@@ -74,9 +74,7 @@ def main(_):
     "vmap_loss_max_abs_diff": float(np.abs(vm - one).max()),
   }
   meta = {
-    "device": outputs.device_name(),
-    "commit": outputs.git_commit(),
-    "date": outputs.now(),
+    **outputs.provenance(),
     "steps": cfg.steps,
     "crop": run.crop,
     "images": len(images),

@@ -41,14 +41,7 @@ def load(cfg: config.RunConfig) -> list[data.Image]:
   images = []
   for spec in F.images:
     folder, name = spec.split("/")
-    path = next(
-      (
-        os.path.join(ddir, folder, name + e)
-        for e in data.IMAGE_EXTS
-        if os.path.isfile(os.path.join(ddir, folder, name + e))
-      ),
-      None,
-    )
+    path = data.find_image(os.path.join(ddir, folder), name)
     if path is None:
       raise data.InputError(f"--images: no image {spec} in {ddir}")
     images += data.load_images(path, cfg.sigma, cfg.noise_seed, 1, cfg.crop, cfg.noise, min_size=2**cfg.net.scales)
@@ -64,9 +57,7 @@ def main(argv):
   os.makedirs(os.path.dirname(out), exist_ok=True)
   top = base.workdir or "runs/faithfulness"
   meta = {
-    "device": outputs.device_name(),
-    "commit": outputs.git_commit(),
-    "date": outputs.now(),
+    **outputs.provenance(),
     "command": "python experiments/faithfulness.py " + " ".join(sys.argv[1:]),
     "sigma": base.sigma,
     "crop": base.crop,
@@ -84,13 +75,14 @@ def main(argv):
       images = load(cfg)
       xbars[cfg.noise] = (images, dict(zip([im.name for im in images], prelim.make(cfg, images))))
     images, xbar = xbars[cfg.noise]
+    clean = {im.name: im.clean_HxWxC for im in images}
     res = runner.run(cfg, images=images, prelim_images=xbar)
     rows = {}
     for r in res["images"]:
       h = results.read_history(os.path.join(cfg.workdir, "history", r["name"] + ".csv"))
       best = int(np.nanargmax(h["psnr"]))
       rows[r["name"]] = {
-        "xbar": results.psnr(xbar[r["name"]], next(im.clean_HxWxC for im in images if im.name == r["name"])),
+        "xbar": results.psnr(xbar[r["name"]], clean[r["name"]]),
         "peak": float(h["psnr"][best]),
         "peak_step": best + 1,
         "final": r["psnr_final"],

@@ -58,7 +58,7 @@ def main(_):
         }
       )
       print(ds, sigma, den, protocol, f"{rows[-1]['mean']:.3f} (paper {paper})", flush=True)
-  meta = {"device": outputs.device_name(), "commit": outputs.git_commit(), "date": outputs.now()}
+  meta = outputs.provenance()
   outputs.write_json(out + ".json", dict(meta, rows=rows))
   with open(out + ".md", "w") as f:
     f.write(

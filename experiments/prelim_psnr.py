@@ -49,7 +49,7 @@ def main(_):
       }
     )
     print(f"{name:10s} {method:7s} sigma={sigma:2d}  {rows[-1]['mean_psnr']:.2f}  (published {ref})", flush=True)
-  meta = {"device": outputs.device_name(), "commit": outputs.git_commit(), "date": outputs.now()}
+  meta = outputs.provenance()
   os.makedirs(os.path.dirname(out), exist_ok=True)
   outputs.write_json(out + ".json", dict(meta, rows=rows))
   with open(out + ".md", "w") as f:

@@ -147,13 +147,10 @@ def same_config(want: dict, have: dict) -> bool:
   """Equal on every setting both record; a stored "auto" (older code recorded it unresolved)
   matches anything."""
   flat = {}
-
-  def walk(d, prefix=""):
-    for k, v in d.items():
-      walk(v, prefix + k + ".") if isinstance(v, dict) else flat.__setitem__(prefix + k, v)
-
-  walk(have)
-  flat = {LEGACY_KEYS.get(k, k): v for k, v in flat.items()}
+  for k, v in have.items():  # config.json nests one level: prelim, net, fit
+    for kk, vv in v.items() if isinstance(v, dict) else [("", v)]:
+      key = f"{k}.{kk}" if kk else k
+      flat[LEGACY_KEYS.get(key, key)] = vv
   if "input" in flat:
     flat["input"] = os.path.basename(os.path.normpath(flat["input"]))
   return all(flat[k] in (v, "auto") for k, v in want.items() if k in flat)

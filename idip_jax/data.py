@@ -34,6 +34,15 @@ def shared_dir() -> str:
   return os.environ.get("IDIP_SHARED", os.path.join(root, "..", "shared"))
 
 
+def find_image(folder: str, name: str) -> str | None:
+  """The image file named `name` (any of IMAGE_EXTS) in `folder`, or None."""
+  for ext in IMAGE_EXTS:
+    path = os.path.join(folder, name + ext)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
 def list_inputs(spec: str) -> list[str]:
   """A file, a folder (its images, sorted), a glob, or 'skimage:NAME'."""
   if spec.startswith("skimage:"):

@@ -152,3 +152,8 @@ def device_name() -> str:
 
 def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def provenance() -> dict:
+  """Where and when a result was made: device, commit, date (every results file carries them)."""
+  return {"device": device_name(), "commit": git_commit(), "date": now()}

@@ -69,10 +69,9 @@ def _run_bm3d(cfg, images):
 
 
 def _file_for(cfg: RunConfig, name: str) -> str:
-  for ext in data.IMAGE_EXTS:
-    p = os.path.join(cfg.prelim.prelim_dir, name + ext)
-    if os.path.isfile(p):
-      return p
+  path = data.find_image(cfg.prelim.prelim_dir, name)
+  if path is not None:
+    return path
   raise InputError(
     f"--prelim=file: no image named '{name}' ({'/'.join(data.IMAGE_EXTS)}) in --prelim_dir={cfg.prelim.prelim_dir}"
   )
