@@ -6,27 +6,21 @@ python experiments/cpu_conv_paths.py   (~2 min on the 2-core CI CPU)
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from idip_jax import fit, train  # noqa: E402
 from idip_jax.config import FitConfig, NetConfig  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_probes import median_ms  # noqa: E402
 
-def ms(f, *args, n=5):
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t)
-  return 1000 * float(np.median(times))
+ms = functools.partial(median_ms, n=5)  # median of 5 calls after a warm-up, in ms
 
 
 def step_ms(size: int, conv: str) -> float:
