@@ -21,7 +21,9 @@ from idip_jax import config, data, metrics, outputs, prelim, results, runner  # 
 F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # every run setting, as in run.py (--crop, --noise, --workdir...)
 config.define_flags(F, config.ExperimentConfig)  # --data_dir, --max_images (--out is unused here)
-flags.DEFINE_list("tables", ["T2"], "T1, T2, T3, T4, T6, DIPcolor, HOLDOUT, or all")
+flags.DEFINE_list(
+  "tables", ["T2"], "T1, T2, T3, T4, T6, DIPcolor, HOLDOUT, IDIPplus_<set> (holdout9, classic10, Set12), or all"
+)
 flags.DEFINE_string("results_dir", "experiments/results", "where the tables go")
 flags.DEFINE_list(
   "method_steps",
@@ -43,6 +45,7 @@ flags.DEFINE_bool(
   "runs); each table row records the commit and code hash of its job",
 )
 flags.DEFINE_bool("dry_run", False, "parse flags, list the jobs, run nothing")
+flags.DEFINE_integer("ensemble_runs", 4, "K: runs per image of the IDIPplus tables' jobs (IDIP-xK)", lower_bound=2)
 DEFAULT_WORKDIR = "runs/tables"
 
 PAPER = {  # means reported by the papers (dB); per-image values are not reproduced here
@@ -63,7 +66,32 @@ class Job:
   prelim: str = "none"
   seeds: int = 1
   channels: int = 1
-  fit: tuple[tuple[str, float], ...] = ()  # FitConfig overrides of this row (a variant)
+  fit: tuple[tuple[str, float | str], ...] = ()  # FitConfig overrides of this row (a variant)
+  report: str = "final"  # which of the job's numbers the row reports (REPORT); not part of the job
+
+
+# Row reports -> result keys: the output on the unperturbed input (final; at the criterion's step
+# under --stop), its EMA, the K runs' mean image (ensemble), the last state under --stop (the
+# fixed-step result), and the per-image best step (oracle: uses the ground truth).
+REPORT = {
+  "final": "psnr_final",
+  "ema": "psnr_ema",
+  "ensemble": "psnr_avg_final",
+  "ensemble_ema": "psnr_avg_ema",
+  "last": "psnr_last",
+  "last_ema": "psnr_last_ema",
+  "ensemble_last": "psnr_avg_last",
+  "ensemble_last_ema": "psnr_avg_last_ema",
+  "oracle": "oracle_best_psnr",
+}
+EMA_OF = {"final": "ema", "ensemble": "ensemble_ema", "last": "last_ema", "ensemble_last": "ensemble_last_ema"}
+# Issue 16's jobs: K runs per image with ES-WMV (Wang et al.) watching them; patience as long as
+# the run, so no run freezes early and one job gives the fixed-step result (its last state), the
+# criterion's choice, their K-run ensembles and the oracle.
+WATCHED = (("stop", "wmv"), ("stop_patience", 100000))
+# "IDIP-best": the combination of settings and report chosen on holdout9 (IDIPplus_holdout9) and
+# used unchanged on the other sets. None until that study has run: the rows are left out.
+IDIP_BEST: tuple[tuple[tuple[str, float | str], ...], str] | None = None
 
 
 def table_jobs(table: str) -> list[tuple[str, Job]]:
@@ -101,6 +129,21 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
       ("IDIP", Job("holdout9", 25, "idip", "ffdnet")),
       ("IDIP x_bar unperturbed", Job("holdout9", 25, "idip", "ffdnet", fit=(("xbar_noise_std", 0.0),))),
     ]
+  if table.startswith("IDIPplus_"):
+    ds, k = table[len("IDIPplus_") :], F.ensemble_runs
+    rows = []
+    for s in (15, 25, 50):
+      watched = Job(ds, s, "idip", "ffdnet", seeds=k, fit=WATCHED)
+      rows += [
+        (f"x_bar@{s}", Job(ds, s, "prelim", "ffdnet")),
+        (f"IDIP@{s}", dataclasses.replace(watched, report="last")),  # paper settings: the mean single run
+        (f"IDIP-auto@{s}", watched),  # at the step ES-WMV chose, per run
+        (f"IDIP-x{k}@{s}", dataclasses.replace(watched, report="ensemble_last")),
+        (f"IDIP-oracle@{s}", dataclasses.replace(watched, report="oracle")),
+      ]
+      if IDIP_BEST is not None:
+        rows.append((f"IDIP-best@{s}", Job(ds, s, "idip", "ffdnet", seeds=k, fit=IDIP_BEST[0], report=IDIP_BEST[1])))
+    return rows
   if table == "DIPcolor":
     return [("DIP", Job("cbm3d9", 25, "dip", seeds=2, channels=3))]
   raise ValueError(f"unknown table {table}")
@@ -208,15 +251,16 @@ class Runner:
         crop=32,
         save_images=False,
         net=config.TINY_NET,
-        fit=dataclasses.replace(fit_cfg, steps=4, chunk=4, eval_every=2),
+        fit=dataclasses.replace(fit_cfg, steps=4, chunk=4, eval_every=2, stop_window=2),
       )
     return cfg
 
   def run(self, job: Job) -> dict:
+    job = dataclasses.replace(job, report="final")  # rows differing in what they report share a job
     if job in self.done:
       return self.done[job]
     name = f"{job.dataset}_s{job.sigma:g}_{F.noise}_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
-      f"_{k}{v:g}" for k, v in job.fit
+      f"_{k}{v:g}" if isinstance(v, float | int) else f"_{k}{v}" for k, v in job.fit
     )
     cfg = self.config(
       dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
@@ -301,7 +345,7 @@ def make_table(table: str, jobs: Runner, commit: str) -> dict:
     if job.method in report:
       res = at_step(res, report[job.method])
     is_prelim_row = job.method == "prelim"
-    key = "psnr_prelim" if is_prelim_row else "psnr_final"
+    key = "psnr_prelim" if is_prelim_row else REPORT[job.report]
     entry = {
       "steps": 0 if is_prelim_row else res["steps"],
       "run_steps": 0 if is_prelim_row else res.get("run_steps", res["steps"]),
@@ -317,16 +361,25 @@ def make_table(table: str, jobs: Runner, commit: str) -> dict:
       "noise": F.noise,
     }
     if not is_prelim_row:
-      entry["mean_psnr_ema"] = res["mean"]["psnr_ema"]
+      if job.report in EMA_OF:  # the EMA of the same output(s)
+        ema_key = REPORT[EMA_OF[job.report]]
+        entry["mean_psnr_ema"] = res["mean"][ema_key]
+        entry["per_image_ema"] = {r["name"]: r[ema_key] for r in res["images"]}
       entry["oracle_mean_best_psnr"] = res["mean"]["oracle_best_psnr"]
       entry["oracle_mean_best_step"] = res["mean"]["oracle_best_step"]
-      entry["per_image_ema"] = {r["name"]: r["psnr_ema"] for r in res["images"]}
       entry.update(mean_curve_peak(res, entry["steps"]))
       if res["mean"].get("psnr_prelim") is not None:
         entry["mean_psnr_prelim"] = res["mean"]["psnr_prelim"]  # its x_bar alone, same images
       if job.seeds > 1:
         entry["mean_psnr_avg_runs_ema"] = res["mean"]["psnr_avg_ema"]
         entry["mean_psnr_avg_runs_final"] = res["mean"]["psnr_avg_final"]
+      if job.report != "final":
+        entry["report"] = job.report
+      if "stop_step" in res["mean"]:  # the criterion's step against the oracle's, per image
+        entry["mean_stop_step"] = res["mean"]["stop_step"]
+        entry["mean_stop_gap_db"] = res["mean"]["stop_gap_db"]
+        entry["per_image_stop_step"] = {r["name"]: r["stop_step"] for r in res["images"]}
+        entry["per_image_oracle_step"] = {r["name"]: r["oracle_best_step"] for r in res["images"]}
     out["methods"][label] = entry
   if table == "T6":
     out["fit_speed"] = fit_speed(jobs.run(rows[0][1]), jobs.run(rows[1][1]))
@@ -431,45 +484,33 @@ def write_markdown(t: dict, path: str) -> None:
   fmt = lambda vals: f"{np.mean(vals):.2f} ± {np.std(vals):.2f}"
   lines.append("| **mean ± std** | " + " | ".join(fmt(list(m["per_image"].values())) for m in methods.values()) + " |")
   lines.append("| paper | " + " | ".join(str(t["paper"].get(k, "-")) for k in methods) + " |")
-  lines.append(
-    "| EMA | "
-    + " | ".join(f"{m['mean_psnr_ema']:.2f}" if "mean_psnr_ema" in m else "-" for m in methods.values())
-    + " |"
-  )
+
+  def summary_row(title: str, has: str, cell) -> None:
+    lines.append(f"| {title} | " + " | ".join(cell(m) if has in m else "-" for m in methods.values()) + " |")
+
+  summary_row("EMA", "mean_psnr_ema", lambda m: f"{m['mean_psnr_ema']:.2f}")
   if any("mean_psnr_prelim" in m for m in methods.values()):
-    lines.append(
-      "| its x_bar alone | "
-      + " | ".join(f"{m['mean_psnr_prelim']:.2f}" if "mean_psnr_prelim" in m else "-" for m in methods.values())
-      + " |"
-    )
-  lines.append(
-    "| peak of the mean curve (step) | "
-    + " | ".join(
-      f"{m['curve_peak']['psnr']:.2f} ({m['curve_peak']['step']})" if "curve_peak" in m else "-"
-      for m in methods.values()
-    )
-    + " |"
+    summary_row("its x_bar alone", "mean_psnr_prelim", lambda m: f"{m['mean_psnr_prelim']:.2f}")
+  for title, key in (
+    ("peak of the mean curve (step)", "curve_peak"),
+    ("EMA: peak of the mean curve (step)", "curve_peak_ema"),
+  ):
+    summary_row(title, key, lambda m, key=key: f"{m[key]['psnr']:.2f} ({m[key]['step']})")
+  summary_row(
+    "oracle best per image, mean (step)",
+    "oracle_mean_best_psnr",
+    lambda m: f"{m['oracle_mean_best_psnr']:.2f} ({m['oracle_mean_best_step']:.0f})",
   )
-  lines.append(
-    "| EMA: peak of the mean curve (step) | "
-    + " | ".join(
-      f"{m['curve_peak_ema']['psnr']:.2f} ({m['curve_peak_ema']['step']})" if "curve_peak_ema" in m else "-"
-      for m in methods.values()
+  if any("mean_stop_step" in m for m in methods.values()):
+    summary_row(
+      "ES-WMV step, mean (PSNR below the oracle's)",
+      "mean_stop_step",
+      lambda m: f"{m['mean_stop_step']:.0f} ({m['mean_stop_gap_db']:.2f} dB)",
     )
-    + " |"
-  )
-  lines.append(
-    "| oracle best per image, mean (step) | "
-    + " | ".join(
-      f"{m['oracle_mean_best_psnr']:.2f} ({m['oracle_mean_best_step']:.0f})" if "oracle_mean_best_psnr" in m else "-"
-      for m in methods.values()
-    )
-    + " |"
-  )
   if t["paper"] and not set(t["paper"]) & set(methods):
     lines.append("\nPaper: " + ", ".join(f"{k} {v}" for k, v in t["paper"].items()))
   for k, m in methods.items():
-    if "mean_psnr_avg_runs_ema" in m:
+    if "mean_psnr_avg_runs_ema" in m and not t["table"].startswith("IDIPplus"):  # there: IDIP-xK
       lines.append(
         f"\n{k}: average of 2 runs: final {m['mean_psnr_avg_runs_final']:.2f}, EMA {m['mean_psnr_avg_runs_ema']:.2f}"
       )
@@ -514,6 +555,7 @@ def main(argv):
   steps = {k: int(v) for k, v in (s.split("=") for s in F.method_steps)}
   names = (
     ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"]
+    + [f"IDIPplus_{s}" for s in ("holdout9", "classic10", "Set12")]
     if F.tables == ["all"]
     else [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])
   )

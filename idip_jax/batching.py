@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from idip_jax.config import FitConfig, NetConfig
-from idip_jax.fit import make_init, over_batch
+from idip_jax.fit import make_init, over_batch, sized
 from idip_jax.train import Batch, make_model, make_optimizer, train_step
 
 # A vmapped batch runs its per-run convolutions as grouped convolutions, which are slower per
@@ -31,8 +31,7 @@ def lower_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, widt
   model, tx = make_model(net_cfg, cfg), make_optimizer(cfg)
   step = jax.jit(over_batch(functools.partial(train_step, model, tx, cfg), cfg.batch_strategy), donate_argnums=0)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-  ema = jax.ShapeDtypeStruct((batch, height, width, net_cfg.out_channels), jnp.float32)
-  states = jax.eval_shape(make_init(net_cfg, cfg), keys).replace(ema=ema)
+  states = jax.eval_shape(lambda k: sized(make_init(net_cfg, cfg)(k), height, width), keys)
   img = lambda c: jax.ShapeDtypeStruct((batch, height, width, c), jnp.float32)
   b = Batch(
     net_input=img(net_cfg.in_channels),

@@ -54,6 +54,7 @@ DEFAULT_STEPS = types.MappingProxyType({"dip": 1190, "idip1": 1190, "idip2": 150
 PRELIMS = ("none", "bm3d", "file", "ffdnet", "dncnn")  # prelim.REGISTRY implements each
 PRECISIONS = ("tf32", "fp32", "bf16")  # train.PRECISIONS implements each
 ACTIVATIONS = ("leaky_relu", "relu", "elu")  # models.ACTIVATIONS implements each
+STOPS = ("fixed", "wmv", "emv")  # train.stop_score implements each (but fixed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,16 @@ class FitConfig:
   loop: str = option(
     "auto", "scan | host | auto (host loop on CPU, lax.scan elsewhere)", choices=("auto", "scan", "host")
   )
+  stop: str = option(
+    "fixed",
+    "when a run ends: fixed (after --steps) | wmv (ES-WMV, Wang et al. TMLR 2023: variance of the last "
+    "--stop_window outputs) | emv (ES-EMV: its exponential moving variance); wmv/emv report the output and EMA "
+    "at the step of lowest variance and freeze a run --stop_patience steps after it (no ground truth used)",
+    choices=STOPS,
+  )
+  stop_window: int = option(100, "ES-WMV's window W of outputs (its buffer_size); ES-EMV's burn-in", lo=2)
+  stop_patience: int = option(1000, "steps without a new lowest variance before a run stops (ES-WMV's P)", lo=1)
+  stop_alpha: float = option(0.1, "ES-EMV's smoothing alpha", lo=0)
   shard: bool = option(True, "split the runs of a call over all local devices")
   remat: bool = option(False, "recompute each conv block in the backward pass (less memory)")
 

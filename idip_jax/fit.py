@@ -154,19 +154,34 @@ def make_predict(net_cfg: NetConfig, cfg: FitConfig, n_dev: int = 1) -> Callable
 
 @dataclasses.dataclass
 class FitResult:
-  final_NxHxWxC: np.ndarray
+  final_NxHxWxC: np.ndarray  # with --stop=wmv|emv: at each run's stop_step
   ema_NxHxWxC: np.ndarray
   history: dict[str, np.ndarray]  # name -> steps x N
   seconds: float  # the whole call, compilation included
   compile_seconds: float | None = None  # estimated (None when the fit was one chunk)
+  stop_step_N: np.ndarray | None = None  # --stop=wmv|emv: the step each run's criterion chose
+  # --stop=wmv|emv: the output and EMA of each run's last state (at --steps unless it stopped), so
+  # one fit also gives the fixed-step result
+  last_NxHxWxC: np.ndarray | None = None
+  last_ema_NxHxWxC: np.ndarray | None = None
 
 
 @functools.lru_cache(maxsize=64)
 def make_init(net_cfg: NetConfig, cfg: FitConfig) -> Callable:
   """init keys_N -> states_N (EMA sized later)."""
   return jax.jit(
-    jax.vmap(functools.partial(create_fit_state, make_model(net_cfg, cfg), make_optimizer(cfg), height=1, width=1))
+    jax.vmap(functools.partial(create_fit_state, make_model(net_cfg, cfg), make_optimizer(cfg), cfg, height=1, width=1))
   )
+
+
+def sized(states: FitState, height: int, width: int) -> FitState:
+  """States of N runs with their image buffers (the EMA, and the stopping window and snapshot)
+  zeroed at HxW: make_init builds them 1x1 so that one compiled init serves every bucket."""
+  resize = lambda a: jnp.zeros((*a.shape[:-3], height, width, a.shape[-1]), jnp.float32)
+  states = states.replace(ema=resize(states.ema))
+  if states.stop is not None:
+    states = states.replace(stop=states.stop.replace(window=resize(states.stop.window), ema=resize(states.stop.ema)))
+  return states
 
 
 def init_runs(
@@ -174,8 +189,7 @@ def init_runs(
 ) -> tuple[FitState, jax.Array]:
   """Initial states and per-step noise keys of N runs (keys: each run's run_keys)."""
   states = make_init(net_cfg, cfg)(jnp.stack([k["init"] for k in keys]))
-  ema = jnp.zeros((len(keys), height, width, net_cfg.out_channels), jnp.float32)
-  return states.replace(ema=ema), jnp.stack([k["noise"] for k in keys])
+  return sized(states, height, width), jnp.stack([k["noise"] for k in keys])
 
 
 def make_batch(
@@ -266,13 +280,22 @@ def fit(
       last = np.flatnonzero(~np.isnan(m["psnr"][:, 0]))
       if last.size:
         msg += f"  psnr {np.mean(m['psnr'][last[-1]]):.2f}  psnr_ema {np.mean(m['psnr_ema'][last[-1]]):.2f}"
+    if "stopped" in m:
+      stopped = m["stopped"][-1]
+      msg += f"  stopped {int(np.sum(stopped))}/{n_runs}"
     logging.info(msg)
+    if "stopped" in m and np.all(stopped):
+      break  # every run's criterion has stopped it: their states no longer change
   # The first chunk's time beyond what its steps take at the steady rate: compilation.
   compile_s = max(0.0, first[1] - first[0] * steady[1] / steady[0]) if steady[0] else None
-  final = make_predict(net_cfg, cfg, n_dev)(states.params, batch.net_input)
+  predict = make_predict(net_cfg, cfg, n_dev)
+  last, stop = np.asarray(predict(states.params, batch.net_input))[:n_runs], states.stop
   return FitResult(
-    final_NxHxWxC=np.asarray(final)[:n_runs],
-    ema_NxHxWxC=np.asarray(states.ema)[:n_runs],
+    final_NxHxWxC=last if stop is None else np.asarray(predict(stop.params, batch.net_input))[:n_runs],
+    ema_NxHxWxC=np.asarray(states.ema if stop is None else stop.ema)[:n_runs],
+    stop_step_N=None if stop is None else np.asarray(stop.best_step)[:n_runs],
+    last_NxHxWxC=None if stop is None else last,
+    last_ema_NxHxWxC=None if stop is None else np.asarray(states.ema)[:n_runs],
     history={k: np.concatenate(v, axis=0) for k, v in history.items()},
     seconds=time.perf_counter() - t0,
     compile_seconds=compile_s,

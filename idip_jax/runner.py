@@ -37,6 +37,12 @@ def validate(cfg: RunConfig) -> None:
     not (m.prelim_input or m.prelim_loss) or cfg.prelim.name != "none",
     f"--method={cfg.method} needs a preliminary denoiser: set --prelim (bm3d, file, ffdnet, dncnn)",
   )
+  steps = cfg.fit.steps or DEFAULT_STEPS[cfg.method]
+  need(
+    cfg.fit.stop == "fixed" or cfg.fit.stop_window + 1 < steps,
+    f"--stop={cfg.fit.stop} needs --stop_window ({cfg.fit.stop_window}) below --steps - 1 ({steps - 1}): "
+    "its variance is first known after the window fills",
+  )
   need(
     not (m.complex_connection and cfg.net.skip_channels == 0),
     "the complex connection lives on the skips: --skip_channels must be > 0",
@@ -232,6 +238,7 @@ def run(
     "sigma": cfg.sigma,
     "steps": cfg.fit.steps,
     "seeds": cfg.fit.seeds,
+    "stop": cfg.fit.stop,
     "images": [],
     "mean": {},
   }

@@ -29,6 +29,20 @@ DIP_SHOW_EVERY = 100
 
 
 @flax.struct.dataclass
+class StopState:
+  """Automatic stopping (FitConfig.stop, ES-WMV / ES-EMV of Wang et al., TMLR 2023) of one run."""
+
+  window: jax.Array  # wmv: the last W training outputs, WxHxWxC ring buffer; emv: their running mean, 1xHxWxC
+  emv: jax.Array  # emv: the exponential moving variance
+  best: jax.Array  # lowest variance so far
+  best_step: jax.Array  # steps done when it was reached: the detected stopping step
+  wait: jax.Array  # variance checks since then
+  stopped: jax.Array  # patience ran out: the run is frozen
+  params: Any  # parameters after best_step steps (their clean-input output is the reported image)
+  ema: jax.Array  # the EMA of the outputs then
+
+
+@flax.struct.dataclass
 class FitState:
   step: jax.Array
   params: Any
@@ -38,6 +52,7 @@ class FitState:
   good_opt_state: Any
   good_psnr_y: jax.Array
   dip_i: jax.Array  # the official notebook's step counter i (backtrack="dip")
+  stop: StopState | None = None  # None with --stop=fixed
 
 
 @flax.struct.dataclass
@@ -75,7 +90,7 @@ def random_input(key: jax.Array, height: int, width: int, channels: int, scale: 
 
 
 def create_fit_state(
-  model: SkipUNet, tx: optax.GradientTransformation, key: jax.Array, height: int, width: int
+  model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig, key: jax.Array, height: int, width: int
 ) -> FitState:
   # Parameter shapes do not depend on the image size, and Flax draws them from the
   # key and module path only, so initialising at the smallest valid size gives the
@@ -84,6 +99,18 @@ def create_fit_state(
   params = model.init(key, jnp.zeros((1, side, side, model.cfg.in_channels), jnp.float32))["params"]
   opt_state = tx.init(params)
   ema = jnp.zeros((height, width, model.cfg.out_channels), jnp.float32)
+  stop = None
+  if cfg.stop != "fixed":
+    stop = StopState(
+      window=jnp.zeros((cfg.stop_window if cfg.stop == "wmv" else 1, *ema.shape), jnp.float32),
+      emv=jnp.zeros((), jnp.float32),
+      best=jnp.array(jnp.inf, jnp.float32),
+      best_step=jnp.zeros((), jnp.int32),
+      wait=jnp.zeros((), jnp.int32),
+      stopped=jnp.zeros((), bool),
+      params=params,
+      ema=ema,
+    )
   return FitState(
     step=jnp.zeros((), jnp.int32),
     params=params,
@@ -93,7 +120,40 @@ def create_fit_state(
     good_opt_state=opt_state,
     good_psnr_y=jnp.array(-jnp.inf, jnp.float32),
     dip_i=jnp.zeros((), jnp.int32),
+    stop=stop,
   )
+
+
+def stop_score(cfg: FitConfig, stop: StopState, step: jax.Array, out: jax.Array) -> tuple[StopState, jax.Array]:
+  """The variance of the outputs after `out`, the training output of `step` (inf while the window
+  fills). wmv: mean squared distance of the last W outputs to their mean (ES_WMV.ipynb's myMetric
+  over its buffer); emv: ES_EMV.ipynb's update, with the squared norm as a per-pixel mean (the
+  same minimum), checked after W steps as its `iterator > 100`."""
+  if cfg.stop == "wmv":
+    window = stop.window.at[step % cfg.stop_window].set(out)
+    var = jnp.mean(jnp.square(window - jnp.mean(window, axis=0)))
+    return stop.replace(window=window), jnp.where(step + 1 >= cfg.stop_window, var, jnp.inf)
+  delta = out - stop.window[0]
+  mean = jnp.where(step == 0, out, jnp.clip(stop.window[0] + cfg.stop_alpha * delta, 0.0, 1.0))
+  emv = jnp.where(step == 0, 0.0, (1.0 - cfg.stop_alpha) * (stop.emv + cfg.stop_alpha * jnp.mean(jnp.square(delta))))
+  return stop.replace(window=mean[None], emv=emv), jnp.where(step > cfg.stop_window, emv, jnp.inf)
+
+
+def update_stop(cfg: FitConfig, state: FitState, out: jax.Array, ema: jax.Array) -> tuple[StopState, jax.Array]:
+  """One step of early stopping: a new lowest variance snapshots the parameters that made `out`
+  (and the EMA with it); `stop_patience` checks without one stop the run."""
+  stop, var = stop_score(cfg, state.stop, state.step, out)
+  better = var < stop.best
+  checked = jnp.isfinite(var)
+  wait = jnp.where(better, 0, stop.wait + checked.astype(jnp.int32))
+  return stop.replace(
+    best=jnp.where(better, var, stop.best),
+    best_step=jnp.where(better, state.step, stop.best_step),
+    wait=wait,
+    stopped=wait >= cfg.stop_patience,
+    params=_where(better, state.params, stop.params),
+    ema=jnp.where(better, ema, stop.ema),
+  ), var
 
 
 def perturbed_input(cfg: FitConfig, input_HxWxC: jax.Array, step: jax.Array, key: jax.Array) -> jax.Array:
@@ -125,6 +185,13 @@ def train_step(
   else:
     new_state, diverged = _backtrack_safe(tx, cfg, state, grads, psnr_y, ema)
   step_metrics = {"loss": loss, "psnr_y": psnr_y, "backtracked": diverged}
+  if state.stop is not None:
+    # The variance of the training outputs (ES-WMV's choice); a stopped run keeps its whole state.
+    stop, var = update_stop(cfg, state, out, new_state.ema)
+    frozen = state.stop.stopped
+    new_state = _where(frozen, state, new_state.replace(stop=stop))
+    step_metrics["stop_score"] = jnp.where(frozen | ~jnp.isfinite(var), jnp.nan, var)
+    step_metrics["stopped"] = new_state.stop.stopped
   if batch.clean is not None:
     # The training pass's output (perturbed input): an extra column, not the reported image.
     step_metrics["psnr_perturbed"] = metrics.psnr(out, batch.clean, batch.mask)

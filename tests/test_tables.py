@@ -116,3 +116,31 @@ def test_faithfulness_study_plumbing(tmp_path):
   # the same x_bar for every variant of one noise protocol
   assert res["variants"]["dip"]["images"]["cameraman"]["xbar"] == cam["xbar"]
   assert "mean peak - x_bar" in (tmp_path / "study.md").read_text()
+
+
+def test_idipplus_table_rows_share_one_watched_job(tmp_path):
+  """Issue 16's table: per sigma, x_bar, IDIP (fixed steps), IDIP-auto (ES-WMV), IDIP-xK (ensemble) and the
+  oracle, the last four read from one job of K watched runs per image."""
+  need_path(os.path.join(DATA, "holdout9"))
+  need_path(WEIGHTS)
+  tables = import_experiment("tables")
+  out = tmp_path / "results"
+  args = ["tables.py", "--flagfile=experiments/tables/smoke.flags", "--tables=IDIPplus_holdout9"]
+  args += ["--ensemble_runs=2", f"--results_dir={out}", f"--workdir={tmp_path / 'work'}"]
+  with parsed_flags(args):
+    tables.main([])
+  t = json.loads((out / "IDIPplus_holdout9.json").read_text())
+  want = {f"{m}@{s}" for s in (15, 25, 50) for m in ("x_bar", "IDIP", "IDIP-auto", "IDIP-x2", "IDIP-oracle")}
+  assert t["table"] == "IDIPplus_holdout9" and set(t["methods"]) == want and t["sigma"] == [15, 25, 50]
+  res = json.loads(
+    (tmp_path / "work" / "holdout9_s25_clip_idip_ffdnet_x2_stopwmv_stop_patience100000" / "results.json").read_text()
+  )
+  m = t["methods"]
+  for r in res["images"]:
+    n = r["name"]
+    assert m["IDIP@25"]["per_image"][n] == r["psnr_last"] and m["IDIP-x2@25"]["per_image"][n] == r["psnr_avg_last"]
+    assert m["IDIP-auto@25"]["per_image"][n] == r["psnr_final"] and len(r["runs"]) == 2
+    # The oracle row: each run's best evaluated step, averaged over the K runs.
+    assert m["IDIP-oracle@25"]["per_image"][n] == pytest.approx(np.mean([x["oracle_best_psnr"] for x in r["runs"]]))
+    assert r["psnr_avg_last"] != r["psnr_last"]  # the ensemble is its own image
+  assert m["IDIP-auto@25"]["per_image_stop_step"] and "ES-WMV step" in (out / "IDIPplus_holdout9.md").read_text()
