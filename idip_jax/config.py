@@ -150,7 +150,12 @@ class PrelimConfig:
   name: str = option("none", "preliminary denoiser for x_bar", choices=PRELIMS, flag="prelim")
   prelim_dir: str = option("", "folder of precomputed x_bar images for --prelim=file", path=True)
   weights_dir: str = option("", "official FFDNet/DnCNN .mat files (default ../shared/weights)", path=True)
-  weights: str = option("", "one explicit FFDNet/DnCNN .mat file (overrides --weights_dir)", path=True)
+  weights: str = option(
+    "",
+    "one explicit FFDNet/DnCNN .mat file (overrides --weights_dir), or for dncnn the --workdir of a "
+    "DnCNN trained by experiments/train_denoiser.py",
+    path=True,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +215,40 @@ class ExperimentConfig:
   out: str = option("", "results path without extension (default: the script's)", path=True)
   data_dir: str = option("", "folder holding the test sets (default $IDIP_SHARED/data or ../shared/data)", path=True)
   max_images: int = option(0, "first N images of each set (0 = all)", lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Training a DnCNN preliminary denoiser (idip_jax.denoiser_train, experiments/train_denoiser.py)."""
+
+  workdir: str = option("runs/train_denoiser", "output folder: checkpoints, progress.csv/png, summary.json", path=True)
+  train_dir: str = option("", "training images (default $IDIP_SHARED/data/Train400)", path=True)
+  val_dir: str = option("", "validation images (default $IDIP_SHARED/data/Set12)", path=True)
+  target: str = option(
+    "clean",
+    "clean (supervised DnCNN) | noisy (Noise2Noise: a second, independent noisy draw)",
+    choices=("clean", "noisy"),
+  )
+  sigma: float = option(25.0, "noise std (0-255) of the training patches", lo=0)
+  sigma_max: float = option(0.0, "blind training: each patch's std ~ U[sigma, sigma_max] (DnCNN-B: 0, 55)", lo=0)
+  channels: int = option(1, "image channels (Train400 is gray)", choices=(1, 3))
+  depth: int = option(17, "conv layers (DnCNN-S: 17, DnCNN-B: 20)", lo=3)
+  width: int = option(64, "filters per layer", lo=1)
+  patch: int = option(40, "patch side (DnCNN-S: 40, DnCNN-B: 50)", lo=8)
+  batch: int = option(128, "patches per step (DnCNN: 128)", lo=1)
+  # DnCNN-S: 50 epochs of 238,400 patches (Train400 at scales 1/0.9/0.8/0.7, 40 px, stride 10) / 128.
+  steps: int = option(93125, "Adam steps (default: the paper's 50 epochs)", lo=1)
+  lr: float = option(1e-3, "Adam learning rate", lo=0)
+  lr_drop: float = option(0.6, "fraction of the steps after which lr is divided by 10 (official: epoch 30 of 50)", lo=0)
+  seed: int = option(0, "seed of the init, patches, augmentations and noise")
+  log_every: int = option(50, "steps per progress line and progress.csv row", lo=1)
+  eval_every: int = option(500, "steps between validation PSNRs (a multiple of --log_every)", lo=1)
+  checkpoint_every: int = option(500, "steps between checkpoints (a multiple of --log_every)", lo=1)
+  val_images: int = option(4, "validation: the first N images of --val_dir", lo=1)
+  val_crop: int = option(128, "validation: center crop side", lo=8)
+  val_sigma: float = option(25.0, "validation: noise std (seeded AWGN, not clipped)", lo=0)
+  resume: bool = option(False, "continue the run in --workdir from its last checkpoint")
+  overwrite: bool = option(False, "replace a --workdir that idip-jax made")
 
 
 # The smallest net that exercises every code path (2 scales, complex connection included):

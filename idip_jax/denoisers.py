@@ -112,6 +112,11 @@ def load_ffdnet(path: str, channels: int):
 
 @functools.lru_cache(maxsize=8)
 def load_dncnn(path: str, channels: int):
+  """The official weights (.mat), or a DnCNN this project trained (its training folder)."""
+  if os.path.isdir(path):
+    from idip_jax import denoiser_train
+
+    return denoiser_train.load_denoiser(path, channels)
   _, convs = matconvnet.load(path, "dncnn")
   if convs[0][0].shape[2] != channels:
     raise InputError(

@@ -78,6 +78,21 @@ def save_image(path_png: str, x_HxWxC: np.ndarray, save_float: bool) -> None:
 def plot_psnr_curves(path: str, title: str, series: dict[str, list[dict[str, np.ndarray]]]) -> bool:
   """Mean PSNR of the clean-input output (solid) and of the EMA (dashed) vs step, one pair of
   lines per label (its images' histories); evaluated steps only. False without matplotlib."""
+  lines = {}
+  for label, histories in series.items():
+    for key, style in (("psnr", "-"), ("psnr_ema", "--")):
+      curve = np.mean([h[key] for h in histories], axis=0)
+      steps = np.flatnonzero(~np.isnan(curve))
+      lines[f"{label} {'EMA' if key == 'psnr_ema' else 'output'}"] = (steps + 1, curve[steps], style)
+  return plot_xy(path, title, lines, "step", "mean PSNR to ground truth (dB)", ylim_bottom=15)
+
+
+def plot_xy(
+  path: str, title: str, lines: dict[str, tuple], xlabel: str, ylabel: str, ylim_bottom: float | None = None
+) -> bool:
+  """One line per label: (xs, ys, matplotlib style). False without matplotlib or lines."""
+  if not lines:
+    return False
   try:
     import matplotlib
 
@@ -86,15 +101,13 @@ def plot_psnr_curves(path: str, title: str, series: dict[str, list[dict[str, np.
   except ImportError:
     return False
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, histories in series.items():
-    for key, style in (("psnr", "-"), ("psnr_ema", "--")):
-      curve = np.mean([h[key] for h in histories], axis=0)
-      steps = np.flatnonzero(~np.isnan(curve))
-      ax.plot(steps + 1, curve[steps], style, label=f"{label} {'EMA' if key == 'psnr_ema' else 'output'}")
-  ax.set_xlabel("step")
-  ax.set_ylabel("mean PSNR to ground truth (dB)")
+  for label, (xs, ys, style) in lines.items():
+    ax.plot(xs, ys, style, label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
-  ax.set_ylim(bottom=15)
+  if ylim_bottom is not None:
+    ax.set_ylim(bottom=ylim_bottom)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()

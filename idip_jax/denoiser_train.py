@@ -1,0 +1,308 @@
+"""Training the preliminary denoisers in JAX (issue 17): DnCNN (Zhang et al., TIP 2017: residual
+learning, BatchNorm, 17 3x3 conv layers of 64 filters, patches of Train400) with clean targets,
+or Noise2Noise (Lehtinen et al., ICML 2018: the same net, the target a second, independent noisy
+draw of the same patch, no clean image in the loss).
+
+The whole pipeline runs on the device: Train400 is one array there; each step draws its patches,
+dihedral augmentations, noise levels and noise from fold_in(seed key, step), so a run resumed from
+a checkpoint takes exactly the steps an uninterrupted one would. Checkpoints are orbax's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from idip_jax import data, metrics, outputs
+from idip_jax.config import TrainConfig
+from idip_jax.data import InputError
+
+CSV_COLUMNS = ("step", "loss", "train_psnr", "val_psnr", "lr", "patches_per_s", "seconds")
+
+
+class DnCNN(nn.Module):
+  """The training-time DnCNN: conv+ReLU, (depth-2) x (conv+BN+ReLU), conv; output x - net(x)
+  (the net predicts the noise: residual learning, the paper's Sec. III)."""
+
+  depth: int = 17
+  width: int = 64
+  channels: int = 1
+
+  @nn.compact
+  def __call__(self, x_NxHxWxC: jax.Array, train: bool) -> jax.Array:
+    h = nn.relu(nn.Conv(self.width, (3, 3), padding=1)(x_NxHxWxC))
+    for _ in range(self.depth - 2):
+      h = nn.Conv(self.width, (3, 3), padding=1, use_bias=False)(h)
+      # PyTorch's momentum 0.1 (KAIR's DnCNN) is Flax's 0.9.
+      h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(h))
+    return x_NxHxWxC - nn.Conv(self.channels, (3, 3), padding=1)(h)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  batch_stats: dict  # BatchNorm's running statistics (inference uses them)
+  opt_state: optax.OptState
+
+
+def make_model(cfg: TrainConfig) -> DnCNN:
+  return DnCNN(depth=cfg.depth, width=cfg.width, channels=cfg.channels)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Adam at lr, then lr/10 from lr_drop of the steps: the official MatConvNet training code's
+  schedule (Demo_Train_model_64_25_Res_Bnorm_Adam.m: 1e-3 for 30 epochs, 1e-4 for 20)."""
+  return optax.adam(optax.piecewise_constant_schedule(cfg.lr, {int(cfg.steps * cfg.lr_drop): 0.1}))
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+  return cfg.lr * (0.1 if step >= int(cfg.steps * cfg.lr_drop) else 1.0)
+
+
+def create_train_state(cfg: TrainConfig, key: jax.Array) -> TrainState:
+  model, tx = make_model(cfg), make_optimizer(cfg)
+  variables = model.init(key, jnp.zeros((1, cfg.patch, cfg.patch, cfg.channels), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"], opt_state=tx.init(params)
+  )
+
+
+def dihedral(x_HxWxC: jax.Array, k: jax.Array) -> jax.Array:
+  """One of the 8 flips/rotations (DnCNN's data_augmentation modes 0-7)."""
+  flips = [x_HxWxC, x_HxWxC[::-1]]
+  cands = [jnp.rot90(f, r, axes=(0, 1)) for f in flips for r in range(4)]
+  return jax.lax.switch(k, [lambda c=c: c for c in cands])
+
+
+def sample_batch(cfg: TrainConfig, images_NxHxWxC: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
+  """A batch of random augmented patches with noise drawn now: input = clean + n1 and target =
+  clean (supervised) or clean + n2 (Noise2Noise: n2 independent of n1, same sigma)."""
+  n, h, w, c = images_NxHxWxC.shape
+  p, b = cfg.patch, cfg.batch
+  k_img, k_y, k_x, k_aug, k_sig, k_in, k_tgt = jax.random.split(key, 7)
+  idx = jax.random.randint(k_img, (b,), 0, n)
+  ys, xs = jax.random.randint(k_y, (b,), 0, h - p + 1), jax.random.randint(k_x, (b,), 0, w - p + 1)
+  crop = lambda i, y, x: jax.lax.dynamic_slice(images_NxHxWxC[i], (y, x, 0), (p, p, c))
+  clean = jax.vmap(crop)(idx, ys, xs)
+  clean = jax.vmap(dihedral)(clean, jax.random.randint(k_aug, (b,), 0, 8))
+  # Blind training (DnCNN-B: sigma in [0, 55]): a level per patch.
+  hi = max(cfg.sigma_max, cfg.sigma)
+  sigma = jax.random.uniform(k_sig, (b, 1, 1, 1), jnp.float32, cfg.sigma, hi) / 255.0
+  noisy = clean + sigma * jax.random.normal(k_in, clean.shape, jnp.float32)
+  target = clean if cfg.target == "clean" else clean + sigma * jax.random.normal(k_tgt, clean.shape, jnp.float32)
+  return {"input": noisy, "target": target, "clean": clean}
+
+
+def train_step(
+  model: DnCNN, tx: optax.GradientTransformation, cfg: TrainConfig, state: TrainState, images, key: jax.Array
+) -> tuple[TrainState, dict]:
+  """One Adam step on a fresh batch (drawn from fold_in(key, step)); loss = MSE(output, target)."""
+  batch = sample_batch(cfg, images, jax.random.fold_in(key, state.step))
+
+  def loss_fn(params):
+    out, upd = model.apply(
+      {"params": params, "batch_stats": state.batch_stats}, batch["input"], train=True, mutable=["batch_stats"]
+    )
+    return jnp.mean(jnp.square(out - batch["target"])), (out, upd["batch_stats"])
+
+  (loss, (out, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new = state.replace(
+    step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=stats, opt_state=opt_state
+  )
+  # Against the clean patch, for monitoring only (Noise2Noise's loss never sees it).
+  psnr = jax.vmap(functools.partial(metrics.psnr, clip=False))(out, batch["clean"])
+  return new, {"loss": loss, "train_psnr": jnp.mean(psnr)}
+
+
+def make_denoise(model: DnCNN):
+  """(params, batch_stats, noisy_NxHxWxC) -> denoised, BatchNorm on its running statistics."""
+  return jax.jit(lambda params, stats, x: model.apply({"params": params, "batch_stats": stats}, x, train=False))
+
+
+def load_training_images(cfg: TrainConfig) -> np.ndarray:
+  folder = cfg.train_dir or os.path.join(data.shared_dir(), "data", "Train400")
+  paths = data.list_inputs(folder) if os.path.isdir(folder) else []
+  if not paths:
+    raise InputError(f"--train_dir={folder}: no training images there")
+  imgs = [data.read_image(p, cfg.channels) for p in paths]
+  side = min(min(im.shape[:2]) for im in imgs)
+  if side < cfg.patch:
+    raise InputError(f"--patch={cfg.patch} is larger than the smallest training image ({side} px)")
+  # Train400 is 400 images of 180x180; other sets are center-cropped to a common square.
+  return np.stack([data.center_crop(im, side) for im in imgs]).astype(np.float32)
+
+
+def load_validation(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+  """(noisy, clean) NxSxSxC: center crops of the first val_images of --val_dir, seeded noise."""
+  folder = cfg.val_dir or os.path.join(data.shared_dir(), "data", "Set12")
+  paths = data.list_inputs(folder)[: cfg.val_images] if os.path.isdir(folder) else []
+  if not paths:
+    raise InputError(f"--val_dir={folder}: no validation images there")
+  clean = np.stack([data.center_crop(data.read_image(p, cfg.channels), cfg.val_crop) for p in paths])
+  names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  noisy = np.stack([data.add_awgn(x, cfg.val_sigma, 0, n) for x, n in zip(clean, names)])
+  return noisy.astype(np.float32), clean.astype(np.float32)
+
+
+@contextlib.contextmanager
+def quiet():
+  """orbax logs a dozen INFO lines per save; the progress lines are ours."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
+def checkpoint_manager(workdir: str, create: bool = True):
+  import orbax.checkpoint as ocp
+
+  # Synchronous saves: a checkpoint is complete when save() returns (simpler to reason about
+  # than a background thread, and a save is small next to 500 training steps).
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create, enable_async_checkpointing=False)
+  with quiet():
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save(mngr, state: TrainState) -> None:
+  import orbax.checkpoint as ocp
+
+  with quiet():
+    mngr.save(int(state.step), args=ocp.args.StandardSave(state))
+
+
+def restore(workdir: str, like: TrainState, step: int | None = None) -> TrainState:
+  import orbax.checkpoint as ocp
+
+  mngr = checkpoint_manager(workdir, create=False)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise InputError(f"{workdir}: no checkpoint to load")
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+  with quiet():
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def train(cfg: TrainConfig) -> dict:
+  """Trains (or resumes) the denoiser of `cfg` in cfg.workdir: checkpoints, progress.csv,
+  progress.png (validation PSNR vs step) and summary.json."""
+  for name in ("eval_every", "checkpoint_every"):
+    if getattr(cfg, name) % cfg.log_every:
+      raise InputError(f"--{name}={getattr(cfg, name)} must be a multiple of --log_every={cfg.log_every}")
+  images = jnp.asarray(load_training_images(cfg))
+  val_noisy, val_clean = load_validation(cfg)
+  if cfg.resume:
+    if not os.path.isfile(os.path.join(cfg.workdir, "config.json")):
+      raise InputError(f"--resume: no training run in --workdir={cfg.workdir}")
+  else:
+    outputs.prepare_workdir(cfg.workdir, cfg.overwrite)
+    outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
+  model, tx = make_model(cfg), make_optimizer(cfg)
+  key = jax.random.key(cfg.seed)
+  state = create_train_state(cfg, jax.random.fold_in(key, 1))
+  mngr = checkpoint_manager(cfg.workdir)
+  rows = []
+  csv_path = os.path.join(cfg.workdir, "progress.csv")
+  if cfg.resume and mngr.latest_step() is not None:
+    state = restore(cfg.workdir, state)
+    with open(csv_path) as f:  # rows past the checkpoint are redone
+      rows = [r for r in csv.DictReader(f) if int(r["step"]) <= int(state.step)]
+    logging.info("resumed %s at step %d", cfg.workdir, int(state.step))
+  step_fn = jax.jit(functools.partial(train_step, model, tx, cfg), donate_argnums=0)
+  denoise = make_denoise(model)
+  data_key = jax.random.fold_in(key, 2)
+  t0, done0, start = time.perf_counter(), int(state.step), int(state.step)
+  val_psnr = float("nan")
+  while int(state.step) < cfg.steps:
+    n = min(cfg.log_every, cfg.steps - int(state.step))
+    t = time.perf_counter()
+    ms = []
+    for _ in range(n):
+      state, m = step_fn(state, images, data_key)
+      ms.append(m)
+    ms = jax.device_get(ms)  # one transfer per log interval
+    step = int(state.step)
+    rate = n * cfg.batch / (time.perf_counter() - t)
+    if step % cfg.eval_every == 0 or step == cfg.steps:
+      out = np.asarray(denoise(state.params, state.batch_stats, jnp.asarray(val_noisy)))
+      val_psnr = float(np.mean([metrics.psnr(jnp.asarray(o), jnp.asarray(c)) for o, c in zip(out, val_clean)]))
+    row = {
+      "step": step,
+      "loss": float(np.mean([m["loss"] for m in ms])),
+      "train_psnr": float(np.mean([m["train_psnr"] for m in ms])),
+      "val_psnr": val_psnr if step % cfg.eval_every == 0 or step == cfg.steps else "",
+      "lr": learning_rate(cfg, step - 1),
+      "patches_per_s": rate,
+      "seconds": time.perf_counter() - t0,
+    }
+    rows.append(row)
+    write_progress(cfg.workdir, rows)
+    eta = (cfg.steps - step) * cfg.batch / rate
+    logging.info(
+      "step %d/%d  loss %.5f  train psnr %.2f  val psnr %.2f  %.0f patches/s  ETA %.0fs",
+      step,
+      cfg.steps,
+      row["loss"],
+      row["train_psnr"],
+      val_psnr,
+      rate,
+      eta,
+    )
+    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+      save(mngr, state)
+  summary = {
+    **outputs.provenance(),
+    "target": cfg.target,
+    "sigma": [cfg.sigma, max(cfg.sigma, cfg.sigma_max)],
+    "steps": cfg.steps,
+    "val_psnr": val_psnr,
+    "val_sigma": cfg.val_sigma,
+    "train_seconds": time.perf_counter() - t0,
+    "steps_this_call": int(state.step) - start,
+    "resumed_from": done0 if cfg.resume else None,
+  }
+  outputs.write_json(os.path.join(cfg.workdir, "summary.json"), summary)
+  return summary
+
+
+def write_progress(workdir: str, rows: list[dict]) -> None:
+  with open(os.path.join(workdir, "progress.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+  val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r["val_psnr"] != ""]
+  train = [(int(r["step"]), float(r["train_psnr"])) for r in rows]
+  lines = {"validation": (*zip(*val), "o-"), "training batches": (*zip(*train), "-")} if val else {}
+  outputs.plot_xy(os.path.join(workdir, "progress.png"), "denoiser training", lines, "step", "PSNR (dB)")
+
+
+@functools.lru_cache(maxsize=8)
+def load_denoiser(workdir: str, channels: int):
+  """A denoiser this module trained (its workdir) as x -> x_bar, BatchNorm on running statistics."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise InputError(f"--weights={workdir}: not a training run of experiments/train_denoiser.py (no config.json)")
+  with open(path) as f:
+    cfg = TrainConfig(**{k: v for k, v in json.load(f).items() if k in TrainConfig.__dataclass_fields__})
+  if cfg.channels != channels:
+    raise InputError(f"--weights={workdir} is a DnCNN for {cfg.channels}-channel images, the input has {channels}")
+  state = restore(workdir, create_train_state(cfg, jax.random.key(0)))
+  denoise = make_denoise(make_model(cfg))
+  return lambda x: denoise(state.params, state.batch_stats, x)
