@@ -33,6 +33,17 @@ from idip_jax.data import InputError
 CSV_COLUMNS = ("step", "loss", "train_psnr", "val_psnr", "lr", "patches_per_s", "seconds")
 
 
+# The official init (DnCNN_init_model_64_25_Res_Bnorm_Adam.m): every conv N(0, 2/(9*64)), biases 0;
+# BatchNorm scales drawn the same way with magnitudes clipped up to 0.025 (its `clipping`), so the
+# first residual is small and the untrained net returns about its input.
+HE_STD = (2.0 / (9 * 64)) ** 0.5
+
+
+def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  g = HE_STD * jax.random.normal(key, shape, dtype)
+  return jnp.where(g >= 0, jnp.maximum(g, 0.025), jnp.minimum(g, -0.025))
+
+
 class DnCNN(nn.Module):
   """The training-time DnCNN: conv+ReLU, (depth-2) x (conv+BN+ReLU), conv; output x - net(x)
   (the net predicts the noise: residual learning, the paper's Sec. III)."""
@@ -43,12 +54,14 @@ class DnCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x_NxHxWxC: jax.Array, train: bool) -> jax.Array:
-    h = nn.relu(nn.Conv(self.width, (3, 3), padding=1)(x_NxHxWxC))
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1, kernel_init=nn.initializers.normal(HE_STD))
+    h = nn.relu(conv(self.width)(x_NxHxWxC))
     for _ in range(self.depth - 2):
-      h = nn.Conv(self.width, (3, 3), padding=1, use_bias=False)(h)
+      h = conv(self.width, use_bias=False)(h)
       # PyTorch's momentum 0.1 (KAIR's DnCNN) is Flax's 0.9.
-      h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(h))
-    return x_NxHxWxC - nn.Conv(self.channels, (3, 3), padding=1)(h)
+      bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=bn_scale_init)
+      h = nn.relu(bn(h))
+    return x_NxHxWxC - conv(self.channels)(h)
 
 
 @flax.struct.dataclass
