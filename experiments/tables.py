@@ -22,7 +22,10 @@ F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # every run setting, as in run.py (--crop, --noise, --workdir...)
 config.define_flags(F, config.ExperimentConfig)  # --data_dir, --max_images (--out is unused here)
 flags.DEFINE_list(
-  "tables", ["T2"], "T1, T2, T3, T4, T6, DIPcolor, HOLDOUT, IDIPplus_<set> (holdout9, classic10, Set12), or all"
+  "tables",
+  ["T2"],
+  "T1, T2, T3, T4, T6, DIPcolor, HOLDOUT, IDIPplus_<set> (holdout9, classic10, Set12), inpaint_heide11, SR4_Set5, "
+  "SR4_Set14, or all",
 )
 flags.DEFINE_string("results_dir", "experiments/results", "where the tables go")
 flags.DEFINE_list(
@@ -54,7 +57,32 @@ PAPER = {  # means reported by the papers (dB); per-image values are not reprodu
   "T3": {"IDIP+DnCNN": 30.34, "IDIP+BM3D": 30.17, "IDIP+FFDNet": 30.35, "IDIP+NCSR": 30.18, "IDIP+WNNM": 30.33},
   "T6": {"mean step reduction %": 80.0},
   "DIPcolor": {"DIP@1800": 29.22, "DIP EMA": 30.43, "DIP avg 2 runs": 31.00, "CBM3D": 31.42},
+  "inpaint_heide11": {"DIP": 33.48},  # the mean of Table 1's eleven values
+  "SR4_Set5": {"bicubic": 28.43, "DIP": 29.90},
+  "SR4_Set14": {"bicubic": 26.05, "DIP": 27.00},
 }
+# DIP paper, Table 1 (50% of the pixels missing, heide11), per image.
+PAPER_PER_IMAGE = {
+  "inpaint_heide11": {
+    "barbara": 32.22,
+    "boat": 33.06,
+    "house": 39.16,
+    "lena": 36.16,
+    "peppers": 33.05,
+    "cameraman": 29.8,
+    "couple": 32.52,
+    "fingerprint": 32.84,
+    "hill": 32.77,
+    "man": 32.20,
+    "montage": 34.54,
+  }
+}
+# The official notebooks' settings per task. inpainting.ipynb's kate/peppers branch ("same params and
+# net as in super-resolution and denoising", but 128-channel skips and nearest upsampling), used for
+# Table 1's Bernoulli masks too (the notebook has no cell for them); super-resolution.ipynb at x4.
+INPAINT_NET = (("skip_channels", 128), ("upsample", "nearest"))
+INPAINT_FIT = (("task", "inpaint"), ("reg_noise_std", 0.03))
+SR_FIT = (("task", "sr"), ("sr_factor", 4), ("reg_noise_std", 0.03))
 LABEL = {"dip": "DIP", "idip1": "IDIP-1", "idip2": "IDIP-2", "idip": "IDIP"}
 
 
@@ -67,6 +95,7 @@ class Job:
   seeds: int = 1
   channels: int = 1
   fit: tuple[tuple[str, float | str], ...] = ()  # FitConfig overrides of this row (a variant)
+  net: tuple[tuple[str, float | str], ...] = ()  # NetConfig overrides (the inpainting net)
   report: str = "final"  # which of the job's numbers the row reports (REPORT); not part of the job
 
 
@@ -83,6 +112,7 @@ REPORT = {
   "ensemble_last": "psnr_avg_last",
   "ensemble_last_ema": "psnr_avg_last_ema",
   "oracle": "oracle_best_psnr",
+  "input": "psnr_noisy",  # the input image as fitted: SR's bicubic upsampling (tasks.sr_images)
 }
 EMA_OF = {"final": "ema", "ensemble": "ensemble_ema", "last": "last_ema", "ensemble_last": "ensemble_last_ema"}
 # Issue 16's jobs: K runs per image with ES-WMV (Wang et al.) watching them; patience as long as
@@ -129,6 +159,11 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
       ("IDIP", Job("holdout9", 25, "idip", "ffdnet")),
       ("IDIP x_bar unperturbed", Job("holdout9", 25, "idip", "ffdnet", fit=(("xbar_noise_std", 0.0),))),
     ]
+  if table == "inpaint_heide11":
+    return [("DIP", Job("heide11", 0, "dip", fit=INPAINT_FIT, net=INPAINT_NET))]
+  if table.startswith("SR4_"):
+    dip = Job(table[4:], 0, "dip", channels=3, fit=SR_FIT)
+    return [("bicubic", dataclasses.replace(dip, report="input")), ("DIP", dip)]
   if table.startswith("IDIPplus_"):
     ds, k = table[len("IDIPplus_") :], F.ensemble_runs
     rows = []
@@ -237,6 +272,7 @@ class Runner:
     )
     cfg = dataclasses.replace(
       base,
+      net=dataclasses.replace(base.net, **dict(job.net)),
       input=os.path.join(ddir, job.dataset),
       workdir=workdir,
       sigma=job.sigma,
@@ -260,7 +296,7 @@ class Runner:
     if job in self.done:
       return self.done[job]
     name = f"{job.dataset}_s{job.sigma:g}_{F.noise}_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
-      f"_{k}{v:g}" if isinstance(v, float | int) else f"_{k}{v}" for k, v in job.fit
+      f"_{k}{v:g}" if isinstance(v, float | int) else f"_{k}{v}" for k, v in job.fit + job.net
     )
     cfg = self.config(
       dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
@@ -337,6 +373,7 @@ def make_table(table: str, jobs: Runner, commit: str) -> dict:
     "sigma": sorted({j.sigma for _, j in rows}),
     "methods": {},
     "paper": PAPER.get(table, {}),
+    "paper_per_image": PAPER_PER_IMAGE.get(table, {}),
     "crop": 32 if F.smoke else F.crop,
     "smoke": F.smoke,
   }
@@ -426,6 +463,16 @@ NOISE_TEXT = {
 }
 
 
+TASK_TEXT = {
+  "inpaint": "Task: inpainting, 50% of the pixels missing (a Bernoulli mask seeded by the image name, --mask="
+  "bernoulli:0.5), the loss on the observed pixels only; the net of DIP's inpainting notebook (128-channel skips, "
+  "nearest upsampling); PSNR over the whole image.",
+  "SR4": "Task: 4x super-resolution: HR center-cropped to a multiple of 32 (DIP's enforse_div32), LR by PIL's "
+  "Lanczos resize, the loss through DIP's Lanczos2 downsampler; bicubic = PIL's bicubic upsampling of LR; PSNR on "
+  "the RGB HR crop (DIP's notebook; not the Y channel).",
+}
+
+
 def protocol_lines(t: dict) -> list[str]:
   """The FFDNet row of this table's set and sigma under every noise protocol, beside the paper's
   (experiments/noise_protocol.py), so the table says why its protocol was chosen."""
@@ -462,8 +509,9 @@ def write_markdown(t: dict, path: str) -> None:
     f"# {t['table']}" + (" (SMOKE: plumbing check only)" if t["smoke"] else ""),
     "",
     f"Fits run on {'; '.join(f'{d} at commit {c}' for d, c in provenance) or t['device']}; table "
-    f"made {t['date']} by commit {t['commit']}. Crop: {t['crop'] or 'full images'}. Noise: "
-    f"{NOISE_TEXT[noise]} (--noise={noise}). Steps reported: "
+    f"made {t['date']} by commit {t['commit']}. Crop: {t['crop'] or 'full images'}. "
+    + TASK_TEXT.get(t["table"].split("_")[0], f"Noise: {NOISE_TEXT[noise]} (--noise={noise}).")
+    + " Steps reported: "
     + ", ".join(
       f"{k} {m['steps']}"
       + (f" (run {m['run_steps']}, PSNR read from its history)" if m["run_steps"] != m["steps"] else "")
@@ -475,12 +523,12 @@ def write_markdown(t: dict, path: str) -> None:
   ]
   methods = t["methods"]
   names = list(next(iter(methods.values()))["per_image"])
-  head = ["image"] + list(methods)
+  paper_im = t.get("paper_per_image", {})
+  head = ["image"] + list(methods) + (["paper (DIP)"] if paper_im else [])
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for n in names:
-    lines.append(
-      "| " + " | ".join([n] + [f"{m['per_image'].get(n, float('nan')):.2f}" for m in methods.values()]) + " |"
-    )
+    cells = [n] + [f"{m['per_image'].get(n, float('nan')):.2f}" for m in methods.values()]
+    lines.append("| " + " | ".join(cells + ([str(paper_im.get(n, "-"))] if paper_im else [])) + " |")
   fmt = lambda vals: f"{np.mean(vals):.2f} ± {np.std(vals):.2f}"
   lines.append("| **mean ± std** | " + " | ".join(fmt(list(m["per_image"].values())) for m in methods.values()) + " |")
   lines.append("| paper | " + " | ".join(str(t["paper"].get(k, "-")) for k in methods) + " |")
@@ -554,7 +602,8 @@ def main(argv):
   commit = outputs.git_commit()  # the code that runs, even if HEAD moves meanwhile
   steps = {k: int(v) for k, v in (s.split("=") for s in F.method_steps)}
   names = (
-    ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"]
+    ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT", "inpaint_heide11", "SR4_Set5"]
+    + ["SR4_Set14"]
     + [f"IDIPplus_{s}" for s in ("holdout9", "classic10", "Set12")]
     if F.tables == ["all"]
     else [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])

@@ -32,13 +32,15 @@ def lower_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, widt
   step = jax.jit(over_batch(functools.partial(train_step, model, tx, cfg), cfg.batch_strategy), donate_argnums=0)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
   states = jax.eval_shape(lambda k: sized(make_init(net_cfg, cfg)(k), height, width), keys)
-  img = lambda c: jax.ShapeDtypeStruct((batch, height, width, c), jnp.float32)
+  img = lambda c, f=1: jax.ShapeDtypeStruct((batch, height // f, width // f, c), jnp.float32)
+  f = cfg.sr_factor if cfg.task == "sr" else 1  # super-resolution's y is low-resolution
   b = Batch(
     net_input=img(net_cfg.in_channels),
-    noisy=img(net_cfg.out_channels),
+    noisy=img(net_cfg.out_channels, f),
     prelim=img(net_cfg.out_channels),
     mask=img(1),
     clean=img(net_cfg.out_channels) if with_gt else None,
+    loss_mask=None if cfg.task == "denoise" else img(1, f),
   )
   return step.lower(states, b, keys)
 

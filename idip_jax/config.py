@@ -51,10 +51,11 @@ METHODS = types.MappingProxyType(
 # 3000), IDIP 1500 (the end of its 1500-step run, the curve flat within 0.01 dB from 1000).
 # IDIP-1 (architecture only) takes DIP's count and IDIP-2 (x_bar input) IDIP's: not measured.
 DEFAULT_STEPS = types.MappingProxyType({"dip": 1190, "idip1": 1190, "idip2": 1500, "idip": 1500})
-PRELIMS = ("none", "bm3d", "file", "ffdnet", "dncnn")  # prelim.REGISTRY implements each
+PRELIMS = ("none", "bm3d", "file", "ffdnet", "dncnn", "bicubic")  # prelim.REGISTRY implements each
 PRECISIONS = ("tf32", "fp32", "bf16")  # train.PRECISIONS implements each
 ACTIVATIONS = ("leaky_relu", "relu", "elu")  # models.ACTIVATIONS implements each
 STOPS = ("fixed", "wmv", "emv")  # train.stop_score implements each (but fixed)
+TASKS = ("denoise", "inpaint", "sr")  # tasks.TASKS implements each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,13 @@ class NetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
+  task: str = option(
+    "denoise",
+    "denoise | inpaint (fit the observed pixels of --mask) | sr (fit the Lanczos2-downsampled output to the "
+    "low-resolution image, x --sr_factor); for inpaint and sr the inputs are ground truth and y is made from them",
+    choices=TASKS,
+  )
+  sr_factor: int = option(4, "super-resolution factor (DIP's notebook: 4 or 8)", lo=2)
   steps: int = option(
     0,
     "Adam steps; 0 = the method's default, chosen on holdout9 (config.DEFAULT_STEPS: dip/idip1 1190, idip2/idip 1500)",
@@ -171,6 +179,14 @@ class RunConfig:
     choices=NOISE_PROTOCOLS,
   )
   image_channels: int = option(0, "0 = as stored, 1 = convert to gray, 3 = to RGB", choices=(0, 1, 3))
+  mask: str = option(
+    "bernoulli:0.5",
+    "--task=inpaint: bernoulli:P (each pixel kept with probability P, seeded by --noise_seed and the image name), "
+    "a mask file (white = observed), or a folder of NAME_mask.png beside the images",
+  )
+  sr_crop: bool = option(
+    True, "--task=sr: center-crop the HR image to a multiple of 32 (DIP's enforse_div32='CROP'); off: it must divide"
+  )
   crop: int = option(0, "center crop to this size (0 = whole image)", lo=0)
   batch_size: int = option(
     0,

@@ -26,6 +26,8 @@ class Image:
   name: str
   noisy_HxWxC: np.ndarray  # float32 in [0, 1] (AWGN may leave it outside)
   clean_HxWxC: np.ndarray | None  # None for real noisy photos: no PSNR is claimed
+  observed_HxWx1: np.ndarray | None = None  # --task=inpaint: 1 where the pixel is observed
+  lr_HxWxC: np.ndarray | None = None  # --task=sr: the low-resolution y (noisy_HxWxC: its bicubic upsampling)
 
 
 def shared_dir() -> str:
@@ -156,11 +158,13 @@ def load_images(
   crop: int = 0,
   noise: str = "float",
   min_size: int = 1,
+  skip=None,
 ) -> list[Image]:
-  """Reads every input and checks it, so that bad input fails before any compute."""
+  """Reads every input and checks it, so that bad input fails before any compute; skip(path):
+  files of the input folder that are not inputs (inpainting masks)."""
   if sigma < 0:
     raise InputError(f"--sigma must be >= 0 (got {sigma})")
-  paths = list_inputs(spec)
+  paths = [p for p in list_inputs(spec) if skip is None or not skip(p)]
   images, seen = [], set()
   for path in paths:
     name = image_name(path)

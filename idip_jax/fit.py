@@ -200,10 +200,12 @@ def make_batch(
   prelim_NxHxWxC=None,
   clean_NxHxWxC=None,
   mask_NxHxWx1=None,
+  loss_mask_NxHxWx1=None,
 ) -> Batch:
   """The Batch of N runs: x_bar is the input when cfg.input_is_prelim (IDIP change 2), else
-  DIP's code z from each run's key; the mask defaults to the whole image."""
-  n, h, w, _ = np.shape(noisy_NxHxWxC)
+  DIP's code z from each run's key; the mask defaults to the whole image. The output's size is
+  the mask's (super-resolution's y is smaller), else y's."""
+  n, h, w, _ = np.shape(noisy_NxHxWxC if mask_NxHxWx1 is None else mask_NxHxWx1)
   noisy = jnp.asarray(noisy_NxHxWxC, jnp.float32)
   prelim = noisy if prelim_NxHxWxC is None else jnp.asarray(prelim_NxHxWxC, jnp.float32)
   if cfg.input_is_prelim:
@@ -217,6 +219,7 @@ def make_batch(
     prelim=prelim,
     mask=mask,
     clean=None if clean_NxHxWxC is None else jnp.asarray(clean_NxHxWxC, jnp.float32),
+    loss_mask=None if loss_mask_NxHxWx1 is None else jnp.asarray(loss_mask_NxHxWx1, jnp.float32),
   )
 
 
@@ -240,7 +243,7 @@ def fit(
   if pad:  # repeat the last run so the run axis splits evenly; its copies are dropped below
     keys = list(keys) + [keys[-1]] * pad
     batch = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]), batch)
-  states, noise_keys = init_runs(net_cfg, cfg, keys, *batch.noisy.shape[1:3])
+  states, noise_keys = init_runs(net_cfg, cfg, keys, *batch.mask.shape[1:3])
   if n_dev > 1:
     runs = NamedSharding(runs_mesh(n_dev), PartitionSpec("runs"))
     states, batch, noise_keys = jax.device_put((states, batch, noise_keys), runs)

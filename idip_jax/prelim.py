@@ -47,6 +47,15 @@ def _run_none(cfg, images):
   raise InputError("this method needs a preliminary denoiser: set --prelim")
 
 
+def _check_bicubic(cfg, images):
+  if cfg.fit.task != "sr":
+    raise InputError("--prelim=bicubic is super-resolution's x_bar: set --task=sr")
+
+
+def _run_bicubic(cfg, images):
+  return [im.noisy_HxWxC for im in images]  # tasks.sr_images: the bicubic upsampling of LR
+
+
 def _check_bm3d(cfg, images):
   try:
     import bm3d  # noqa: F401
@@ -165,6 +174,7 @@ REGISTRY: Mapping[str, Prelim] = types.MappingProxyType(
     "dncnn": Prelim(_check_dncnn, _run_dncnn),
     "bm3d": Prelim(_check_bm3d, _run_bm3d),
     "file": Prelim(_check_file, _run_file),
+    "bicubic": Prelim(_check_bicubic, _run_bicubic),
   }
 )
 

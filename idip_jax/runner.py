@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idip_jax import batching, checkpoint, config, data, fit, outputs, prelim, results
+from idip_jax import batching, checkpoint, config, data, fit, outputs, prelim, results, tasks
 from idip_jax.config import DEFAULT_STEPS, METHODS, JobConfig, RunConfig
 from idip_jax.data import Image, InputError
 from idip_jax.train import Batch, run_keys
@@ -37,6 +37,20 @@ def validate(cfg: RunConfig) -> None:
     not (m.prelim_input or m.prelim_loss) or cfg.prelim.name != "none",
     f"--method={cfg.method} needs a preliminary denoiser: set --prelim (bm3d, file, ffdnet, dncnn)",
   )
+  task = cfg.fit.task
+  need(
+    task == "denoise" or not (m.prelim_input or m.prelim_loss) or (task == "sr" and cfg.prelim.name == "bicubic"),
+    f"--task={task} runs --method=dip or idip1 (x_bar, IDIP's changes 2 and 3, is a denoiser's output; "
+    "for --task=sr: --prelim=bicubic)",
+  )
+  need(task == "sr" or cfg.prelim.name != "bicubic", "--prelim=bicubic is super-resolution's x_bar: set --task=sr")
+  need(task != "sr" or cfg.sigma == 0, "--task=sr fits noise-free low-resolution images: leave --sigma at 0")
+  if task == "inpaint":
+    tasks.parse_keep(cfg.mask)  # a bad bernoulli:P fails here
+    need(
+      cfg.mask.startswith("bernoulli:") or os.path.exists(cfg.mask),
+      f"--mask={cfg.mask}: no such file or folder (or use bernoulli:P)",
+    )
   steps = cfg.fit.steps or DEFAULT_STEPS[cfg.method]
   need(
     cfg.fit.stop == "fixed" or cfg.fit.stop_window + 1 < steps,
@@ -87,9 +101,28 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
 
 def load_inputs(cfg: RunConfig) -> list[Image]:
   validate(cfg)
+  task = cfg.fit.task
   images = data.load_images(
-    cfg.input, cfg.sigma, cfg.noise_seed, cfg.image_channels, cfg.crop, cfg.noise, min_size=2**cfg.net.scales
+    cfg.input,
+    cfg.sigma,
+    cfg.noise_seed,
+    cfg.image_channels,
+    cfg.crop,
+    cfg.noise,
+    min_size=2**cfg.net.scales,
+    skip=tasks.is_mask_file if task == "inpaint" else None,
   )
+  if task != "denoise":  # the inputs are the ground truth; y is made from them
+    images = [dataclasses.replace(im, clean_HxWxC=im.noisy_HxWxC) if im.clean_HxWxC is None else im for im in images]
+  if task == "inpaint":
+    images = tasks.inpaint_images(images, cfg.mask, cfg.noise_seed, cfg.crop)
+  if task == "sr":
+    images = tasks.sr_images(images, cfg.fit.sr_factor, 32 if cfg.sr_crop else 0)
+    side = 2**cfg.net.scales
+    for im in images:  # y is not padded: the HR output must fit the net as it is
+      h, w, _ = im.noisy_HxWxC.shape
+      if h % side or w % side:
+        raise InputError(f"{im.name}: {h}x{w} HR is not a multiple of 2^scales = {side} (use --sr_crop)")
   image_channels(images)
   if cfg.prelim.name != "none":
     prelim.REGISTRY[cfg.prelim.name].check(cfg, images)
@@ -166,14 +199,24 @@ def make_call_batch(
   pad = lambda x: data.pad_reflect(x, ph, pw)
   keys = [run_keys(cfg.fit.seed, k) for _, k in part]
   has_gt = images[part[0][0]].clean_HxWxC is not None
+  extent = np.stack([data.mask_for(*images[i].noisy_HxWxC.shape[:2], ph, pw) for i, _ in part])
+  # y and the loss's mask per task (tasks.py): the noisy image; the masked image and its
+  # observed pixels; the low-resolution image, all of it (SR images are never padded).
+  y, loss_mask = np.stack([pad(images[i].noisy_HxWxC) for i, _ in part]), None
+  if cfg.fit.task == "inpaint":
+    loss_mask = extent * np.stack([pad(images[i].observed_HxWx1) for i, _ in part])
+  if cfg.fit.task == "sr":
+    y = np.stack([images[i].lr_HxWxC for i, _ in part])
+    loss_mask = np.ones((*y.shape[:3], 1), np.float32)
   batch = fit.make_batch(
     cfg.net,
     cfg.fit,
     keys,
-    np.stack([pad(images[i].noisy_HxWxC) for i, _ in part]),
+    y,
     prelim_NxHxWxC=np.stack([pad(prelims[i]) for i, _ in part]) if prelims[part[0][0]] is not None else None,
     clean_NxHxWxC=np.stack([pad(images[i].clean_HxWxC) for i, _ in part]) if has_gt else None,
-    mask_NxHxWx1=np.stack([data.mask_for(*images[i].noisy_HxWxC.shape[:2], ph, pw) for i, _ in part]),
+    mask_NxHxWx1=extent,
+    loss_mask_NxHxWx1=loss_mask,
   )
   return batch, keys
 
@@ -236,6 +279,7 @@ def run(
     "method": cfg.method,
     "prelim": cfg.prelim.name,
     "sigma": cfg.sigma,
+    "task": cfg.fit.task,
     "steps": cfg.fit.steps,
     "seeds": cfg.fit.seeds,
     "stop": cfg.fit.stop,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idip_jax import metrics
+from idip_jax import metrics, tasks
 from idip_jax.config import FitConfig, NetConfig
 from idip_jax.models import SkipUNet, min_side
 
@@ -64,6 +64,9 @@ class Batch:
   prelim: jax.Array  # x_bar; ignored when prelim_weight = 0
   mask: jax.Array  # 1 on the original extent, 0 on reflect padding
   clean: jax.Array | None = None  # ground truth, for metrics only
+  # The mask of the loss, shaped like `noisy` (HxWx1): inpainting's observed pixels, or all of
+  # super-resolution's low-resolution y; None: `mask`.
+  loss_mask: jax.Array | None = None
 
 
 def run_keys(seed: int, run: int) -> dict[str, jax.Array]:
@@ -169,15 +172,19 @@ def train_step(
   fold_in(key, step), so results do not depend on how steps are chunked)."""
   net_in = perturbed_input(cfg, batch.net_input, state.step, key)
 
+  loss_mask = batch.mask if batch.loss_mask is None else batch.loss_mask
+
   def loss_fn(params):
     out = model.apply({"params": params}, net_in[None])[0]
-    loss = metrics.masked_mse(out, batch.noisy, batch.mask)
+    # ||A(out) - y||^2 (tasks.degrade: the identity, or the SR downsampler) over the observed pixels.
+    observed = tasks.degrade(cfg.task, cfg.sr_factor, out)
+    loss = metrics.masked_mse(observed, batch.noisy, loss_mask)
     if cfg.prelim_weight:
       loss += cfg.prelim_weight * metrics.masked_mse(out, batch.prelim, batch.mask)
-    return loss, out
+    return loss, (out, observed)
 
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  psnr_y = metrics.psnr(out, batch.noisy, batch.mask)
+  (loss, (out, observed)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  psnr_y = metrics.psnr(observed, batch.noisy, loss_mask)
   # DIP's EMA averages the outputs of the perturbed-input passes (out_avg in its notebooks).
   ema = jnp.where(state.step == 0, out, cfg.ema_decay * state.ema + (1.0 - cfg.ema_decay) * out)
   if cfg.backtrack == "dip":

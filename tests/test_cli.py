@@ -184,7 +184,8 @@ def test_every_flagfile_parses():
   from idip_jax import config
 
   files = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.flags")))
-  assert files
+  files += sorted(glob.glob(os.path.join(ROOT, "experiments", "tasks", "*.flags")))  # run.py's, per task
+  assert len(files) >= 6
   for f in files:
     with parsed_flags(["run.py", "--flagfile=" + f]) as fv:
       job = config.from_flags(fv, config.JobConfig)

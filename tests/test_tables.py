@@ -68,6 +68,13 @@ def test_smoke_tables_are_well_formed(tmp_path):
   assert fs["images"] == 3 and set(next(iter(fs["per_image"].values()))) >= {"dip_steps", "idip_steps"}
   color = json.loads((out / "DIPcolor.json").read_text())["methods"]["DIP"]
   assert "mean_psnr_avg_runs_ema" in color
+  # The tasks of issue 18: the paper's per-image Table 1 beside ours; SR's bicubic row is its input's PSNR.
+  inp = json.loads((out / "inpaint_heide11.json").read_text())
+  assert inp["paper_per_image"]["barbara"] == 32.22 and set(inp["methods"]) == {"DIP"}
+  for sr in ("SR4_Set5", "SR4_Set14"):
+    t = json.loads((out / f"{sr}.json").read_text())
+    assert set(t["methods"]) == {"bicubic", "DIP"} and t["methods"]["bicubic"]["report"] == "input"
+    assert t["methods"]["bicubic"]["mean_psnr"] > 20  # a real bicubic upsampling of a 4x smaller image
 
 
 def test_fit_speed_counts_first_step_reaching_dips_best():
