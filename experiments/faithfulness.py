@@ -9,6 +9,7 @@ and EMA PSNR at the last step; the commit and command) after every variant, and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -22,6 +23,12 @@ F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # the default IDIP run: --sigma, --noise, --crop, --steps, ...
 config.define_flags(F, config.ExperimentConfig)
 flags.DEFINE_list("images", ["classic10/cameraman", "holdout9/baboon", "holdout9/foreman"], "set/name of each image")
+flags.DEFINE_bool(
+  "reuse_finished",
+  False,
+  "a variant whose workdir's results.json already holds every --images image (e.g. an interrupted run's) is read, "
+  "not refitted",
+)
 flags.DEFINE_list("variants", list(("idip", "w0.5", "w0.25", "lr0.001", "xbar_noise0", "uint8", "dip")), "see VARIANTS")
 
 # name -> (method, RunConfig overrides, FitConfig overrides): one change from the default IDIP each.
@@ -76,7 +83,8 @@ def main(argv):
       xbars[cfg.noise] = (images, dict(zip([im.name for im in images], prelim.make(cfg, images))))
     images, xbar = xbars[cfg.noise]
     clean = {im.name: im.clean_HxWxC for im in images}
-    res = runner.run(cfg, images=images, prelim_images=xbar)
+    res = finished(cfg, [im.name for im in images]) if F.reuse_finished else None
+    res = res or runner.run(cfg, images=images, prelim_images=xbar)
     rows = {}
     for r in res["images"]:
       h = results.read_history(os.path.join(cfg.workdir, "history", r["name"] + ".csv"))
@@ -98,6 +106,20 @@ def main(argv):
       + ", ".join(f"{n} peak {v['peak']:.2f}@{v['peak_step']} x_bar {v['xbar']:.2f}" for n, v in rows.items()),
       flush=True,
     )
+
+
+def finished(cfg: config.RunConfig, names: list[str]) -> dict | None:
+  """The stored results of these images in cfg.workdir (written incrementally by the runner), if all are there."""
+  path = os.path.join(cfg.workdir, "results.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    res = json.load(f)
+  recs = {r["name"]: r for r in res["images"]}
+  if not all(n in recs for n in names) or res["steps"] != cfg.fit.steps:
+    return None
+  print(f"reusing {path} ({res['commit']})", flush=True)
+  return dict(res, images=[recs[n] for n in names])
 
 
 def write_markdown(meta: dict, path: str) -> None:

@@ -92,7 +92,7 @@ def test_fit_speed_counts_first_step_reaching_dips_best():
   assert abs(fs["mean_seconds_reduction_pct"] - 25.0) < 1e-9, fs  # 2 x 0.3 s vs 4 x 0.2 s
 
 
-def test_faithfulness_study_plumbing(tmp_path):
+def test_faithfulness_study_plumbing(tmp_path, capsys):
   """experiments/faithfulness.py on one tiny crop: each variant's record and the markdown."""
   need_path(os.path.join(DATA, "classic10"))
   need_path(WEIGHTS)
@@ -123,6 +123,12 @@ def test_faithfulness_study_plumbing(tmp_path):
   # the same x_bar for every variant of one noise protocol
   assert res["variants"]["dip"]["images"]["cameraman"]["xbar"] == cam["xbar"]
   assert "mean peak - x_bar" in (tmp_path / "study.md").read_text()
+  # An interrupted study's finished fits are read back, not refitted (--reuse_finished).
+  with parsed_flags(args[:-1] + ["--variants=idip", "--reuse_finished", f"--out={tmp_path / 'again'}"]):
+    study.main([])
+  again = json.loads((tmp_path / "again.json").read_text())["variants"]["idip"]["images"]["cameraman"]
+  assert again["peak"] == cam["peak"] and again["curve"] == cam["curve"]
+  assert "reusing" in capsys.readouterr().out
 
 
 def test_idipplus_table_rows_share_one_watched_job(tmp_path):
