@@ -98,7 +98,14 @@ def main(argv):
         "curve_steps": (np.flatnonzero(~np.isnan(h["psnr"])) + 1).tolist(),
         "curve": h["psnr"][~np.isnan(h["psnr"])].tolist(),
       }
-    meta["variants"][name] = {"method": method, "changes": {**run_kw, **fit_kw}, "steps": res["steps"], "images": rows}
+    meta["variants"][name] = {
+      "method": method,
+      "changes": {**run_kw, **fit_kw},
+      "steps": res["steps"],
+      "fit_commit": res["commit"],  # the code that fitted it (--reuse_finished reads older fits)
+      "fit_device": res["device"],
+      "images": rows,
+    }
     outputs.write_json(out + ".json", meta)  # incremental
     write_markdown(meta, out + ".md")
     print(
