@@ -137,6 +137,11 @@ def write_markdown(meta: dict, path: str) -> None:
     f"Commit {meta['commit']}, {meta['date']}. `{meta['command']}`. sigma {meta['sigma']}, crop "
     f"{meta['crop'] or 'full'}, x_bar {meta['prelim']}. Per image: peak of the clean-input PSNR (oracle: "
     "uses the ground truth) and its step, final and EMA PSNR at the last step, x_bar's PSNR; dB.",
+  ]
+  fits = sorted({(v.get("fit_commit"), v.get("fit_device")) for v in meta["variants"].values()})
+  if any(c != meta["commit"] for c, _ in fits):
+    lines.append("Fits read back (--reuse_finished) from: " + ", ".join(f"commit {c} on {d}" for c, d in fits) + ".")
+  lines += [
     "",
     "| variant | changes | steps | "
     + " | ".join(f"{n}: peak (step) / final / EMA / x_bar" for n in names)
