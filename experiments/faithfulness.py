@@ -108,6 +108,7 @@ def main(argv):
     }
     outputs.write_json(out + ".json", meta)  # incremental
     write_markdown(meta, out + ".md")
+    plot_curves(meta, out + "_curves.png")
     print(
       f"{name}: "
       + ", ".join(f"{n} peak {v['peak']:.2f}@{v['peak_step']} x_bar {v['xbar']:.2f}" for n, v in rows.items()),
@@ -127,6 +128,16 @@ def finished(cfg: config.RunConfig, names: list[str]) -> dict | None:
     return None
   print(f"reusing {path} ({res['commit']})", flush=True)
   return dict(res, images=[recs[n] for n in names])
+
+
+def plot_curves(meta: dict, path: str) -> None:
+  """Clean-input PSNR minus x_bar's PSNR vs step, one line per variant and image (0 = x_bar)."""
+  lines = {}
+  for name, v in meta["variants"].items():
+    for img, r in v["images"].items():
+      lines[f"{name} {img}"] = (r["curve_steps"], np.array(r["curve"]) - r["xbar"], "-")
+  lines["x_bar"] = ([1, meta["steps"]], [0.0, 0.0], "k--")
+  outputs.plot_xy(path, "IDIP - x_bar (clean-input output, oracle view)", lines, "step", "PSNR - PSNR(x_bar) (dB)", -3)
 
 
 def write_markdown(meta: dict, path: str) -> None:
