@@ -76,14 +76,14 @@ def make_model(cfg: TrainConfig) -> DnCNN:
   return DnCNN(depth=cfg.depth, width=cfg.width, channels=cfg.channels)
 
 
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """lr, then lr/10 from lr_drop of the steps: the official MatConvNet training code's schedule
+  (Demo_Train_model_64_25_Res_Bnorm_Adam.m: 1e-3 for 30 epochs, 1e-4 for 20)."""
+  return optax.piecewise_constant_schedule(cfg.lr, {int(cfg.steps * cfg.lr_drop): 0.1})
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """Adam at lr, then lr/10 from lr_drop of the steps: the official MatConvNet training code's
-  schedule (Demo_Train_model_64_25_Res_Bnorm_Adam.m: 1e-3 for 30 epochs, 1e-4 for 20)."""
-  return optax.adam(optax.piecewise_constant_schedule(cfg.lr, {int(cfg.steps * cfg.lr_drop): 0.1}))
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-  return cfg.lr * (0.1 if step >= int(cfg.steps * cfg.lr_drop) else 1.0)
+  return optax.adam(lr_schedule(cfg))
 
 
 def create_train_state(cfg: TrainConfig, key: jax.Array) -> TrainState:
@@ -220,7 +220,7 @@ def train(cfg: TrainConfig) -> dict:
     if getattr(cfg, name) % cfg.log_every:
       raise InputError(f"--{name}={getattr(cfg, name)} must be a multiple of --log_every={cfg.log_every}")
   images = jnp.asarray(load_training_images(cfg))
-  val_noisy, val_clean = load_validation(cfg)
+  val_noisy, val_clean = map(jnp.asarray, load_validation(cfg))
   if cfg.resume:
     if not os.path.isfile(os.path.join(cfg.workdir, "config.json")):
       raise InputError(f"--resume: no training run in --workdir={cfg.workdir}")
@@ -253,20 +253,21 @@ def train(cfg: TrainConfig) -> dict:
     ms = jax.device_get(ms)  # one transfer per log interval
     step = int(state.step)
     rate = n * cfg.batch / (time.perf_counter() - t)
-    if step % cfg.eval_every == 0 or step == cfg.steps:
-      out = np.asarray(denoise(state.params, state.batch_stats, jnp.asarray(val_noisy)))
-      val_psnr = float(np.mean([metrics.psnr(jnp.asarray(o), jnp.asarray(c)) for o, c in zip(out, val_clean)]))
+    evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+    if evaluated:
+      out = denoise(state.params, state.batch_stats, val_noisy)
+      val_psnr = float(jnp.mean(jax.vmap(metrics.psnr)(out, val_clean)))
     row = {
       "step": step,
       "loss": float(np.mean([m["loss"] for m in ms])),
       "train_psnr": float(np.mean([m["train_psnr"] for m in ms])),
-      "val_psnr": val_psnr if step % cfg.eval_every == 0 or step == cfg.steps else "",
-      "lr": learning_rate(cfg, step - 1),
+      "val_psnr": val_psnr if evaluated else "",
+      "lr": float(lr_schedule(cfg)(step - 1)),
       "patches_per_s": rate,
       "seconds": time.perf_counter() - t0,
     }
     rows.append(row)
-    write_progress(cfg.workdir, rows)
+    write_progress(cfg.workdir, rows, plot=evaluated)
     eta = (cfg.steps - step) * cfg.batch / rate
     logging.info(
       "step %d/%d  loss %.5f  train psnr %.2f  val psnr %.2f  %.0f patches/s  ETA %.0fs",
@@ -295,11 +296,14 @@ def train(cfg: TrainConfig) -> dict:
   return summary
 
 
-def write_progress(workdir: str, rows: list[dict]) -> None:
+def write_progress(workdir: str, rows: list[dict], plot: bool) -> None:
+  """progress.csv every log interval; progress.png when a validation PSNR is new."""
   with open(os.path.join(workdir, "progress.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
     w.writeheader()
     w.writerows(rows)
+  if not plot:
+    return
   val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r["val_psnr"] != ""]
   train = [(int(r["step"]), float(r["train_psnr"])) for r in rows]
   lines = {"validation": (*zip(*val), "o-"), "training batches": (*zip(*train), "-")} if val else {}

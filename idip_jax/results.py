@@ -219,8 +219,8 @@ def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str
     rec["psnr_avg_final"] = psnr(ens_final, gt)
     rec["psnr_avg_ema"] = psnr(ens_ema, gt)
     if "last" in runs[0]:
-      rec["psnr_avg_last"] = psnr(np.mean([r["last"] for r in runs], axis=0), gt)
-      rec["psnr_avg_last_ema"] = psnr(np.mean([r["last_ema"] for r in runs], axis=0), gt)
+      ens_last, ens_last_ema = ensemble(runs, "last", "last_ema")
+      rec["psnr_avg_last"], rec["psnr_avg_last_ema"] = psnr(ens_last, gt), psnr(ens_last_ema, gt)
     rec["runs"] = [{k: r[k] for k in RUN_KEYS if k in r} for r in runs]
   return rec
 
@@ -240,9 +240,9 @@ RUN_KEYS = (
 )
 
 
-def ensemble(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-  """The mean image of the runs' final outputs and of their EMAs."""
-  return np.mean([r["final"] for r in runs], axis=0), np.mean([r["ema"] for r in runs], axis=0)
+def ensemble(runs: list[dict], *keys: str) -> tuple[np.ndarray, ...]:
+  """The mean image over the runs of each key's image (default: the final outputs and the EMAs)."""
+  return tuple(np.mean([r[k] for r in runs], axis=0) for k in keys or ("final", "ema"))
 
 
 def print_summary(results: dict) -> None:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idip_jax.data import Image, InputError, find_image, read_image
+from idip_jax.data import Image, InputError, center_crop, find_image, read_image
 
 TASKS = ("denoise", "inpaint", "sr")
 
@@ -89,8 +89,6 @@ def bernoulli_mask(h: int, w: int, keep: float, seed: int, name: str) -> np.ndar
 
 def read_mask(path: str, shape: tuple[int, int], crop: int) -> np.ndarray:
   """A binary mask image (1/white = observed) checked against the image's size (after --crop)."""
-  from idip_jax.data import center_crop
-
   m = read_image(path, 1)
   if crop:
     m = center_crop(m, crop)
