@@ -119,6 +119,10 @@ EMA_OF = {"final": "ema", "ensemble": "ensemble_ema", "last": "last_ema", "ensem
 # the run, so no run freezes early and one job gives the fixed-step result (its last state), the
 # criterion's choice, their K-run ensembles and the oracle.
 WATCHED = (("stop", "wmv"), ("stop_patience", 100000))
+# Issue 16's fit knobs, tried on holdout9 against the watched job's single runs. The 96 px sigma-30
+# faithfulness study (experiments/results/faithfulness/study.md) found x_bar weights 0.25 and 0.5 and an
+# unperturbed x_bar worse than 1 and 1/30 on the holdout images: these go the other way.
+KNOBS = (("w2", (("prelim_weight", 2.0),)), ("xn15", (("xbar_noise_std", 1 / 15),)))
 # "IDIP-best": the combination of settings and report chosen on holdout9 (IDIPplus_holdout9) and
 # used unchanged on the other sets. None until that study has run: the rows are left out.
 IDIP_BEST: tuple[tuple[tuple[str, float | str], ...], str] | None = None
@@ -176,6 +180,8 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
         (f"IDIP-x{k}@{s}", dataclasses.replace(watched, report="ensemble_last")),
         (f"IDIP-oracle@{s}", dataclasses.replace(watched, report="oracle")),
       ]
+      if ds == "holdout9":  # the fit knobs, one change each, a single run (tuning only: not on the other sets)
+        rows += [(f"IDIP-{name}@{s}", Job(ds, s, "idip", "ffdnet", fit=fit)) for name, fit in KNOBS]
       if IDIP_BEST is not None:
         rows.append((f"IDIP-best@{s}", Job(ds, s, "idip", "ffdnet", seeds=k, fit=IDIP_BEST[0], report=IDIP_BEST[1])))
     return rows

@@ -159,6 +159,9 @@ def run_record(
     # ran out (None: it never did, and the run went on to --steps).
     rec.update(stop_step=int(res.stop_step_N[j]), stopped_at=int(stopped[0]) + 1 if stopped.size else None)
     rec.update(last=res.last_NxHxWxC[j, :h, :w], last_ema=res.last_ema_NxHxWxC[j, :h, :w])
+    if cfg.save_images:  # the last state: the fixed-step result of a watched run
+      outputs.save_image(os.path.join(img_dir, tag + "_last.png"), rec["last"], cfg.save_float)
+      outputs.save_image(os.path.join(img_dir, tag + "_last_ema.png"), rec["last_ema"], cfg.save_float)
   if im.clean_HxWxC is not None and not rec["failed"]:
     best = int(np.nanargmax(hist["psnr"]))  # clean-input output, on evaluated steps
     rec.update(
@@ -220,6 +223,9 @@ def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str
     rec["psnr_avg_ema"] = psnr(ens_ema, gt)
     if "last" in runs[0]:
       ens_last, ens_last_ema = ensemble(runs, "last", "last_ema")
+      if cfg.save_images:
+        outputs.save_image(os.path.join(img_dir, im.name + "_last.png"), ens_last, cfg.save_float)
+        outputs.save_image(os.path.join(img_dir, im.name + "_last_ema.png"), ens_last_ema, cfg.save_float)
       rec["psnr_avg_last"], rec["psnr_avg_last_ema"] = psnr(ens_last, gt), psnr(ens_last_ema, gt)
     rec["runs"] = [{k: r[k] for k in RUN_KEYS if k in r} for r in runs]
   return rec
