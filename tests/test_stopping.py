@@ -125,7 +125,8 @@ def test_ensemble_image_is_the_mean_of_the_runs(tmp_path):
   )
   res = runner.run(dataclasses.replace(cfg, fit=fit_cfg))
   load = lambda name: np.load(os.path.join(work, "images", name + ".npy"))
-  for kind in ("final", "ema"):
+  # final/ema: at the criterion's step; last/last_ema: the last state (the fixed-step result).
+  for kind in ("final", "ema", "last", "last_ema"):
     runs = [load(f"a_seed{k}_{kind}") for k in range(3)]
     np.testing.assert_allclose(load(f"a_{kind}"), np.mean(runs, axis=0), atol=1e-6)
     assert np.abs(runs[0] - runs[1]).max() > 1e-3  # three different runs
@@ -134,6 +135,8 @@ def test_ensemble_image_is_the_mean_of_the_runs(tmp_path):
   clean = np.round(clean * 255) / 255  # as stored in the PNG
   assert rec["psnr_avg_final"] == pytest.approx(results.psnr(load("a_final"), clean), abs=1e-4)
   assert rec["psnr_avg_ema"] == pytest.approx(results.psnr(load("a_ema"), clean), abs=1e-4)
+  assert rec["psnr_avg_last_ema"] == pytest.approx(results.psnr(load("a_last_ema"), clean), abs=1e-4)
+  assert rec["runs"][1]["psnr_last"] == pytest.approx(results.psnr(load("a_seed1_last"), clean), abs=1e-4)
   # Per run: the chosen step, where its patience ran out, and the PSNR gap to the oracle step.
   for r in rec["runs"]:
     assert 0 < r["stop_step"] <= 12 and r["stop_gap_db"] == pytest.approx(r["oracle_best_psnr"] - r["psnr_final"])

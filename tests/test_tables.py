@@ -143,7 +143,8 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
   with parsed_flags(args):
     tables.main([])
   t = json.loads((out / "IDIPplus_holdout9.json").read_text())
-  want = {f"{m}@{s}" for s in (15, 25, 50) for m in ("x_bar", "IDIP", "IDIP-auto", "IDIP-x2", "IDIP-oracle")}
+  rows = ("x_bar", "IDIP", "IDIP-auto", "IDIP-x2", "IDIP-oracle") + tuple(f"IDIP-{k}" for k, _ in tables.KNOBS)
+  want = {f"{m}@{s}" for s in (15, 25, 50) for m in rows}
   assert t["table"] == "IDIPplus_holdout9" and set(t["methods"]) == want and t["sigma"] == [15, 25, 50]
   res = json.loads(
     (tmp_path / "work" / "holdout9_s25_clip_idip_ffdnet_x2_stopwmv_stop_patience100000" / "results.json").read_text()
@@ -156,4 +157,9 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
     # The oracle row: each run's best evaluated step, averaged over the K runs.
     assert m["IDIP-oracle@25"]["per_image"][n] == pytest.approx(np.mean([x["oracle_best_psnr"] for x in r["runs"]]))
     assert r["psnr_avg_last"] != r["psnr_last"]  # the ensemble is its own image
+  # A knob row is its own single-run job with one fit setting changed.
+  knob = tmp_path / "work" / "holdout9_s25_clip_idip_ffdnet_x1_prelim_weight2"
+  assert json.loads((knob / "config.json").read_text())["fit"]["prelim_weight"] == 2.0
+  for r in json.loads((knob / "results.json").read_text())["images"]:
+    assert m["IDIP-w2@25"]["per_image"][r["name"]] == r["psnr_final"]
   assert m["IDIP-auto@25"]["per_image_stop_step"] and "ES-WMV step" in (out / "IDIPplus_holdout9.md").read_text()
