@@ -1,0 +1,125 @@
+"""Issue 16's knob table: which output of the IDIPplus jobs to report, measured on holdout9 only.
+
+python experiments/idipplus_knobs.py   (after experiments/tables.py --flagfile=experiments/tables/idipplus.flags)
+Reads the finished jobs of `experiments/tables.py --tables=IDIPplus_<set>` (their float images, --save_float)
+and writes <results_dir>/knobs_<set>.{json,md}: per sigma, each candidate output's mean PSNR minus x_bar's.
+Candidates: a single run's last state and its EMA, the K-run ensembles of both, ES-WMV's step, the x_bar
+weight-2 run, and blends a * out + (1 - a) * x_bar (no ground truth: `a` is a fixed number chosen here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from idip_jax import data, outputs, results  # noqa: E402
+
+# Its own flag set: tables.py defines --crop, --workdir... on the global one.
+FV = flags.FlagValues()
+flags.DEFINE_string("set", "holdout9", "the IDIPplus table's data set", flag_values=FV)
+flags.DEFINE_list("blend", ["0.25", "0.5", "0.75"], "weights a of a * out + (1 - a) * x_bar", flag_values=FV)
+# The IDIPplus jobs' settings (experiments/tables/idipplus.flags), which name their folders.
+flags.DEFINE_integer("crop", 96, "the jobs' center crop", flag_values=FV)
+flags.DEFINE_integer("ensemble_runs", 2, "K of the jobs", flag_values=FV)
+flags.DEFINE_string("noise", "clip", "the jobs' noise protocol", flag_values=FV)
+flags.DEFINE_string("workdir", "runs/tables_idipplus", "the tables' --workdir", flag_values=FV)
+flags.DEFINE_string("results_dir", "experiments/results/idipplus_crop96", "where knobs_<set>.* go", flag_values=FV)
+flags.DEFINE_string("data_dir", "", "default: $IDIP_SHARED/data or ../shared/data", flag_values=FV)
+SIGMAS = (15, 25, 50)
+WATCHED, KNOB = "x{k}_stopwmv_stop_patience100000", "x1_prelim_weight2"  # tables.WATCHED's and KNOBS' folders
+
+
+def job_dir(workdir: str, dataset: str, sigma: int, noise: str, suffix: str) -> str:
+  return os.path.join(workdir, f"{dataset}_s{sigma}_{noise}_idip_ffdnet_{suffix}")  # tables.Runner.run's name
+
+
+def candidates(watched: str, knob: str, name: str, k: int, blends: list[float]) -> dict:
+  """Each candidate's image, or a list of single runs' images (their PSNRs are averaged)."""
+  load = lambda d, tag: np.load(os.path.join(d, "images", f"{name}_{tag}.npy"))
+  seeds = lambda tag: [load(watched, f"seed{i}_{tag}") for i in range(k)]
+  out = {
+    "x_bar": load(watched, "prelim"),
+    "single last": seeds("last"),
+    "single last EMA": seeds("last_ema"),
+    f"x{k} last": load(watched, "last"),
+    f"x{k} last EMA": load(watched, "last_ema"),
+    "single ES-WMV": seeds("final"),
+    f"x{k} ES-WMV": load(watched, "final"),
+    "w2 last": load(knob, "final"),
+    "w2 last EMA": load(knob, "ema"),
+  }
+  for a in blends:
+    for base in ("single last EMA", f"x{k} last", f"x{k} last EMA"):
+      img, xbar = out[base], out["x_bar"]
+      out[f"{a:g} {base} + {1 - a:g} x_bar"] = (
+        [a * x + (1 - a) * xbar for x in img] if isinstance(img, list) else a * img + (1 - a) * xbar
+      )
+  return out
+
+
+def knob_table(workdir: str, dataset: str, ddir: str, crop: int, k: int, noise: str, blends: list[float]) -> dict:
+  """{sigma: {candidate: {mean, minus_x_bar, per_image}}} over the set's images."""
+  clean = {
+    data.image_name(p): data.center_crop(data.read_image(p, 1), crop)
+    for p in data.list_inputs(os.path.join(ddir, dataset))
+  }
+  table = {}
+  for s in SIGMAS:
+    watched, knob = (job_dir(workdir, dataset, s, noise, x) for x in (WATCHED.format(k=k), KNOB))
+    per = {}
+    for name, gt in clean.items():
+      for key, img in candidates(watched, knob, name, k, blends).items():
+        runs = img if isinstance(img, list) else [img]
+        per.setdefault(key, {})[name] = float(np.mean([results.psnr(x, gt) for x in runs]))
+    means = {key: float(np.mean(list(v.values()))) for key, v in per.items()}
+    table[s] = {key: {"mean": m, "minus_x_bar": m - means["x_bar"], "per_image": per[key]} for key, m in means.items()}
+  return table
+
+
+def markdown(table: dict, meta: dict) -> str:
+  lines = [
+    f"# IDIPplus knobs on {meta['set']} ({meta['crop']} px crops, K={meta['K']}): mean PSNR minus x_bar's (dB)",
+    "",
+    f"Commit {meta['commit']}, {meta['date']}, fits from commit(s) {', '.join(meta['fit_commits'])}. "
+    f"`{meta['command']}`. The x_bar row is its own mean PSNR; a blend a * out + (1 - a) * x_bar uses a fixed a.",
+    "",
+    "| output | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " | mean |",
+    "|---|" + "---|" * (len(SIGMAS) + 1),
+  ]
+  for key in table[SIGMAS[0]]:
+    if key == "x_bar":
+      lines.append("| x_bar (PSNR) | " + " | ".join(f"{table[s][key]['mean']:.2f}" for s in SIGMAS) + " | |")
+      continue
+    d = [table[s][key]["minus_x_bar"] for s in SIGMAS]
+    lines.append(f"| {key} | " + " | ".join(f"{v:+.2f}" for v in d) + f" | {np.mean(d):+.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+  FV(argv)
+  k, ddir = FV.ensemble_runs, FV.data_dir or os.path.join(data.shared_dir(), "data")
+  suffixes = (WATCHED.format(k=k), KNOB)
+  jobs = [job_dir(FV.workdir, FV.set, s, FV.noise, x) for s in SIGMAS for x in suffixes]
+  missing = [j for j in jobs if not os.path.isfile(os.path.join(j, "results.json"))]
+  if missing:
+    print(f"error: unfinished IDIPplus job {missing[0]}: run experiments/tables.py first", file=sys.stderr)
+    return 2
+  table = knob_table(FV.workdir, FV.set, ddir, FV.crop, k, FV.noise, [float(a) for a in FV.blend])
+  meta = dict(outputs.provenance(), command="python " + " ".join(argv), set=FV.set, crop=FV.crop, K=k)
+  meta["fit_commits"] = sorted({json.load(open(os.path.join(j, "results.json")))["commit"] for j in jobs})
+  base = os.path.join(FV.results_dir, f"knobs_{FV.set}")
+  os.makedirs(FV.results_dir, exist_ok=True)
+  with open(base + ".md", "w") as f:
+    f.write(markdown(table, meta))
+  outputs.write_json(base + ".json", dict(meta, sigmas=table))
+  print(markdown(table, meta))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

@@ -1,0 +1,69 @@
+"""Issue 16's knob table (experiments/idipplus_knobs.py) on a made-up set of finished IDIPplus jobs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import import_experiment, smooth_image, write_png
+
+from idip_jax import results
+
+
+def fake_jobs(root, names, k=2):
+  """Finished watched (K runs) and weight-2 jobs per sigma: clean images, and outputs = clean + noise."""
+  knobs = import_experiment("idipplus_knobs")
+  rng = np.random.default_rng(0)
+  os.makedirs(root / "data" / "toy")
+  clean = {}
+  for i, n in enumerate(names):
+    write_png(str(root / "data" / "toy" / f"{n}.png"), smooth_image(40, 40, 1, seed=i))
+    clean[n] = np.round(knobs.data.center_crop(smooth_image(40, 40, 1, seed=i), 32) * 255) / 255
+  for s in knobs.SIGMAS:
+    for suffix in (knobs.WATCHED.format(k=k), knobs.KNOB):
+      d = root / "work" / f"toy_s{s}_clip_idip_ffdnet_{suffix}"
+      os.makedirs(d / "images")
+      (d / "results.json").write_text(json.dumps({"commit": "abc1234"}))
+      for n, gt in clean.items():
+        tags = ["prelim", "last", "last_ema", "final", "ema"] + [
+          f"seed{j}_{t}" for j in range(k) for t in ("last", "last_ema", "final")
+        ]
+        for t in tags:
+          noise = (s / 255 / (2 if t == "prelim" else 3)) * rng.standard_normal(gt.shape)
+          np.save(d / "images" / f"{n}_{t}.npy", (gt + noise).astype(np.float32))
+  return knobs, clean
+
+
+def test_knob_table_values(tmp_path):
+  knobs, clean = fake_jobs(tmp_path, ["a", "b"])
+  table = knobs.knob_table(str(tmp_path / "work"), "toy", str(tmp_path / "data"), 32, 2, "clip", [0.5])
+  img = lambda s, n, t, job=knobs.WATCHED.format(k=2): np.load(
+    tmp_path / "work" / f"toy_s{s}_clip_idip_ffdnet_{job}" / "images" / f"{n}_{t}.npy"
+  )
+  for s in (15, 50):
+    t = table[s]
+    for n, gt in clean.items():
+      assert t["x_bar"]["per_image"][n] == pytest.approx(results.psnr(img(s, n, "prelim"), gt), abs=1e-5)
+      assert t["x2 last"]["per_image"][n] == pytest.approx(results.psnr(img(s, n, "last"), gt), abs=1e-5)
+      single = np.mean([results.psnr(img(s, n, f"seed{j}_last"), gt) for j in range(2)])
+      assert t["single last"]["per_image"][n] == pytest.approx(single, abs=1e-5)
+      blend = 0.5 * img(s, n, "last_ema") + 0.5 * img(s, n, "prelim")
+      assert t["0.5 x2 last EMA + 0.5 x_bar"]["per_image"][n] == pytest.approx(results.psnr(blend, gt), abs=1e-5)
+      w2 = img(s, n, "ema", knobs.KNOB)
+      assert t["w2 last EMA"]["per_image"][n] == pytest.approx(results.psnr(w2, gt), abs=1e-5)
+    # The made-up outputs are less noisy than the made-up x_bar: every candidate gains over it.
+    assert t["x2 last"]["minus_x_bar"] > 1 and t["x_bar"]["minus_x_bar"] == 0
+    assert t["x2 last"]["minus_x_bar"] == pytest.approx(t["x2 last"]["mean"] - t["x_bar"]["mean"])
+
+
+def test_knob_script_writes_files_and_refuses_unfinished_jobs(tmp_path, capsys):
+  knobs, _ = fake_jobs(tmp_path, ["a"])
+  args = ["idipplus_knobs.py", "--set=toy", "--crop=32", f"--workdir={tmp_path / 'work'}"]
+  args += [f"--data_dir={tmp_path / 'data'}", f"--results_dir={tmp_path / 'out'}"]
+  assert knobs.main(args) == 0
+  md = (tmp_path / "out" / "knobs_toy.md").read_text()
+  assert "abc1234" in md and "| 0.5 x2 last EMA + 0.5 x_bar |" in md
+  assert json.loads((tmp_path / "out" / "knobs_toy.json").read_text())["sigmas"]["25"]["x_bar"]["minus_x_bar"] == 0
+  os.remove(tmp_path / "work" / "toy_s50_clip_idip_ffdnet_x1_prelim_weight2" / "results.json")
+  assert knobs.main(args) == 2
+  assert "unfinished IDIPplus job" in capsys.readouterr().err
