@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from conftest import DATA, ROOT, TINY_ARGS, WEIGHTS, import_experiment, need_path, parsed_flags
 
+from idip_jax import data, results
+
 SCRIPT = os.path.join(ROOT, "experiments", "tables.py")
 
 
@@ -139,19 +141,28 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
   tables = import_experiment("tables")
   out = tmp_path / "results"
   args = ["tables.py", "--flagfile=experiments/tables/smoke.flags", "--tables=IDIPplus_holdout9"]
-  args += ["--ensemble_runs=2", f"--results_dir={out}", f"--workdir={tmp_path / 'work'}"]
+  args += ["--ensemble_runs=2", f"--results_dir={out}", f"--workdir={tmp_path / 'work'}", "--save_float"]
   with parsed_flags(args):
     tables.main([])
   t = json.loads((out / "IDIPplus_holdout9.json").read_text())
-  rows = ("x_bar", "IDIP", "IDIP-auto", "IDIP-x2", "IDIP-oracle") + tuple(f"IDIP-{k}" for k, _ in tables.KNOBS)
+  rows = ("x_bar", "IDIP", "IDIP-auto", "IDIP-x2", "IDIP-oracle", "IDIP-best")
+  rows += tuple(f"IDIP-{k}" for k, _ in tables.KNOBS)
   want = {f"{m}@{s}" for s in (15, 25, 50) for m in rows}
   assert t["table"] == "IDIPplus_holdout9" and set(t["methods"]) == want and t["sigma"] == [15, 25, 50]
   res = json.loads(
     (tmp_path / "work" / "holdout9_s25_clip_idip_ffdnet_x2_stopwmv_stop_patience100000" / "results.json").read_text()
   )
   m = t["methods"]
+  watched = tmp_path / "work" / "holdout9_s25_clip_idip_ffdnet_x2_stopwmv_stop_patience100000"
+  assert tables.IDIP_BEST[0] == tables.WATCHED  # IDIP-best is read from the watched job
+  _, a, base = tables.IDIP_BEST[1].split(":")
   for r in res["images"]:
     n = r["name"]
+    # IDIP-best: a fixed mix of the chosen output and x_bar, scored against the clean crop.
+    img, xbar = (np.load(watched / "images" / f"{n}_{tag}.npy") for tag in (tables.BLEND_IMAGES[base], "prelim"))
+    clean = data.center_crop(data.read_image(data.find_image(os.path.join(DATA, "holdout9"), n), 1), 32)
+    want_best = results.psnr(float(a) * img + (1 - float(a)) * xbar, clean)
+    assert m["IDIP-best@25"]["per_image"][n] == pytest.approx(want_best, abs=1e-6)
     assert m["IDIP@25"]["per_image"][n] == r["psnr_last"] and m["IDIP-x2@25"]["per_image"][n] == r["psnr_avg_last"]
     assert m["IDIP-auto@25"]["per_image"][n] == r["psnr_final"] and len(r["runs"]) == 2
     # The oracle row: each run's best evaluated step, averaged over the K runs.
@@ -163,3 +174,11 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
   for r in json.loads((knob / "results.json").read_text())["images"]:
     assert m["IDIP-w2@25"]["per_image"][r["name"]] == r["psnr_final"]
   assert m["IDIP-auto@25"]["per_image_stop_step"] and "ES-WMV step" in (out / "IDIPplus_holdout9.md").read_text()
+
+
+def test_blend_rows_without_float_images_are_refused_before_compute(tmp_path):
+  args = [sys.executable, SCRIPT, "--flagfile=experiments/tables/smoke.flags", "--tables=IDIPplus_Set12"]
+  args += ["--nosave_float", f"--results_dir={tmp_path / 'out'}", f"--workdir={tmp_path / 'work'}"]
+  p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert p.returncode != 0 and "add --save_float" in p.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
