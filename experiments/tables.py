@@ -629,10 +629,13 @@ def write_markdown(t: dict, path: str) -> None:
 
 
 def plot_curves(table: str, jobs: Runner, path: str) -> None:
-  series = {
-    label: list(jobs.run(job)["histories"].values()) for label, job in selected_rows(table) if job.method != "prelim"
-  }
-  outputs.plot_psnr_curves(path, f"{table}: fit speed", series)
+  series, drawn = {}, set()
+  for label, job in selected_rows(table):
+    run = dataclasses.replace(job, report="final")
+    if job.method != "prelim" and run not in drawn:  # rows reading one job (IDIPplus) draw it once
+      drawn.add(run)
+      series[label] = list(jobs.run(job)["histories"].values())
+  outputs.plot_psnr_curves(path, f"{table}: mean PSNR vs step", series)
 
 
 def main(argv):
