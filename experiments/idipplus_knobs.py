@@ -1,6 +1,6 @@
 """Issue 16's knob table: which output of the IDIPplus jobs to report, measured on holdout9 only.
 
-python experiments/idipplus_knobs.py   (after experiments/tables.py --flagfile=experiments/tables/idipplus.flags)
+python experiments/idipplus_knobs.py --flagfile=experiments/tables/idipplus.flags   (after tables.py, same flags)
 Reads the finished jobs of `experiments/tables.py --tables=IDIPplus_<set>` (their float images, --save_float)
 and writes <results_dir>/knobs_<set>.{json,md}: per sigma, each candidate output's mean PSNR minus x_bar's.
 Candidates: a single run's last state and its EMA, the K-run ensembles of both, ES-WMV's step, the x_bar
@@ -14,22 +14,16 @@ import os
 import sys
 
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tables  # noqa: E402  (its flags: --crop, --noise, --workdir, --results_dir, --ensemble_runs, --data_dir)
+
 from idip_jax import data, outputs, results  # noqa: E402
 
-# Its own flag set: tables.py defines --crop, --workdir... on the global one.
-FV = flags.FlagValues()
-flags.DEFINE_string("set", "holdout9", "the IDIPplus table's data set", flag_values=FV)
-flags.DEFINE_list("blend", ["0.25", "0.5", "0.75"], "weights a of a * out + (1 - a) * x_bar", flag_values=FV)
-# The IDIPplus jobs' settings (experiments/tables/idipplus.flags), which name their folders.
-flags.DEFINE_integer("crop", 96, "the jobs' center crop", flag_values=FV)
-flags.DEFINE_integer("ensemble_runs", 2, "K of the jobs", flag_values=FV)
-flags.DEFINE_string("noise", "clip", "the jobs' noise protocol", flag_values=FV)
-flags.DEFINE_string("workdir", "runs/tables_idipplus", "the tables' --workdir", flag_values=FV)
-flags.DEFINE_string("results_dir", "experiments/results/idipplus_crop96", "where knobs_<set>.* go", flag_values=FV)
-flags.DEFINE_string("data_dir", "", "default: $IDIP_SHARED/data or ../shared/data", flag_values=FV)
+F = flags.FLAGS
+flags.DEFINE_string("set", "holdout9", "the IDIPplus table's data set")
+flags.DEFINE_list("blend", ["0.25", "0.5", "0.75"], "weights a of a * out + (1 - a) * x_bar")
 SIGMAS = (15, 25, 50)
 WATCHED, KNOB = "x{k}_stopwmv_stop_patience100000", "x1_prelim_weight2"  # tables.WATCHED's and KNOBS' folders
 
@@ -101,19 +95,20 @@ def markdown(table: dict, meta: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-  FV(argv)
-  k, ddir = FV.ensemble_runs, FV.data_dir or os.path.join(data.shared_dir(), "data")
+  del argv
+  k, ddir = F.ensemble_runs, F.data_dir or os.path.join(data.shared_dir(), "data")
+  workdir = F.workdir or tables.DEFAULT_WORKDIR
   suffixes = (WATCHED.format(k=k), KNOB)
-  jobs = [job_dir(FV.workdir, FV.set, s, FV.noise, x) for s in SIGMAS for x in suffixes]
+  jobs = [job_dir(workdir, F.set, s, F.noise, x) for s in SIGMAS for x in suffixes]
   missing = [j for j in jobs if not os.path.isfile(os.path.join(j, "results.json"))]
   if missing:
     print(f"error: unfinished IDIPplus job {missing[0]}: run experiments/tables.py first", file=sys.stderr)
     return 2
-  table = knob_table(FV.workdir, FV.set, ddir, FV.crop, k, FV.noise, [float(a) for a in FV.blend])
-  meta = dict(outputs.provenance(), command="python " + " ".join(argv), set=FV.set, crop=FV.crop, K=k)
+  table = knob_table(workdir, F.set, ddir, F.crop, k, F.noise, [float(a) for a in F.blend])
+  meta = dict(outputs.provenance(), command="python " + " ".join(sys.argv), set=F.set, crop=F.crop, K=k)
   meta["fit_commits"] = sorted({json.load(open(os.path.join(j, "results.json")))["commit"] for j in jobs})
-  base = os.path.join(FV.results_dir, f"knobs_{FV.set}")
-  os.makedirs(FV.results_dir, exist_ok=True)
+  base = os.path.join(F.results_dir, f"knobs_{F.set}")
+  os.makedirs(F.results_dir, exist_ok=True)
   with open(base + ".md", "w") as f:
     f.write(markdown(table, meta))
   outputs.write_json(base + ".json", dict(meta, sigmas=table))
@@ -122,4 +117,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  app.run(lambda argv: sys.exit(main(argv)))

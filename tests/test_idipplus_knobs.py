@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import import_experiment, smooth_image, write_png
+from conftest import import_experiment, parsed_flags, smooth_image, write_png
 
 from idip_jax import results
 
@@ -58,12 +58,14 @@ def test_knob_table_values(tmp_path):
 
 def test_knob_script_writes_files_and_refuses_unfinished_jobs(tmp_path, capsys):
   knobs, _ = fake_jobs(tmp_path, ["a"])
-  args = ["idipplus_knobs.py", "--set=toy", "--crop=32", f"--workdir={tmp_path / 'work'}"]
-  args += [f"--data_dir={tmp_path / 'data'}", f"--results_dir={tmp_path / 'out'}"]
-  assert knobs.main(args) == 0
-  md = (tmp_path / "out" / "knobs_toy.md").read_text()
-  assert "abc1234" in md and "| 0.5 x2 last EMA + 0.5 x_bar |" in md
-  assert json.loads((tmp_path / "out" / "knobs_toy.json").read_text())["sigmas"]["25"]["x_bar"]["minus_x_bar"] == 0
-  os.remove(tmp_path / "work" / "toy_s50_clip_idip_ffdnet_x1_prelim_weight2" / "results.json")
-  assert knobs.main(args) == 2
+  args = ["idipplus_knobs.py", "--set=toy", "--crop=32", "--noise=clip", "--ensemble_runs=2"]
+  args += [f"--workdir={tmp_path / 'work'}", f"--data_dir={tmp_path / 'data'}", f"--results_dir={tmp_path / 'out'}"]
+  with parsed_flags(args):
+    assert knobs.main([]) == 0
+    md = (tmp_path / "out" / "knobs_toy.md").read_text()
+    assert "abc1234" in md and "| 0.5 x2 last EMA + 0.5 x_bar |" in md
+    sig25 = json.loads((tmp_path / "out" / "knobs_toy.json").read_text())["sigmas"]["25"]
+    assert sig25["x_bar"]["minus_x_bar"] == 0
+    os.remove(tmp_path / "work" / "toy_s50_clip_idip_ffdnet_x1_prelim_weight2" / "results.json")
+    assert knobs.main([]) == 2
   assert "unfinished IDIPplus job" in capsys.readouterr().err
