@@ -85,3 +85,16 @@ def import_experiment(name: str):
 
   sys.path.insert(0, os.path.join(ROOT, "experiments")) if os.path.join(ROOT, "experiments") not in sys.path else None
   return importlib.import_module(name)
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compile_cache_leak():
+  """run.py's CLI turns on JAX's persistent compilation cache for its process (runner.run_cli); an
+  in-process CLI test must not leave it on for the worker's later tests: two CI runs crashed in XLA:CPU's
+  compile of a later in-process fit (tests/test_tasks.py) with it on."""
+  import jax
+
+  before = jax.config.jax_compilation_cache_dir
+  yield
+  if jax.config.jax_compilation_cache_dir != before:
+    jax.config.update("jax_compilation_cache_dir", before)
