@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are dominated by XLA:CPU compilation of many small programs; optimisation level 0
 # halves the suite's time (test_fit.py: 110 s -> 56 s) and changes results only by rounding.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# No persistent compilation cache in the suite: three CI runs crashed (segfault) inside XLA:CPU's
+# compile-and-write-cache of an in-process fit after a CLI test had turned the cache on for the worker.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 # run.py enables JAX's persistent compilation cache; each test process (xdist worker) gets its
 # own folder, so workers never share one and no run of the suite reads another's programs.
 os.environ.setdefault("IDIP_JAX_CACHE", tempfile.mkdtemp(prefix="idip-jax-cache-"))
@@ -85,16 +88,3 @@ def import_experiment(name: str):
 
   sys.path.insert(0, os.path.join(ROOT, "experiments")) if os.path.join(ROOT, "experiments") not in sys.path else None
   return importlib.import_module(name)
-
-
-@pytest.fixture(autouse=True)
-def _no_persistent_compile_cache_leak():
-  """run.py's CLI turns on JAX's persistent compilation cache for its process (runner.run_cli); an
-  in-process CLI test must not leave it on for the worker's later tests: two CI runs crashed in XLA:CPU's
-  compile of a later in-process fit (tests/test_tasks.py) with it on."""
-  import jax
-
-  before = jax.config.jax_compilation_cache_dir
-  yield
-  if jax.config.jax_compilation_cache_dir != before:
-    jax.config.update("jax_compilation_cache_dir", before)
