@@ -25,14 +25,15 @@ F = flags.FLAGS
 flags.DEFINE_string("set", "holdout9", "the IDIPplus table's data set")
 flags.DEFINE_list("blend", ["0.25", "0.5", "0.75"], "weights a of a * out + (1 - a) * x_bar")
 SIGMAS = (15, 25, 50)
-WATCHED, KNOB = "x{k}_stopwmv_stop_patience100000", "x1_prelim_weight2"  # tables.WATCHED's and KNOBS' folders
 
 
-def job_dir(workdir: str, dataset: str, sigma: int, noise: str, suffix: str) -> str:
-  return os.path.join(workdir, f"{dataset}_s{sigma}_{noise}_idip_ffdnet_{suffix}")  # tables.Runner.run's name
+def job_dirs(workdir: str, dataset: str, sigma: int, noise: str, k: int) -> tuple[str, dict[str, str]]:
+  """The watched job's folder and each knob's ({name: folder}), as tables.py names them."""
+  job = lambda **kw: tables.job_dir(tables.Job(dataset, sigma, "idip", "ffdnet", **kw), workdir, noise)
+  return job(seeds=k, fit=tables.WATCHED), {name: job(fit=fit) for name, fit in tables.KNOBS}
 
 
-def candidates(watched: str, knob: str, name: str, k: int, blends: list[float]) -> dict:
+def candidates(watched: str, knobs: dict[str, str], name: str, k: int, blends: list[float]) -> dict:
   """Each candidate's image, or a list of single runs' images (their PSNRs are averaged)."""
   load = lambda d, tag: np.load(os.path.join(d, "images", f"{name}_{tag}.npy"))
   seeds = lambda tag: [load(watched, f"seed{i}_{tag}") for i in range(k)]
@@ -44,9 +45,9 @@ def candidates(watched: str, knob: str, name: str, k: int, blends: list[float]) 
     f"x{k} last EMA": load(watched, "last_ema"),
     "single ES-WMV": seeds("final"),
     f"x{k} ES-WMV": load(watched, "final"),
-    "w2 last": load(knob, "final"),
-    "w2 last EMA": load(knob, "ema"),
   }
+  for knob, d in knobs.items():  # single runs, fixed steps: their final state is the last
+    out.update({f"{knob} last": load(d, "final"), f"{knob} last EMA": load(d, "ema")})
   for a in blends:
     for base in ("single last EMA", f"x{k} last", f"x{k} last EMA"):
       img, xbar = out[base], out["x_bar"]
@@ -64,10 +65,10 @@ def knob_table(workdir: str, dataset: str, ddir: str, crop: int, k: int, noise: 
   }
   table = {}
   for s in SIGMAS:
-    watched, knob = (job_dir(workdir, dataset, s, noise, x) for x in (WATCHED.format(k=k), KNOB))
+    watched, knobs = job_dirs(workdir, dataset, s, noise, k)
     per = {}
     for name, gt in clean.items():
-      for key, img in candidates(watched, knob, name, k, blends).items():
+      for key, img in candidates(watched, knobs, name, k, blends).items():
         runs = img if isinstance(img, list) else [img]
         per.setdefault(key, {})[name] = float(np.mean([results.psnr(x, gt) for x in runs]))
     means = {key: float(np.mean(list(v.values()))) for key, v in per.items()}
@@ -98,8 +99,10 @@ def main(argv: list[str]) -> int:
   del argv
   k, ddir = F.ensemble_runs, F.data_dir or os.path.join(data.shared_dir(), "data")
   workdir = F.workdir or tables.DEFAULT_WORKDIR
-  suffixes = (WATCHED.format(k=k), KNOB)
-  jobs = [job_dir(workdir, F.set, s, F.noise, x) for s in SIGMAS for x in suffixes]
+  jobs = []
+  for s in SIGMAS:
+    watched, knobs = job_dirs(workdir, F.set, s, F.noise, k)
+    jobs += [watched, *knobs.values()]
   missing = [j for j in jobs if not os.path.isfile(os.path.join(j, "results.json"))]
   if missing:
     print(f"error: unfinished IDIPplus job {missing[0]}: run experiments/tables.py first", file=sys.stderr)

@@ -153,6 +153,18 @@ def blend_psnrs(res: dict, report: str) -> dict[str, float]:
 IDIP_BEST: tuple[tuple[tuple[str, float | str], ...], str] | None = (WATCHED, "blend:0.25:ensemble_last")
 
 
+def fitted(job: Job) -> Job:
+  """The job a row reads: rows differing only in what they report share one fit."""
+  return dataclasses.replace(job, report="final")
+
+
+def job_dir(job: Job, workdir: str, noise: str) -> str:
+  name = f"{job.dataset}_s{job.sigma:g}_{noise}_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
+    f"_{k}{v:g}" if isinstance(v, float | int) else f"_{k}{v}" for k, v in job.fit + job.net
+  )
+  return os.path.join(workdir, name)
+
+
 def table_jobs(table: str) -> list[tuple[str, Job]]:
   """(row label, job) pairs of a table; a prelim-only row is the job's x_bar PSNR."""
   c10 = "classic10"
@@ -325,15 +337,12 @@ class Runner:
     return cfg
 
   def run(self, job: Job) -> dict:
-    job = dataclasses.replace(job, report="final")  # rows differing in what they report share a job
+    job = fitted(job)
     if job in self.done:
       return self.done[job]
-    name = f"{job.dataset}_s{job.sigma:g}_{F.noise}_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
-      f"_{k}{v:g}" if isinstance(v, float | int) else f"_{k}{v}" for k, v in job.fit + job.net
-    )
     cfg = self.config(
       dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
-      os.path.join(F.workdir or DEFAULT_WORKDIR, name),
+      job_dir(job, F.workdir or DEFAULT_WORKDIR, F.noise),
     )
     if job.method != "prelim" and (done := self.finished(cfg)) is not None:
       self.done[job] = done
@@ -631,9 +640,8 @@ def write_markdown(t: dict, path: str) -> None:
 def plot_curves(table: str, jobs: Runner, path: str) -> None:
   series, drawn = {}, set()
   for label, job in selected_rows(table):
-    run = dataclasses.replace(job, report="final")
-    if job.method != "prelim" and run not in drawn:  # rows reading one job (IDIPplus) draw it once
-      drawn.add(run)
+    if job.method != "prelim" and fitted(job) not in drawn:  # rows reading one job (IDIPplus) draw it once
+      drawn.add(fitted(job))
       series[label] = list(jobs.run(job)["histories"].values())
   outputs.plot_psnr_curves(path, f"{table}: mean PSNR vs step", series)
 

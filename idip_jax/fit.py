@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -34,6 +35,12 @@ from idip_jax.train import (
   random_input,
   train_step,
 )
+
+# Set by run.py's Ctrl-C handler (runner.stop_on_ctrl_c); the fit loop raises KeyboardInterrupt at the
+# next chunk boundary. Python's own handler raises wherever the main thread is, and there JAX's gc
+# callback (_xla_gc_callback) can swallow it as "Exception ignored" (seen under pytest-xdist: the run
+# went on fitting).
+INTERRUPTED = threading.Event()
 
 
 def for_backend(net_cfg: NetConfig, cfg: FitConfig, backend: str) -> tuple[NetConfig, FitConfig]:
@@ -287,6 +294,8 @@ def fit(
       stopped = m["stopped"][-1]
       msg += f"  stopped {int(np.sum(stopped))}/{n_runs}"
     logging.info(msg)
+    if INTERRUPTED.is_set():
+      raise KeyboardInterrupt
     if "stopped" in m and np.all(stopped):
       break  # every run's criterion has stopped it: their states no longer change
   # The first chunk's time beyond what its steps take at the steady rate: compilation.

@@ -139,9 +139,6 @@ def run_record(
   tag = im.name if cfg.fit.seeds == 1 else f"{im.name}_seed{k}"
   hist = {name: v[:, j] for name, v in res.history.items()}
   write_history(os.path.join(hist_dir, tag + ".csv"), hist)
-  if cfg.save_images:
-    outputs.save_image(os.path.join(img_dir, tag + "_final.png"), final, cfg.save_float)
-    outputs.save_image(os.path.join(img_dir, tag + "_ema.png"), ema, cfg.save_float)
   rec = {
     "seed": k,
     "final": final,
@@ -158,10 +155,10 @@ def run_record(
     # The step the criterion chose (its images are the reported ones) and the step its patience
     # ran out (None: it never did, and the run went on to --steps).
     rec.update(stop_step=int(res.stop_step_N[j]), stopped_at=int(stopped[0]) + 1 if stopped.size else None)
+    # The last state: the fixed-step result of a watched run.
     rec.update(last=res.last_NxHxWxC[j, :h, :w], last_ema=res.last_ema_NxHxWxC[j, :h, :w])
-    if cfg.save_images:  # the last state: the fixed-step result of a watched run
-      outputs.save_image(os.path.join(img_dir, tag + "_last.png"), rec["last"], cfg.save_float)
-      outputs.save_image(os.path.join(img_dir, tag + "_last_ema.png"), rec["last_ema"], cfg.save_float)
+  if cfg.save_images:
+    save_outputs(cfg, img_dir, tag, {k: rec[k] for k in OUTPUT_KINDS if k in rec})
   if im.clean_HxWxC is not None and not rec["failed"]:
     best = int(np.nanargmax(hist["psnr"]))  # clean-input output, on evaluated steps
     rec.update(
@@ -197,15 +194,11 @@ def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str
     "psnr_prelim": None,
   }
   # With K > 1 runs the image a user gets is their ensemble, the mean image of the K runs' outputs
-  # (final and EMA; DIP's "average of two runs" gained +0.57 dB over its EMA): <name>_final.png.
-  ens_final, ens_ema = ensemble(runs)
+  # (each of OUTPUT_KINDS; DIP's "average of two runs" gained +0.57 dB over its EMA): <name>_final.png.
+  kinds = [k for k in OUTPUT_KINDS if k in runs[0]]
+  ens = dict(zip(kinds, ensemble(runs, *kinds))) if len(runs) > 1 else {}
   if cfg.save_images:
-    outputs.save_image(os.path.join(img_dir, im.name + "_noisy.png"), im.noisy_HxWxC, cfg.save_float)
-    if xbar is not None:
-      outputs.save_image(os.path.join(img_dir, im.name + "_prelim.png"), xbar, cfg.save_float)
-    if len(runs) > 1:
-      outputs.save_image(os.path.join(img_dir, im.name + "_final.png"), ens_final, cfg.save_float)
-      outputs.save_image(os.path.join(img_dir, im.name + "_ema.png"), ens_ema, cfg.save_float)
+    save_outputs(cfg, img_dir, im.name, {"noisy": im.noisy_HxWxC, "prelim": xbar} | ens)
   if "stop_step" in runs[0]:
     rec["stop_step"] = float(np.mean([r["stop_step"] for r in runs]))
     rec["stopped_at"] = [r["stopped_at"] for r in runs]
@@ -219,14 +212,7 @@ def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str
   for key in keys:
     rec[key] = float(np.mean([r[key] for r in runs]))  # the mean of single runs
   if len(runs) > 1:
-    rec["psnr_avg_final"] = psnr(ens_final, gt)
-    rec["psnr_avg_ema"] = psnr(ens_ema, gt)
-    if "last" in runs[0]:
-      ens_last, ens_last_ema = ensemble(runs, "last", "last_ema")
-      if cfg.save_images:
-        outputs.save_image(os.path.join(img_dir, im.name + "_last.png"), ens_last, cfg.save_float)
-        outputs.save_image(os.path.join(img_dir, im.name + "_last_ema.png"), ens_last_ema, cfg.save_float)
-      rec["psnr_avg_last"], rec["psnr_avg_last_ema"] = psnr(ens_last, gt), psnr(ens_last_ema, gt)
+    rec.update({f"psnr_avg_{kind}": psnr(img, gt) for kind, img in ens.items()})
     rec["runs"] = [{k: r[k] for k in RUN_KEYS if k in r} for r in runs]
   return rec
 
@@ -246,9 +232,20 @@ RUN_KEYS = (
 )
 
 
+# The images a run writes (NAME[_seedK]_KIND.png): the output and EMA (at the criterion's step under
+# --stop) and, for watched runs, the last state's; with K > 1 runs NAME_KIND.png is their mean image.
+OUTPUT_KINDS = ("final", "ema", "last", "last_ema")
+
+
+def save_outputs(cfg: RunConfig, img_dir: str, tag: str, images: dict[str, np.ndarray | None]) -> None:
+  for kind, img in images.items():
+    if img is not None:
+      outputs.save_image(os.path.join(img_dir, f"{tag}_{kind}.png"), img, cfg.save_float)
+
+
 def ensemble(runs: list[dict], *keys: str) -> tuple[np.ndarray, ...]:
-  """The mean image over the runs of each key's image (default: the final outputs and the EMAs)."""
-  return tuple(np.mean([r[k] for r in runs], axis=0) for k in keys or ("final", "ema"))
+  """The mean image over the runs of each key's image."""
+  return tuple(np.mean([r[k] for r in runs], axis=0) for k in keys)
 
 
 def print_summary(results: dict) -> None:

@@ -3,11 +3,14 @@ fit every same-shape bucket in calls, write results incrementally."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -406,6 +409,26 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
   return res
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+  """Ctrl-C stops the fit at its next chunk boundary (fit.INTERRUPTED); a second one raises at once."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    if fit.INTERRUPTED.is_set():
+      raise KeyboardInterrupt
+    fit.INTERRUPTED.set()
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    fit.INTERRUPTED.clear()
+
+
 def run_cli(job: JobConfig, flags_text: str = "") -> int:
   """The entry point behind run.py: an exit code, one error line for bad input (before any
   compute), progress through absl.logging, one line on Ctrl-C saying how to resume."""
@@ -425,7 +448,8 @@ def run_cli(job: JobConfig, flags_text: str = "") -> int:
     )
     if job.distributed:
       init_distributed(job.coordinator, job.num_processes, job.process_id)
-    run_methods(cfgs, flags_text=flags_text)
+    with stop_on_ctrl_c():
+      run_methods(cfgs, flags_text=flags_text)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

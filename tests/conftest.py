@@ -12,9 +12,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are dominated by XLA:CPU compilation of many small programs; optimisation level 0
 # halves the suite's time (test_fit.py: 110 s -> 56 s) and changes results only by rounding.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-# No persistent compilation cache in the suite: three CI runs crashed (segfault) inside XLA:CPU's
-# compile-and-write-cache of an in-process fit after a CLI test had turned the cache on for the worker.
-os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 # run.py enables JAX's persistent compilation cache; each test process (xdist worker) gets its
 # own folder, so workers never share one and no run of the suite reads another's programs.
 os.environ.setdefault("IDIP_JAX_CACHE", tempfile.mkdtemp(prefix="idip-jax-cache-"))

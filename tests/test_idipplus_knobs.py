@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +21,8 @@ def fake_jobs(root, names, k=2):
     write_png(str(root / "data" / "toy" / f"{n}.png"), smooth_image(40, 40, 1, seed=i))
     clean[n] = np.round(knobs.data.center_crop(smooth_image(40, 40, 1, seed=i), 32) * 255) / 255
   for s in knobs.SIGMAS:
-    for suffix in (knobs.WATCHED.format(k=k), knobs.KNOB):
-      d = root / "work" / f"toy_s{s}_clip_idip_ffdnet_{suffix}"
+    watched, knob_dirs = knobs.job_dirs(str(root / "work"), "toy", s, "clip", k)
+    for d in map(Path, [watched, *knob_dirs.values()]):
       os.makedirs(d / "images")
       (d / "results.json").write_text(json.dumps({"commit": "abc1234"}))
       for n, gt in clean.items():
@@ -37,9 +38,8 @@ def fake_jobs(root, names, k=2):
 def test_knob_table_values(tmp_path):
   knobs, clean = fake_jobs(tmp_path, ["a", "b"])
   table = knobs.knob_table(str(tmp_path / "work"), "toy", str(tmp_path / "data"), 32, 2, "clip", [0.5])
-  img = lambda s, n, t, job=knobs.WATCHED.format(k=2): np.load(
-    tmp_path / "work" / f"toy_s{s}_clip_idip_ffdnet_{job}" / "images" / f"{n}_{t}.npy"
-  )
+  dirs = lambda s: knobs.job_dirs(str(tmp_path / "work"), "toy", s, "clip", 2)
+  img = lambda s, n, t, job=None: np.load(Path(job or dirs(s)[0]) / "images" / f"{n}_{t}.npy")
   for s in (15, 50):
     t = table[s]
     for n, gt in clean.items():
@@ -49,7 +49,7 @@ def test_knob_table_values(tmp_path):
       assert t["single last"]["per_image"][n] == pytest.approx(single, abs=1e-5)
       blend = 0.5 * img(s, n, "last_ema") + 0.5 * img(s, n, "prelim")
       assert t["0.5 x2 last EMA + 0.5 x_bar"]["per_image"][n] == pytest.approx(results.psnr(blend, gt), abs=1e-5)
-      w2 = img(s, n, "ema", knobs.KNOB)
+      w2 = img(s, n, "ema", dirs(s)[1]["w2"])
       assert t["w2 last EMA"]["per_image"][n] == pytest.approx(results.psnr(w2, gt), abs=1e-5)
     # The made-up outputs are less noisy than the made-up x_bar: every candidate gains over it.
     assert t["x2 last"]["minus_x_bar"] > 1 and t["x_bar"]["minus_x_bar"] == 0
