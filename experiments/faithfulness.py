@@ -4,6 +4,10 @@ on the same noisy images and x_bar, with the clean-input PSNR curve of each run 
 python experiments/faithfulness.py --flagfile=experiments/faithfulness/study.flags
 Writes <out>.json (per variant and image: x_bar PSNR, peak clean-input PSNR and its step, final
 and EMA PSNR at the last step; the commit and command) after every variant, and <out>.md.
+
+Full size on a 2-core CPU: one process per image, each pinned to a core with Eigen's threads off
+(1.28x one process's image rate, README "On CPU"), then one table from their files:
+python experiments/faithfulness.py --merge=a.json,b.json --out=experiments/results/faithfulness/full
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ flags.DEFINE_bool(
   "reuse_finished",
   False,
   "a variant whose workdir's results.json already holds every --images image (e.g. an interrupted run's) is read, "
-  "not refitted",
+  "not refitted; an unfinished one continues from its last checkpoint",
+)
+flags.DEFINE_list(
+  "merge", [], "study JSON files (same sigma, crop, x_bar) to combine into --out per variant and image; fits nothing"
 )
 flags.DEFINE_list("variants", list(("idip", "w0.5", "w0.25", "lr0.001", "xbar_noise0", "uint8", "dip")), "see VARIANTS")
 
@@ -57,6 +64,8 @@ def load(cfg: config.RunConfig) -> list[data.Image]:
 
 def main(argv):
   del argv
+  if F.merge:
+    return write_merged(F.merge, F.out, F.overwrite)
   base = dataclasses.replace(
     config.from_flags(F, config.RunConfig), input=",".join(F.images), image_channels=1, save_images=False
   )
@@ -84,6 +93,10 @@ def main(argv):
     images, xbar = xbars[cfg.noise]
     clean = {im.name: im.clean_HxWxC for im in images}
     res = finished(cfg, [im.name for im in images]) if F.reuse_finished else None
+    if res is None and F.reuse_finished and os.path.isfile(os.path.join(cfg.workdir, "config.json")):
+      # An interrupted variant goes on from its last checkpoint (a full-size fit takes ~30 min on the CPU).
+      print(f"resuming {cfg.workdir}", flush=True)
+      cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
     res = res or runner.run(cfg, images=images, prelim_images=xbar)
     rows = {}
     for r in res["images"]:
@@ -97,23 +110,68 @@ def main(argv):
         "ema": r["psnr_ema"],
         "curve_steps": (np.flatnonzero(~np.isnan(h["psnr"])) + 1).tolist(),
         "curve": h["psnr"][~np.isnan(h["psnr"])].tolist(),
+        "fit_commit": res["commit"],  # the code that fitted it (--reuse_finished reads older fits)
+        "fit_device": res["device"],
       }
-    meta["variants"][name] = {
-      "method": method,
-      "changes": {**run_kw, **fit_kw},
-      "steps": res["steps"],
-      "fit_commit": res["commit"],  # the code that fitted it (--reuse_finished reads older fits)
-      "fit_device": res["device"],
-      "images": rows,
-    }
-    outputs.write_json(out + ".json", meta)  # incremental
-    write_markdown(meta, out + ".md")
-    plot_curves(meta, out + "_curves.png")
+    meta["variants"][name] = {"method": method, "changes": {**run_kw, **fit_kw}, "steps": res["steps"], "images": rows}
+    write_study(meta, out)  # incremental
     print(
       f"{name}: "
       + ", ".join(f"{n} peak {v['peak']:.2f}@{v['peak_step']} x_bar {v['xbar']:.2f}" for n, v in rows.items()),
       flush=True,
     )
+
+
+def write_study(meta: dict, out: str) -> None:
+  outputs.write_json(out + ".json", meta)
+  write_markdown(meta, out + ".md")
+  plot_curves(meta, out + "_curves.png")
+
+
+def merge(studies: list[dict]) -> dict:
+  """One study from several (e.g. one process per image): variants in first-seen order, each (variant, image) once."""
+  keys = ("sigma", "crop", "prelim")
+  for s in studies[1:]:
+    if any(s[k] != studies[0][k] for k in keys):
+      raise ValueError(f"--merge: the files differ in {', '.join(k for k in keys if s[k] != studies[0][k])}")
+  variants = {}
+  for s in studies:
+    for name, v in s["variants"].items():
+      m = variants.setdefault(name, {**v, "images": {}})
+      if (m["method"], m["changes"], m["steps"]) != (v["method"], v["changes"], v["steps"]):
+        raise ValueError(f"--merge: variant {name} has other settings or steps in another file")
+      for img, r in v["images"].items():
+        if img in m["images"]:
+          raise ValueError(f"--merge: variant {name}, image {img} is in two files")
+        # Older files kept the fit's commit per variant.
+        m["images"][img] = {"fit_commit": v.get("fit_commit"), "fit_device": v.get("fit_device"), **r}
+  images = list(dict.fromkeys(img for v in variants.values() for img in v["images"]))
+  for v in variants.values():  # the same image order in every row
+    v["images"] = {img: v["images"][img] for img in images if img in v["images"]}
+  steps = max(v["steps"] for v in variants.values())
+  return {**{k: studies[0][k] for k in keys}, "steps": steps, "variants": variants}
+
+
+def write_merged(paths: list[str], out: str | None, overwrite: bool) -> None:
+  if not out:
+    sys.exit("error: --merge needs --out")
+  if os.path.exists(out + ".json") and not overwrite:
+    sys.exit(f"error: {out}.json exists: add --overwrite to replace it")
+  if any(os.path.abspath(out + ".json") == os.path.abspath(p) for p in paths):
+    sys.exit(f"error: --out {out} would overwrite one of the --merge files")
+  studies = []
+  for p in paths:
+    try:
+      with open(p) as f:
+        studies.append(json.load(f))
+    except (OSError, ValueError) as e:
+      sys.exit(f"error: --merge: cannot read {p}: {e}")
+  try:
+    merged = merge(studies)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  meta = {**outputs.provenance(), "command": "python experiments/faithfulness.py " + " ".join(sys.argv[1:])}
+  write_study({**meta, "merged_from": paths, **merged}, out)
 
 
 def finished(cfg: config.RunConfig, names: list[str]) -> dict | None:
@@ -141,7 +199,7 @@ def plot_curves(meta: dict, path: str) -> None:
 
 
 def write_markdown(meta: dict, path: str) -> None:
-  names = list(next(iter(meta["variants"].values()))["images"])
+  names = list(dict.fromkeys(img for v in meta["variants"].values() for img in v["images"]))
   lines = [
     f"# IDIP faithfulness study ({meta['device']})",
     "",
@@ -149,9 +207,12 @@ def write_markdown(meta: dict, path: str) -> None:
     f"{meta['crop'] or 'full'}, x_bar {meta['prelim']}. Per image: peak of the clean-input PSNR (oracle: "
     "uses the ground truth) and its step, final and EMA PSNR at the last step, x_bar's PSNR; dB.",
   ]
-  fits = sorted({(v.get("fit_commit"), v.get("fit_device")) for v in meta["variants"].values()})
+  rows = [r for v in meta["variants"].values() for r in v["images"].values()]
+  fits = sorted({(r.get("fit_commit"), r.get("fit_device")) for r in rows})
   if any(c != meta["commit"] for c, _ in fits):
     lines.append("Fits read back (--reuse_finished) from: " + ", ".join(f"commit {c} on {d}" for c, d in fits) + ".")
+  if meta.get("merged_from"):
+    lines.append("Merged from: " + ", ".join(f"`{p}`" for p in meta["merged_from"]) + " (their commands are inside).")
   lines += [
     "",
     "| variant | changes | steps | "
@@ -162,10 +223,13 @@ def write_markdown(meta: dict, path: str) -> None:
   for name, v in meta["variants"].items():
     cells = [
       f"{r['peak']:.2f} ({r['peak_step']}) / {r['final']:.2f} / {r['ema']:.2f} / {r['xbar']:.2f}"
-      for r in v["images"].values()
+      if (r := v["images"].get(n))
+      else "-"
+      for n in names
     ]
     gap = np.mean([r["peak"] - r["xbar"] for r in v["images"].values()])
-    lines.append(f"| {name} | {v['changes'] or '-'} | {v['steps']} | " + " | ".join(cells) + f" | {gap:+.2f} |")
+    part = "" if len(v["images"]) == len(names) else f" ({len(v['images'])} of {len(names)} images)"
+    lines.append(f"| {name} | {v['changes'] or '-'} | {v['steps']} | " + " | ".join(cells) + f" | {gap:+.2f}{part} |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 

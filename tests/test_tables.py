@@ -131,6 +131,73 @@ def test_faithfulness_study_plumbing(tmp_path, capsys):
   again = json.loads((tmp_path / "again.json").read_text())["variants"]["idip"]["images"]["cameraman"]
   assert again["peak"] == cam["peak"] and again["curve"] == cam["curve"]
   assert "reusing" in capsys.readouterr().out
+  # An unfinished variant (no results yet) continues in its workdir: the same deterministic fit.
+  os.remove(tmp_path / "runs" / "dip" / "results.json")
+  with parsed_flags(args[:-1] + ["--variants=dip", "--reuse_finished", f"--out={tmp_path / 'resumed'}"]):
+    study.main([])
+  resumed = json.loads((tmp_path / "resumed.json").read_text())["variants"]["dip"]["images"]["cameraman"]
+  assert "resuming" in capsys.readouterr().out
+  assert resumed["final"] == res["variants"]["dip"]["images"]["cameraman"]["final"]
+
+
+def fake_study(variants: dict, **kw) -> dict:
+  """A study file as experiments/faithfulness.py writes it: variant -> image -> (peak, x_bar)."""
+  row = lambda peak, xbar: {
+    "xbar": xbar,
+    "peak": peak,
+    "peak_step": 50,
+    "final": peak - 0.1,
+    "ema": peak - 0.2,
+    "curve_steps": [50, 100],
+    "curve": [peak, peak - 0.1],
+  }
+  study = {"sigma": 30.0, "crop": 0, "prelim": "ffdnet", "steps": 100, **kw, "command": "x", "variants": {}}
+  for name, images in variants.items():
+    method = "dip" if name == "dip" else "idip"
+    v = {"method": method, "changes": {}, "steps": 100, "fit_commit": "c_" + name, "fit_device": "cpu"}
+    study["variants"][name] = {**v, "images": {img: row(*pv) for img, pv in images.items()}}
+  return study
+
+
+def test_faithfulness_merge_per_image_studies(tmp_path, capsys):
+  """--merge: one table from one-process-per-image study files; refuses clashes and its own input."""
+  study = import_experiment("faithfulness")
+  files = {
+    "old": fake_study({"idip": {"cam": (28.6, 28.7), "face": (28.9, 28.7)}}),
+    "cam": fake_study({"w0.5": {"cam": (28.5, 28.7)}, "dip": {"cam": (27.0, 28.7)}}),
+    "face": fake_study({"w0.5": {"face": (29.1, 28.7)}}),
+  }
+  for k, v in files.items():
+    (tmp_path / f"{k}.json").write_text(json.dumps(v))
+  paths = ",".join(str(tmp_path / f"{k}.json") for k in files)
+  with parsed_flags(["faithfulness.py", f"--merge={paths}", f"--out={tmp_path / 'full'}"]):
+    study.main([])
+  m = json.loads((tmp_path / "full.json").read_text())
+  assert list(m["variants"]) == ["idip", "w0.5", "dip"] and m["sigma"] == 30.0 and m["steps"] == 100
+  assert list(m["variants"]["w0.5"]["images"]) == ["cam", "face"]  # the same image order in every row
+  assert m["variants"]["w0.5"]["images"]["face"]["peak"] == 29.1
+  assert m["variants"]["dip"]["images"]["cam"]["fit_commit"] == "c_dip"  # each row keeps the commit that fitted it
+  md = (tmp_path / "full.md").read_text()
+  assert "| w0.5 | - | 100 | 28.50 (50) / 28.40 / 28.30 / 28.70 | 29.10 (50) / 29.00 / 28.90 / 28.70 | +0.10 |" in md
+  assert "| dip | - | 100 | 27.00 (50) / 26.90 / 26.80 / 28.70 | - | -1.70 (1 of 2 images) |" in md
+  assert (tmp_path / "full_curves.png").stat().st_size > 0
+  # Clashes: a (variant, image) in two files, other settings; and --out that is one of the inputs.
+  clash = [("old.json", "dup.json", "variant idip, image cam is in two files"), ("old.json", "s25.json", "sigma")]
+  (tmp_path / "dup.json").write_text(json.dumps(fake_study({"idip": {"cam": (1.0, 2.0)}})))
+  (tmp_path / "s25.json").write_text(json.dumps(fake_study({"dip": {"x": (1.0, 2.0)}}, sigma=25.0)))
+  clash.append(("old.json", "full.json", "would overwrite"))
+  for a, b, msg in clash:
+    args = ["faithfulness.py", f"--merge={tmp_path / a},{tmp_path / b}", f"--out={tmp_path / 'full'}", "--overwrite"]
+    with parsed_flags(args), pytest.raises(SystemExit) as e:
+      study.main([])
+    assert msg in str(e.value) and str(e.value).startswith("error: "), e.value
+  with (
+    parsed_flags(["faithfulness.py", f"--merge={paths}", f"--out={tmp_path / 'full'}"]),
+    pytest.raises(SystemExit) as e,
+  ):
+    study.main([])  # an existing table is replaced only with --overwrite
+  assert "add --overwrite" in str(e.value)
+  assert json.loads((tmp_path / "full.json").read_text()) == m  # untouched by the refused merges
 
 
 def test_idipplus_table_rows_share_one_watched_job(tmp_path):
