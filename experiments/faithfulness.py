@@ -7,7 +7,7 @@ and EMA PSNR at the last step; the commit and command) after every variant, and 
 
 Full size on a 2-core CPU: one process per image, each pinned to a core with Eigen's threads off
 (1.28x one process's image rate, README "On CPU"), then one table from their files:
-python experiments/faithfulness.py --merge=a.json,b.json --out=experiments/results/faithfulness/full
+python experiments/faithfulness.py --merge_studies=a.json,b.json --out=experiments/results/faithfulness/full
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ flags.DEFINE_bool(
   "not refitted; an unfinished one continues from its last checkpoint",
 )
 flags.DEFINE_list(
-  "merge", [], "study JSON files (same sigma, crop, x_bar) to combine into --out per variant and image; fits nothing"
+  "merge_studies",
+  [],
+  "study JSON files (same sigma, crop, x_bar) to combine into --out per variant and image; fits nothing",
 )
 flags.DEFINE_list("variants", list(("idip", "w0.5", "w0.25", "lr0.001", "xbar_noise0", "uint8", "dip")), "see VARIANTS")
 
@@ -64,8 +66,8 @@ def load(cfg: config.RunConfig) -> list[data.Image]:
 
 def main(argv):
   del argv
-  if F.merge:
-    return write_merged(F.merge, F.out, F.overwrite)
+  if F.merge_studies:
+    return write_merged(F.merge_studies, F.out, F.overwrite)
   base = dataclasses.replace(
     config.from_flags(F, config.RunConfig), input=",".join(F.images), image_channels=1, save_images=False
   )
@@ -133,16 +135,16 @@ def merge(studies: list[dict]) -> dict:
   keys = ("sigma", "crop", "prelim")
   for s in studies[1:]:
     if any(s[k] != studies[0][k] for k in keys):
-      raise ValueError(f"--merge: the files differ in {', '.join(k for k in keys if s[k] != studies[0][k])}")
+      raise ValueError(f"--merge_studies: the files differ in {', '.join(k for k in keys if s[k] != studies[0][k])}")
   variants = {}
   for s in studies:
     for name, v in s["variants"].items():
       m = variants.setdefault(name, {**v, "images": {}})
       if (m["method"], m["changes"], m["steps"]) != (v["method"], v["changes"], v["steps"]):
-        raise ValueError(f"--merge: variant {name} has other settings or steps in another file")
+        raise ValueError(f"--merge_studies: variant {name} has other settings or steps in another file")
       for img, r in v["images"].items():
         if img in m["images"]:
-          raise ValueError(f"--merge: variant {name}, image {img} is in two files")
+          raise ValueError(f"--merge_studies: variant {name}, image {img} is in two files")
         # Older files kept the fit's commit per variant.
         m["images"][img] = {"fit_commit": v.get("fit_commit"), "fit_device": v.get("fit_device"), **r}
   images = list(dict.fromkeys(img for v in variants.values() for img in v["images"]))
@@ -154,18 +156,18 @@ def merge(studies: list[dict]) -> dict:
 
 def write_merged(paths: list[str], out: str | None, overwrite: bool) -> None:
   if not out:
-    sys.exit("error: --merge needs --out")
+    sys.exit("error: --merge_studies needs --out")
   if os.path.exists(out + ".json") and not overwrite:
     sys.exit(f"error: {out}.json exists: add --overwrite to replace it")
   if any(os.path.abspath(out + ".json") == os.path.abspath(p) for p in paths):
-    sys.exit(f"error: --out {out} would overwrite one of the --merge files")
+    sys.exit(f"error: --out {out} would overwrite one of the --merge_studies files")
   studies = []
   for p in paths:
     try:
       with open(p) as f:
         studies.append(json.load(f))
     except (OSError, ValueError) as e:
-      sys.exit(f"error: --merge: cannot read {p}: {e}")
+      sys.exit(f"error: --merge_studies: cannot read {p}: {e}")
   try:
     merged = merge(studies)
   except ValueError as e:

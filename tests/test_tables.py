@@ -160,7 +160,7 @@ def fake_study(variants: dict, **kw) -> dict:
 
 
 def test_faithfulness_merge_per_image_studies(tmp_path, capsys):
-  """--merge: one table from one-process-per-image study files; refuses clashes and its own input."""
+  """--merge_studies: one table from one-process-per-image study files; refuses clashes and its own input."""
   study = import_experiment("faithfulness")
   files = {
     "old": fake_study({"idip": {"cam": (28.6, 28.7), "face": (28.9, 28.7)}}),
@@ -170,7 +170,7 @@ def test_faithfulness_merge_per_image_studies(tmp_path, capsys):
   for k, v in files.items():
     (tmp_path / f"{k}.json").write_text(json.dumps(v))
   paths = ",".join(str(tmp_path / f"{k}.json") for k in files)
-  with parsed_flags(["faithfulness.py", f"--merge={paths}", f"--out={tmp_path / 'full'}"]):
+  with parsed_flags(["faithfulness.py", f"--merge_studies={paths}", f"--out={tmp_path / 'full'}"]):
     study.main([])
   m = json.loads((tmp_path / "full.json").read_text())
   assert list(m["variants"]) == ["idip", "w0.5", "dip"] and m["sigma"] == 30.0 and m["steps"] == 100
@@ -187,12 +187,17 @@ def test_faithfulness_merge_per_image_studies(tmp_path, capsys):
   (tmp_path / "s25.json").write_text(json.dumps(fake_study({"dip": {"x": (1.0, 2.0)}}, sigma=25.0)))
   clash.append(("old.json", "full.json", "would overwrite"))
   for a, b, msg in clash:
-    args = ["faithfulness.py", f"--merge={tmp_path / a},{tmp_path / b}", f"--out={tmp_path / 'full'}", "--overwrite"]
+    args = [
+      "faithfulness.py",
+      f"--merge_studies={tmp_path / a},{tmp_path / b}",
+      f"--out={tmp_path / 'full'}",
+      "--overwrite",
+    ]
     with parsed_flags(args), pytest.raises(SystemExit) as e:
       study.main([])
     assert msg in str(e.value) and str(e.value).startswith("error: "), e.value
   with (
-    parsed_flags(["faithfulness.py", f"--merge={paths}", f"--out={tmp_path / 'full'}"]),
+    parsed_flags(["faithfulness.py", f"--merge_studies={paths}", f"--out={tmp_path / 'full'}"]),
     pytest.raises(SystemExit) as e,
   ):
     study.main([])  # an existing table is replaced only with --overwrite
