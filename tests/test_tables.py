@@ -124,7 +124,7 @@ def test_faithfulness_study_plumbing(tmp_path, capsys):
   assert cam["curve_steps"] == [2, 4] and cam["peak"] == max(cam["curve"]) and 10 < cam["xbar"] < 60
   # the same x_bar for every variant of one noise protocol
   assert res["variants"]["dip"]["images"]["cameraman"]["xbar"] == cam["xbar"]
-  assert "mean peak - x_bar" in (tmp_path / "study.md").read_text()
+  assert "mean - x_bar: final / EMA / peak" in (tmp_path / "study.md").read_text()
   # An interrupted study's finished fits are read back, not refitted (--reuse_finished).
   with parsed_flags(args[:-1] + ["--variants=idip", "--reuse_finished", f"--out={tmp_path / 'again'}"]):
     study.main([])
@@ -138,6 +138,20 @@ def test_faithfulness_study_plumbing(tmp_path, capsys):
   resumed = json.loads((tmp_path / "resumed.json").read_text())["variants"]["dip"]["images"]["cameraman"]
   assert "resuming" in capsys.readouterr().out
   assert resumed["final"] == res["variants"]["dip"]["images"]["cameraman"]["final"]
+
+
+def test_faithfulness_flagfiles():
+  """full.flags is study.flags at full size, one image per fit."""
+  import_experiment("faithfulness")  # defines its flags
+  with parsed_flags(["faithfulness.py", "--flagfile=experiments/faithfulness/study.flags"]) as fv:
+    study = {k: fv[k].value for k in ("crop", "steps", "batch_size", "sigma", "prelim", "noise", "eval_every")}
+  with parsed_flags(["faithfulness.py", "--flagfile=experiments/faithfulness/full.flags"]) as fv:
+    full = {k: fv[k].value for k in study}
+    assert fv.batch_strategy == "vmap" and fv.variants == fv["variants"].default
+  assert study["crop"] == 96 and study["steps"] == 600 and study["batch_size"] == 3
+  assert full == {**study, "crop": 0, "steps": 1000, "batch_size": 1}
+  for f in ("study", "full"):
+    assert open(os.path.join(ROOT, "experiments", "faithfulness", f + ".flags")).readline().startswith("# IDIP")
 
 
 def fake_study(variants: dict, **kw) -> dict:
@@ -165,7 +179,7 @@ def test_faithfulness_merge_per_image_studies(tmp_path, capsys):
   files = {
     "old": fake_study({"idip": {"cam": (28.6, 28.7), "face": (28.9, 28.7)}}),
     "cam": fake_study({"w0.5": {"cam": (28.5, 28.7)}, "dip": {"cam": (27.0, 28.7)}}),
-    "face": fake_study({"w0.5": {"face": (29.1, 28.7)}}),
+    "face": fake_study({"w0.5": {"face": (29.4, 28.6)}}),
   }
   for k, v in files.items():
     (tmp_path / f"{k}.json").write_text(json.dumps(v))
@@ -175,11 +189,14 @@ def test_faithfulness_merge_per_image_studies(tmp_path, capsys):
   m = json.loads((tmp_path / "full.json").read_text())
   assert list(m["variants"]) == ["idip", "w0.5", "dip"] and m["sigma"] == 30.0 and m["steps"] == 100
   assert list(m["variants"]["w0.5"]["images"]) == ["cam", "face"]  # the same image order in every row
-  assert m["variants"]["w0.5"]["images"]["face"]["peak"] == 29.1
+  assert m["variants"]["w0.5"]["images"]["face"]["peak"] == 29.4
   assert m["variants"]["dip"]["images"]["cam"]["fit_commit"] == "c_dip"  # each row keeps the commit that fitted it
   md = (tmp_path / "full.md").read_text()
-  assert "| w0.5 | - | 100 | 28.50 (50) / 28.40 / 28.30 / 28.70 | 29.10 (50) / 29.00 / 28.90 / 28.70 | +0.10 |" in md
-  assert "| dip | - | 100 | 27.00 (50) / 26.90 / 26.80 / 28.70 | - | -1.70 (1 of 2 images) |" in md
+  assert (
+    "| w0.5 | - | 100 | 28.50 (50) / 28.40 / 28.30 / 28.70 | 29.40 (50) / 29.30 / 29.20 / 28.60 "
+    "| +0.20 / +0.10 / +0.30 |" in md
+  )
+  assert "| dip | - | 100 | 27.00 (50) / 26.90 / 26.80 / 28.70 | - | -1.80 / -1.90 / -1.70 (1 of 2 images) |" in md
   assert (tmp_path / "full_curves.png").stat().st_size > 0
   # Clashes: a (variant, image) in two files, other settings; and --out that is one of the inputs.
   clash = [("old.json", "dup.json", "variant idip, image cam is in two files"), ("old.json", "s25.json", "sigma")]
@@ -203,6 +220,9 @@ def test_faithfulness_merge_per_image_studies(tmp_path, capsys):
     study.main([])  # an existing table is replaced only with --overwrite
   assert "add --overwrite" in str(e.value)
   assert json.loads((tmp_path / "full.json").read_text()) == m  # untouched by the refused merges
+  with parsed_flags(["faithfulness.py", f"--merge_studies={paths}", f"--out={tmp_path / 'new' / 'full'}"]):
+    study.main([])  # a new output folder is made
+  assert json.loads((tmp_path / "new" / "full.json").read_text())["variants"] == m["variants"]
 
 
 def test_idipplus_table_rows_share_one_watched_job(tmp_path):
