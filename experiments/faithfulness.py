@@ -72,7 +72,6 @@ def main(argv):
     config.from_flags(F, config.RunConfig), input=",".join(F.images), image_channels=1, save_images=False
   )
   out = F.out or "experiments/results/faithfulness/study"
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   top = base.workdir or "runs/faithfulness"
   meta = {
     **outputs.provenance(),
@@ -125,9 +124,15 @@ def main(argv):
 
 
 def write_study(meta: dict, out: str) -> None:
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   outputs.write_json(out + ".json", meta)
   write_markdown(meta, out + ".md")
   plot_curves(meta, out + "_curves.png")
+
+
+def image_names(variants: dict) -> list[str]:
+  """Every image of the study, in first-seen order (the columns of the table)."""
+  return list(dict.fromkeys(img for v in variants.values() for img in v["images"]))
 
 
 def merge(studies: list[dict]) -> dict:
@@ -147,7 +152,7 @@ def merge(studies: list[dict]) -> dict:
           raise ValueError(f"--merge_studies: variant {name}, image {img} is in two files")
         # Older files kept the fit's commit per variant.
         m["images"][img] = {"fit_commit": v.get("fit_commit"), "fit_device": v.get("fit_device"), **r}
-  images = list(dict.fromkeys(img for v in variants.values() for img in v["images"]))
+  images = image_names(variants)
   for v in variants.values():  # the same image order in every row
     v["images"] = {img: v["images"][img] for img in images if img in v["images"]}
   steps = max(v["steps"] for v in variants.values())
@@ -173,7 +178,6 @@ def write_merged(paths: list[str], out: str | None, overwrite: bool) -> None:
   except ValueError as e:
     sys.exit(f"error: {e}")
   meta = {**outputs.provenance(), "command": "python experiments/faithfulness.py " + " ".join(sys.argv[1:])}
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   write_study({**meta, "merged_from": paths, **merged}, out)
 
 
@@ -194,7 +198,7 @@ def finished(cfg: config.RunConfig, names: list[str]) -> dict | None:
 def plot_curves(meta: dict, path: str) -> None:
   """Clean-input PSNR minus x_bar's PSNR vs step, one line per variant and image (0 = x_bar)."""
   lines = {}
-  images = list(dict.fromkeys(img for v in meta["variants"].values() for img in v["images"]))
+  images = image_names(meta["variants"])
   dashes = ("-", "--", ":", "-.")
   for i, (name, v) in enumerate(meta["variants"].items()):  # colour: the variant; line style: the image
     for img, r in v["images"].items():
@@ -205,7 +209,7 @@ def plot_curves(meta: dict, path: str) -> None:
 
 
 def write_markdown(meta: dict, path: str) -> None:
-  names = list(dict.fromkeys(img for v in meta["variants"].values() for img in v["images"]))
+  names = image_names(meta["variants"])
   lines = [
     f"# IDIP faithfulness study ({meta['device']})",
     "",
