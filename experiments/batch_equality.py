@@ -1,12 +1,13 @@
 """How far are batched fits from single-image fits (issue 13, item 4)?
 
-The same runs (image, seed) fitted one per call and all in one vmapped call (grouped
-convolutions): PSNR of each image's output after --steps, and the differences. And lax.map over
+The same runs (image, seed) fitted one per call and all in one vmapped call with each --batch_conv
+lowering (convs.per_run_conv; grouped = plain vmap): PSNR of each image's output after --steps, and
+the differences. And lax.map over
 the runs in one call against one per call, compared exactly over --map_steps steps (on XLA:CPU a
 lax.map body runs inside a while loop, ~15x slower, so a full-length map run is left to GPUs;
 bitwise-equal losses at every step mean equal fits at any length).
 
-python experiments/batch_equality.py   (2-core CPU: ~8 min; writes experiments/results/batch_equality.{md,json})
+python experiments/batch_equality.py   (2-core CPU: ~25 min; writes experiments/results/batch_equality.{md,json})
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -46,7 +48,7 @@ def main(_):
   )
   images = data.load_images(run.input, run.sigma, run.noise_seed, 1, crop=run.crop, noise=run.noise)[: F.max_images]
   run = runner.resolve(run, 1)
-  net, cfg = run.net, run.fit
+  net, cfg = fit.for_backend(run.net, dataclasses.replace(run.fit, batch_strategy="vmap"), jax.default_backend())
   out = F.out or "experiments/results/batch_equality"
   keys = [run_keys(cfg.seed, 0) for _ in images]
   batch = fit.make_batch(
@@ -60,19 +62,19 @@ def main(_):
   psnr = lambda outs: [float(metrics.psnr(jnp.asarray(o), im.clean_HxWxC)) for o, im in zip(outs, images)]
   singles = lambda c: [fit.fit(net, c, take(i), keys[i : i + 1]) for i in range(len(images))]
   single = psnr(np.concatenate([r.final_NxHxWxC for r in singles(cfg)]))
-  vmapped = psnr(fit.fit(net, cfg, batch, keys).final_NxHxWxC)
-  rows = [{"name": im.name, "single": s, "vmap": v} for im, s, v in zip(images, single, vmapped)]
-  d = [r["vmap"] - r["single"] for r in rows]
+  rows = [{"name": im.name, "single": s} for im, s in zip(images, single)]
   short = dataclasses.replace(cfg, steps=F.map_steps, chunk=F.map_steps)
   one = np.concatenate([r.history["loss"] for r in singles(short)], axis=1)
   mapped = fit.fit(net, dataclasses.replace(short, batch_strategy="map"), batch, keys).history["loss"]
-  vm = fit.fit(net, short, batch, keys).history["loss"]
-  summary = {
-    "vmap": {"max_abs": float(np.max(np.abs(d))), "mean": float(np.mean(d))},
-    "map_steps": F.map_steps,
-    "map_loss_max_abs_diff": float(np.abs(mapped - one).max()),
-    "vmap_loss_max_abs_diff": float(np.abs(vm - one).max()),
-  }
+  summary = {"map_steps": F.map_steps, "map_loss_max_abs_diff": float(np.abs(mapped - one).max())}
+  for lw in F.lowerings:
+    net_lw = dataclasses.replace(net, batch_conv=lw)
+    for r, v in zip(rows, psnr(fit.fit(net_lw, cfg, batch, keys).final_NxHxWxC)):
+      r[lw] = v
+    d = [r[lw] - r["single"] for r in rows]
+    vm = fit.fit(net_lw, short, batch, keys).history["loss"]
+    summary[lw] = {"max_abs": float(np.max(np.abs(d))), "mean": float(np.mean(d))}
+    summary[lw]["loss_max_abs_diff"] = float(np.abs(vm - one).max())
   meta = {
     **outputs.provenance(),
     "steps": cfg.steps,
@@ -85,17 +87,21 @@ def main(_):
       f"# Batched vs single-image fits\n\n{meta['device']}, commit {meta['commit']}, {meta['date']}. "
       f"`python experiments/batch_equality.py`: DIP (official net, defaults), holdout9 gray, {run.crop} px "
       f"crops, sigma 25 clipped, {cfg.steps} steps; the same run keys in every column. PSNR (dB) of the "
-      "output after the last step.\n\n| image | one per call | vmap (one call) | difference |\n"
-      "|---|---|---|---|\n"
+      "output after the last step; vmap rows: one call of all runs with that --batch_conv lowering.\n\n"
+      "| image | one per call | " + " | ".join(f"vmap {lw} (diff)" for lw in F.lowerings) + " |\n"
+      "|---|---|" + "---|" * len(F.lowerings) + "\n"
     )
     for r in rows:
-      f.write(f"| {r['name']} | {r['single']:.3f} | {r['vmap']:.3f} | {r['vmap'] - r['single']:+.3f} |\n")
-    v = summary["vmap"]
+      cells = " | ".join(f"{r[lw]:.3f} ({r[lw] - r['single']:+.3f})" for lw in F.lowerings)
+      f.write(f"| {r['name']} | {r['single']:.3f} | {cells} |\n")
     f.write(
-      f"\nvmap - one per call: per image max |diff| {v['max_abs']:.3f} dB, mean {v['mean']:+.3f} dB.\n\n"
-      f"Losses over {F.map_steps} steps, max |diff| against one run per call: lax.map "
-      f"{summary['map_loss_max_abs_diff']:.3g}, vmap {summary['vmap_loss_max_abs_diff']:.3g}.\n"
+      "\n| lowering | per image max abs diff (dB) | mean diff (dB) | losses over "
+      f"{F.map_steps} steps, max abs diff |\n|---|---|---|---|\n"
     )
+    for lw in F.lowerings:
+      v = summary[lw]
+      f.write(f"| vmap {lw} | {v['max_abs']:.3f} | {v['mean']:+.3f} | {v['loss_max_abs_diff']:.3g} |\n")
+    f.write(f"| lax.map | - | - | {summary['map_loss_max_abs_diff']:.3g} |\n")
   print(open(out + ".md").read())
 
 

@@ -26,23 +26,21 @@ F = flags.FLAGS
 config.define_flags(F, config.ExperimentConfig)  # --out: results path (default experiments/results/bench_<backend>)
 flags.DEFINE_list("sizes", ["64", "128", "256"], "square image sizes")
 flags.DEFINE_list(
-  "batches",
-  ["1", "2", "4", "8", "12"],
-  "runs per call of the first strategy and precision (the main sweep; stops at the first OOM)",
+  "batches", ["1", "2", "4"], "runs per call (1 = one run per call; a lowering's sweep stops at its first OOM)"
 )
-flags.DEFINE_list("other_batches", ["1", "8"], "runs per call of every other strategy x precision")
 flags.DEFINE_list(
-  "strategies",
-  ["vmap"],
-  "--batch_strategy values (vmap, map, unroll) and vmap_im2col (vmap with --conv=im2col: batched matmuls)",
+  "fastest_precisions", [], "precisions also timed for the fastest batched row of each size (e.g. bf16)"
 )
-flags.DEFINE_list("precisions", ["tf32"], "tf32 (JAX default f32), fp32 (Precision.HIGHEST), bf16")
+flags.DEFINE_list("precisions", ["tf32"], "tf32 (JAX default f32), fp32 (Precision.HIGHEST), bf16: every row's")
 flags.DEFINE_integer(
   "eval_batch",
   1,
   "also time this batch with the clean-input eval every step (its cost over a step without it); 0 = skip",
 )
 flags.DEFINE_integer("timed_steps", 5, "timed steps per repeat")
+flags.DEFINE_bool(
+  "memory_analysis", True, "each row's device memory from XLA's analysis of its step (one more compile)"
+)
 flags.DEFINE_integer("repeats", 3, "repeats; the median is reported")
 flags.DEFINE_integer("torch_steps", 5, "timed steps of the PyTorch reference (0 = skip it)")
 flags.DEFINE_list("merge", [], "instead of running: merge these results .json files into --out")
@@ -80,12 +78,17 @@ def step_cost(size: int, precision: str) -> dict:
   return cost[0] if isinstance(cost, list) else cost
 
 
-def official_net(cfg: FitConfig, conv: str = "auto") -> tuple[NetConfig, FitConfig]:
+def official_net(cfg: FitConfig, batch_conv: str = "auto", hybrid_side: int = 32) -> tuple[NetConfig, FitConfig]:
   """DIP's denoising net on gray images, resolved for this backend."""
-  return fit.for_backend(NetConfig(out_channels=1, conv=conv), cfg, jax.default_backend())
+  net = NetConfig(out_channels=1, batch_conv=batch_conv, hybrid_side=hybrid_side)
+  return fit.for_backend(net, cfg, jax.default_backend())
 
 
-STRATEGY_CONV = {"vmap_im2col": ("vmap", "im2col")}  # bench label -> (--batch_strategy, --conv)
+def row_config(lowering: str, precision: str, eval_every: int) -> tuple[NetConfig, FitConfig]:
+  """A row's configs: a --batch_conv lowering under vmap, or another --batch_strategy (map, unroll)."""
+  strategy, batch_conv = (lowering, "auto") if lowering in ("map", "unroll") else ("vmap", lowering)
+  fit_cfg = FitConfig(precision=precision, batch_strategy=strategy, eval_every=max(eval_every, 1), steps=10**6)
+  return official_net(fit_cfg, batch_conv)
 
 
 def merge(paths: list[str], out: str) -> None:
@@ -117,79 +120,139 @@ def merge(paths: list[str], out: str) -> None:
   write_results(out, meta, rows)
 
 
-def bench_one(size: int, batch: int, precision: str, strategy: str, eval_every: int = 0) -> dict:
-  """eval_every=0: the step alone (no ground truth); k: with the clean-input eval every k steps."""
-  batch_strategy, conv = STRATEGY_CONV.get(strategy, (strategy, "auto"))
-  net, cfg = official_net(
-    FitConfig(precision=precision, batch_strategy=batch_strategy, eval_every=max(eval_every, 1), steps=10**6), conv
-  )
+def prepare(size: int, batch: int, precision: str, lowering: str, eval_every: int = 0) -> dict:
+  """A row ready to time: its configs, states and chunk, compiled by one warm-up chunk.
+  eval_every=0: the step alone (no ground truth); k: with the clean-input eval every k steps."""
+  net, cfg = row_config(lowering, precision, eval_every)
   keys = [run_keys(0, k) for k in range(batch)]
   y = jax.random.uniform(jax.random.key(1), (batch, size, size, 1))
   b = fit.make_batch(net, cfg, keys, y, clean_NxHxWxC=y if eval_every else None)
   states, noise = fit.init_runs(net, cfg, keys, size, size)
-  cost = step_cost(size, precision)
   chunk = fit.make_fit_chunk(net, cfg, F.timed_steps)
   t = time.perf_counter()
   states, m = chunk(states, b, noise, 0)  # warm-up (compiles)
   jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t
-  times = []
-  for r in range(F.repeats):
-    t = time.perf_counter()
-    states, m = chunk(states, b, noise, (r + 1) * F.timed_steps)
-    jax.block_until_ready(m)
-    times.append((time.perf_counter() - t) / F.timed_steps)
-  ms = 1000 * float(np.median(times))
+  row = dict(size=size, batch=batch, precision=precision, lowering=lowering, eval_every=eval_every)
+  return dict(
+    row, net=net, cfg=cfg, chunk=chunk, states=states, b=b, noise=noise, first=time.perf_counter() - t, times=[]
+  )
+
+
+def time_once(p: dict, r: int) -> None:
+  t = time.perf_counter()
+  p["states"], m = p["chunk"](p["states"], p["b"], p["noise"], (r + 1) * F.timed_steps)
+  jax.block_until_ready(m)
+  p["times"].append((time.perf_counter() - t) / F.timed_steps)
+
+
+def result_row(p: dict) -> dict:
+  size, batch, precision, net, cfg = p["size"], p["batch"], p["precision"], p["net"], p["cfg"]
+  ms = 1000 * float(np.median(p["times"]))
+  cost = step_cost(size, precision)
   flops = float(cost.get("flops", 0.0)) * batch
   peak, _ = device_peak(precision)
-  try:
-    peak_bytes = batching.step_memory_bytes(net, cfg, batch, size, size, with_gt=False)
-  except RuntimeError:  # no memory analysis on this backend
-    peak_bytes = None
+  peak_bytes = None
+  if F.memory_analysis:
+    try:
+      peak_bytes = batching.step_memory_bytes(net, cfg, batch, size, size, with_gt=bool(p["eval_every"]))
+    except RuntimeError:  # no memory analysis on this backend
+      pass
   return {
     "size": size,
     "batch": batch,
     "precision": precision,
-    "strategy": strategy,
+    "lowering": "one run per call" if batch == 1 else p["lowering"],
+    "strategy": cfg.batch_strategy,
     "conv": net.conv,
-    "eval_every": eval_every,
+    "batch_conv": net.batch_conv,
+    "eval_every": p["eval_every"],
     "ms_per_step": ms,
-    "ms_spread": 1000 * float(np.ptp(times)),
+    "ms_spread": 1000 * float(np.ptp(p["times"])),
     "image_steps_per_s": 1000.0 * batch / ms,
     "flops_per_step": flops,
     "tflops": flops / (ms / 1000) / 1e12,
     "peak_fraction": flops / (ms / 1000) / peak,
     "bytes_per_step": float(cost.get("bytes accessed", 0.0)) * batch,
     "peak_memory_bytes": peak_bytes,
-    "first_call_s": compile_s,
+    "first_call_s": p["first"],  # compile + one chunk of steps
+    "compile_s": max(0.0, p["first"] - F.timed_steps * ms / 1000),
   }
 
 
+def with_ratios(rows: list[dict]) -> list[dict]:
+  """ratio_vs_batch1: a row's image-steps/s over that of the one-run-per-call row timed in the same
+  group (interleaved with it), or else at the same size and precision."""
+  base = {}
+  for r in rows:
+    if r["batch"] == 1 and not r["eval_every"]:
+      base.setdefault((r["size"], r["precision"], r.get("group")), r["image_steps_per_s"])
+      base.setdefault((r["size"], r["precision"], None), r["image_steps_per_s"])
+  out = []
+  for r in rows:
+    ref = base.get((r["size"], r["precision"], r.get("group"))) or base.get((r["size"], r["precision"], None))
+    out.append(dict(r, ratio_vs_batch1=r["image_steps_per_s"] / ref if ref else None))
+  return out
+
+
 def write_results(out: str, meta: dict, rows: list[dict]) -> None:
+  rows = with_ratios(rows)
   outputs.write_json(out + ".json", dict(meta, rows=rows))
   fmt = lambda v, f: "-" if v is None else f % v
-  with open(out + ".md", "w") as f:
-    f.write(
-      f"# Fit-speed benchmark ({meta['device']})\n\nCommit {meta['commit']}, {meta['date']}, jax "
-      f"{meta['jax']}, torch {meta['torch']}. Official DIP net (2.2M params, gray), one Adam step "
-      "incl. input noise, EMA and backtracking (eval: + the clean-input forward pass and metrics "
-      f"every step); median of {meta['repeats']} x {meta['steps']} steps after warm-up. "
-      "% peak: against the dense peak of the precision the convolutions run in "
-      f"({meta['peak_source']}). PyTorch: the reference loop (experiments/torch_reference.py: "
-      "official loop, host PSNR each step, cuDNN benchmark mode, TF32 convolutions as PyTorch's "
-      "default), one image at a time, same device, same run.\n\n"
-      "| size | strategy | conv | precision | batch | eval | ms/step | image-steps/s | TFLOP/s | % peak | "
-      "peak MB | first call s | torch ms/step (1 img) | ratio vs torch |\n|" + "---|" * 14 + "\n"
+  lines = [
+    f"# Fit-speed benchmark ({meta['device']})\n\nCommit {meta['commit']}, {meta['date']}, jax "
+    f"{meta['jax']}, torch {meta['torch']}. Official DIP net (2.2M params, gray), one Adam step "
+    "incl. input noise, EMA and backtracking (eval: + the clean-input forward pass and metrics "
+    f"every step); median of {meta['repeats']} x {meta['steps']} steps after warm-up. Lowering: how vmap "
+    "lowers the per-run convolutions of a batch (--batch_conv; grouped = plain vmap, the control), or another "
+    "--batch_strategy. vs batch 1: image-steps/s over one run per call's, same size and precision, same run. "
+    "compile s: the first call's time less its steps at the measured rate. "
+    "% peak: against the dense peak of the precision the convolutions run in "
+    f"({meta['peak_source']}). PyTorch: the reference loop (experiments/torch_reference.py: "
+    "official loop, host PSNR each step, cuDNN benchmark mode, TF32 convolutions as PyTorch's "
+    "default), one image at a time, same device, same run.\n",
+    "| size | lowering | precision | batch | eval | ms/step | image-steps/s | vs batch 1 | TFLOP/s | % peak | "
+    "peak MB | compile s | torch ms/step (1 img) | vs torch |",
+    "|" + "---|" * 14,
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['size']} | {r.get('lowering', r['strategy'])} | {r['precision']} | {r['batch']} | "
+      f"{'every step' if r['eval_every'] else '-'} | {r['ms_per_step']:.1f} | {r['image_steps_per_s']:.2f} | "
+      f"{fmt(r['ratio_vs_batch1'], '%.2f')} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f} | "
+      f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 1e6, '%.0f')} | "
+      f"{fmt(r.get('compile_s'), '%.1f')} | {fmt(r['torch_ms_per_step'], '%.1f')} | "
+      f"{fmt(r['ratio_vs_torch'], '%.2f')} |"
     )
-    for r in rows:
-      f.write(
-        f"| {r['size']} | {r['strategy']} | {r.get('conv', '-')} | {r['precision']} | {r['batch']} | "
-        f"{'every step' if r['eval_every'] else '-'} | {r['ms_per_step']:.1f} | "
-        f"{r['image_steps_per_s']:.2f} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f} | "
-        f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 1e6, '%.0f')} | "
-        f"{r['first_call_s']:.1f} | {fmt(r['torch_ms_per_step'], '%.1f')} | "
-        f"{fmt(r['ratio_vs_torch'], '%.2f')} |\n"
-      )
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def run_group(
+  size: int, plan: list[tuple[str, str, int, int]], torch_ms: dict, rows: list, out: str, meta: dict
+) -> None:
+  """Times the (lowering, precision, batch, eval_every) rows of plan interleaved: every row compiles
+  first, then each repeat times every row once, so a slow spell of a noisy machine hits all rows
+  alike. A row that runs out of memory is dropped. Results are written after the group."""
+  group = len({(r["size"], r.get("group")) for r in rows}) + 1
+  preps = []
+  for lowering, precision, batch, eval_every in plan:
+    try:
+      preps.append(prepare(size, batch, precision, lowering, eval_every))
+    except Exception as e:
+      if not batching.is_out_of_memory(e):
+        raise
+      print(f"size={size} {lowering} {precision} batch={batch}: out of memory", flush=True)
+  for r in range(F.repeats):
+    for p in preps:
+      time_once(p, r)
+  for p in preps:
+    r = dict(result_row(p), group=group, commit=meta["commit"], date=meta["date"], device=meta["device"])
+    r["torch_ms_per_step"] = torch_ms.get(size)
+    r["ratio_vs_torch"] = (r["image_steps_per_s"] / (1000.0 / torch_ms[size])) if size in torch_ms else None
+    rows.append(r)
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+  del preps
+  write_results(out, meta, rows)  # incremental: a run cut short keeps its groups
 
 
 def main(_):
@@ -212,7 +275,7 @@ def main(_):
     else:
       torch.backends.cudnn.benchmark = True  # as the official DIP code sets it
   kind = getattr(jax.devices()[0], "device_kind", "cpu").replace(" ", "_")
-  peak_flops = {p: device_peak(p)[0] for p in F.precisions}
+  precisions = list(dict.fromkeys(F.precisions + F.fastest_precisions))
   out = F.out or os.path.join("experiments", "results", f"bench_{jax.default_backend()}")
   _, peak_src = device_peak("fp32")
   meta = {
@@ -223,38 +286,34 @@ def main(_):
     "jax": jax.__version__,
     "python": platform.python_version(),
     "torch": (__import__("torch").__version__ if have_torch else None),
-    "peak_flops": peak_flops,
+    "peak_flops": {p: device_peak(p)[0] for p in precisions},
     "peak_source": peak_src,
     "loop": official_net(FitConfig())[1].loop,
     "steps": F.timed_steps,
     "repeats": F.repeats,
+    "hybrid_side": NetConfig().hybrid_side,
+    "command": " ".join(sys.argv),
   }
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  pairs = [(s, p) for s in F.strategies for p in F.precisions]
+  batches = list(map(int, F.batches))
   for size in map(int, F.sizes):
     if have_torch:
       torch_ms[size] = time_fit(size, F.torch_steps, device=dev)
       print(f"torch size={size}: {torch_ms[size]:.1f} ms/step (one image)", flush=True)
-    plan = [(s, p, b, 0) for i, (s, p) in enumerate(pairs) for b in map(int, F.batches if i == 0 else F.other_batches)]
+    # One group per precision and batch size: one run per call beside every lowering at that batch.
+    for p in F.precisions:
+      for b in [b for b in batches if b > 1] or [1]:
+        plan = [(F.lowerings[0], p, 1, 0)] + ([(lw, p, b, 0) for lw in F.lowerings] if b > 1 else [])
+        run_group(size, plan, torch_ms, rows, out, meta)
     if F.eval_batch:
-      plan.append((*pairs[0], F.eval_batch, 1))
-    oom = set()
-    for strategy, precision, batch, eval_every in plan:
-      if any(o[:2] == (strategy, precision) and batch >= o[2] for o in oom):
-        continue
-      try:
-        r = bench_one(size, batch, precision, strategy, eval_every)
-      except Exception as e:  # out of memory ends this strategy x precision's batch sweep
-        if batching.is_out_of_memory(e):
-          print(f"size={size} {strategy} {precision} batch={batch}: out of memory", flush=True)
-          oom.add((strategy, precision, batch))
-          continue
-        raise
-      r["torch_ms_per_step"] = torch_ms.get(size)
-      r["ratio_vs_torch"] = (r["image_steps_per_s"] / (1000.0 / torch_ms[size])) if size in torch_ms else None
-      rows.append(r)
-      print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-      write_results(out, meta, rows)  # incremental: a run cut short keeps its rows
+      run_group(size, [(F.lowerings[0], F.precisions[0], F.eval_batch, e) for e in (0, 1)], torch_ms, rows, out, meta)
+    batched = [r for r in rows if r["size"] == size and r["batch"] > 1 and not r["eval_every"]]
+    if F.fastest_precisions and batched:
+      best = max(batched, key=lambda r: r["image_steps_per_s"])
+      for p in F.fastest_precisions:
+        run_group(
+          size, [(best["lowering"], p, 1, 0), (best["lowering"], p, best["batch"], 0)], torch_ms, rows, out, meta
+        )
   write_results(out, meta, rows)
   print("wrote", out + ".md")
 

@@ -1,4 +1,4 @@
-"""Why models.conv_cpu rewrites convolutions on XLA:CPU (NetConfig.conv="cpu"): times one 3x3 conv with and
+"""Why convs.conv_cpu rewrites convolutions on XLA:CPU (NetConfig.conv="cpu"): times one 3x3 conv with and
 without zero padding, and the official net's fit step with the rewrites on and off.
 
 python experiments/cpu_conv_paths.py   (~2 min on the 2-core CI CPU)

@@ -8,7 +8,7 @@
   (two processes, one core each: prefix two such commands with `taskset -c 0` and `taskset -c 1`
   and start them together)
 --probe=conv: forward+backward of one 3x3 128->128 convolution with per-run weights under vmap,
-  batch 1/2/4: the CPU rewrites (grouped convolution) against im2col (batched matmul).
+  batch 1/2/4, with each --batch_conv lowering (convs.per_run_conv; grouped = plain vmap).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import fit, train  # noqa: E402
+from idip_jax import convs, fit, train  # noqa: E402
 from idip_jax.config import FitConfig, NetConfig  # noqa: E402
-from idip_jax.models import _NHWC, conv_cpu, conv_im2col  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_enum("probe", "step", ["step", "conv"], "what to time")
@@ -74,10 +73,11 @@ def main(_):
     x = jax.random.normal(jax.random.key(0), (n, 1, size + 2, size + 2, 128))
     w = jax.random.normal(jax.random.key(1), (n, 3, 3, 128, 128)) * 0.05
     row = []
-    for name, conv in (("cpu rewrites (grouped under vmap)", conv_cpu), ("im2col", conv_im2col)):
-      loss = lambda x, w, c=conv: jnp.sum(c(x, w, (1, 1), "VALID", dimension_numbers=_NHWC) ** 2)
+    for lowering in convs.BATCH_CONVS:
+      conv = convs.conv_general_dilated_for("cpu", lowering, F.probe_size)
+      loss = lambda x, w, c=conv: jnp.sum(c(x, w, (1, 1), "VALID", dimension_numbers=convs.NHWC) ** 2)
       grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
-      row.append(f"{name} {median_ms(grads, x, w, n=5):.1f} ms")
+      row.append(f"{lowering} {median_ms(grads, x, w, n=5):.1f} ms")
     print(f"{size} px, batch {n}: " + ", ".join(row), flush=True)
 
 

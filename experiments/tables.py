@@ -243,7 +243,7 @@ def with_histories(res: dict, cfg: runner.RunConfig) -> dict:
 # the old names.
 LEGACY_KEYS = {"channels": "image_channels", "net.channels": "net.width"}
 # How a job runs, not what it computes: a job stored by a GPU run is reused on a CPU.
-HOW = ("weights_dir", "loop", "conv", "shard", "remat")
+HOW = ("weights_dir", "loop", "conv", "shard", "remat", "batch_strategy", "batch_conv", "hybrid_side")
 
 
 def comparable(cfg: runner.RunConfig) -> dict:

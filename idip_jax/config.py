@@ -80,11 +80,20 @@ class NetConfig:
   sigmoid: bool = option(True, "sigmoid on the output (DIP's need_sigmoid)", flag=None)
   conv: str = option(
     "auto",
-    "convolution path, same values: lax (plain) | cpu (rewrites faster on XLA:CPU; models.conv_cpu) | "
-    "im2col (one dot over patches: a batched matmul under vmap; models.conv_im2col) | auto (cpu on CPU, "
+    "convolution path, same values: lax (plain) | cpu (rewrites faster on XLA:CPU; convs.conv_cpu) | "
+    "im2col (one dot over patches; convs.conv_im2col) | auto (cpu on CPU, "
     "lax elsewhere)",
     choices=("auto", "lax", "cpu", "im2col"),
   )
+  batch_conv: str = option(
+    "auto",
+    "how a batch of runs (vmap, per-run weights) lowers each convolution, same values (convs.per_run_conv): "
+    "loop (a dense convolution per run) | im2col (batched matmuls over patches) | hybrid (im2col for outputs up "
+    "to --hybrid_side px, loop above) | grouped (vmap's grouped convolutions, the slow control) | auto (chosen by "
+    "--batch_strategy=auto's timing, else the backend's measured default: convs.DEFAULT_BATCH_CONV)",
+    choices=("auto", "grouped", "loop", "im2col", "hybrid"),
+  )
+  hybrid_side: int = option(32, "--batch_conv=hybrid: im2col for outputs up to this many px on a side", lo=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +139,12 @@ class FitConfig:
   )
   eval_every: int = option(10, "metrics of the clean-input output and EMA every k steps", lo=1)
   batch_strategy: str = option(
-    "vmap",
-    "how one call fits its runs: vmap (per-run weights: grouped convs, or batched matmuls with --conv=im2col) | "
-    "map (lax.map: one after another inside a loop) | unroll (a Python loop over the runs inside the compiled "
-    "step: dense convs, no loop)",
-    choices=("vmap", "map", "unroll"),
+    "auto",
+    "how one call fits its runs: auto (time one run per call and vmap with each --batch_conv lowering on the "
+    "bucket's shape at startup, keep the fastest per image; cached in --batch_cache) | vmap (per-run weights, "
+    "convolutions lowered by --batch_conv) | map (lax.map: one after another inside a loop) | unroll (a Python "
+    "loop over the runs inside the compiled step)",
+    choices=("auto", "vmap", "map", "unroll"),
   )
   loop: str = option(
     "auto", "scan | host | auto (host loop on CPU, lax.scan elsewhere)", choices=("auto", "scan", "host")
@@ -190,8 +200,15 @@ class RunConfig:
   crop: int = option(0, "center crop to this size (0 = whole image)", lo=0)
   batch_size: int = option(
     0,
-    "runs per call (0 = auto: 1 under --batch_strategy=vmap or on CPU, else the most that fit the device's memory)",
+    "runs per call (0 = auto: under --batch_strategy=auto the fastest per image measured; otherwise the most "
+    "that fit the device's memory, 1 on CPU)",
     lo=0,
+  )
+  batch_cache: str = option(
+    "",
+    "--batch_strategy=auto: JSON cache of the choices per device kind, shape, net, fit settings and jax version "
+    "('' = $XDG_CACHE_HOME or ~/.cache, then idip_jax/batch_choice.json; 'none' = time every run)",
+    path=True,
   )
   save_images: bool = option(True, "write PNGs")
   save_float: bool = option(False, "also write every image as float32 .npy (lossless, as fitted)")
@@ -231,6 +248,12 @@ class ExperimentConfig:
   out: str = option("", "results path without extension (default: the script's)", path=True)
   data_dir: str = option("", "folder holding the test sets (default $IDIP_SHARED/data or ../shared/data)", path=True)
   max_images: int = option(0, "first N images of each set (0 = all)", lo=0)
+  lowerings: tuple[str, ...] = option(
+    ("loop", "im2col", "hybrid", "grouped"),
+    "bench.py, batch_equality.py: the --batch_conv lowerings of vmapped calls to compare (grouped: plain vmap, "
+    "the control); bench.py also takes the --batch_strategy values map and unroll",
+    choices=("loop", "im2col", "hybrid", "grouped", "map", "unroll"),
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from idip_jax import checkpoint
+from idip_jax import checkpoint, convs
 from idip_jax.config import FitConfig, NetConfig
 from idip_jax.train import (
   EVAL_KEYS,
@@ -50,21 +50,26 @@ def for_backend(net_cfg: NetConfig, cfg: FitConfig, backend: str) -> tuple[NetCo
   outside one (measured on this project's 2-core CI machine: 6.2 s vs 0.43 s per step at
   128 px, no XLA flag helps), and unrolling costs ~9 s of compilation per step. So on CPU a
   chunk is a host loop over the jitted step, still with donated buffers and one metrics
-  transfer per chunk; and the convolutions take models.conv_cpu's faster path.
+  transfer per chunk; and the convolutions take convs.conv_cpu's faster path.
   """
   cpu = backend == "cpu"
   if net_cfg.conv == "auto":
     net_cfg = dataclasses.replace(net_cfg, conv="cpu" if cpu else "lax")
+  if cfg.batch_strategy == "auto":  # without the runner's timing (batching.choose): vmap
+    cfg = dataclasses.replace(cfg, batch_strategy="vmap")
+  if net_cfg.batch_conv == "auto":
+    net_cfg = dataclasses.replace(net_cfg, batch_conv=convs.DEFAULT_BATCH_CONV.get(backend, "loop"))
   if cfg.loop == "auto":
     cfg = dataclasses.replace(cfg, loop="host" if cpu else "scan")
   return net_cfg, cfg
 
 
 def _check_resolved(net_cfg: NetConfig, cfg: FitConfig) -> None:
-  if cfg.loop == "auto" or net_cfg.conv == "auto" or cfg.steps < 1:
+  if "auto" in (cfg.loop, cfg.batch_strategy, net_cfg.conv, net_cfg.batch_conv) or cfg.steps < 1:
     raise ValueError(
       "resolve the configs with fit.for_backend and set steps >= 1 (got loop="
-      f"{cfg.loop}, conv={net_cfg.conv}, steps={cfg.steps})"
+      f"{cfg.loop}, batch_strategy={cfg.batch_strategy}, conv={net_cfg.conv}, batch_conv={net_cfg.batch_conv}, "
+      f"steps={cfg.steps})"
     )
 
 
@@ -107,11 +112,10 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
   runs, `done` steps having run before. Eval metrics (EVAL_KEYS) are NaN on steps that
   is_eval_step skips. Cached by config, so refits of same-shape batches reuse the program."""
   _check_resolved(net_cfg, cfg)
-  model = make_model(net_cfg, cfg)
-  step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
-  evaluate = jax.vmap(functools.partial(eval_step, model))
-
   if cfg.loop == "scan":
+    model = make_model(net_cfg, cfg)
+    step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
+    evaluate = jax.vmap(functools.partial(eval_step, model))
 
     def scan_chunk(states, batch, keys, done):
       def body(s, t):
@@ -136,8 +140,7 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
     jit_chunk = jax.jit(sharded, donate_argnums=0)
     return lambda states, batch, keys, done: jit_chunk(states, batch, keys, jnp.asarray(done, jnp.int32))
 
-  jit_step = jax.jit(over_runs(step, n_dev), donate_argnums=0)
-  jit_eval = jax.jit(over_runs(evaluate, n_dev))
+  jit_step, jit_eval = _host_programs(net_cfg, cfg, n_dev)
 
   def host_chunk(states, batch, keys, done):
     per_step = []
@@ -150,6 +153,17 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
     return states, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
 
   return host_chunk
+
+
+@functools.lru_cache(maxsize=64)
+def _host_programs(net_cfg: NetConfig, cfg: FitConfig, n_dev: int) -> tuple[Callable, Callable]:
+  """The jitted step and eval of a host loop, shared by chunks of every length (so the timing of
+  --batch_strategy=auto compiles the program the fit then runs)."""
+  model = make_model(net_cfg, cfg)
+  step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
+  return jax.jit(over_runs(step, n_dev), donate_argnums=0), jax.jit(
+    over_runs(jax.vmap(functools.partial(eval_step, model)), n_dev)
+  )
 
 
 @functools.lru_cache(maxsize=64)

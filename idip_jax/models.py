@@ -7,7 +7,6 @@ skip_n11=4, num_scales=5, upsample_mode='bilinear')`). Tensors are NHWC.
 
 from __future__ import annotations
 
-import functools
 import types
 from collections.abc import Callable, Mapping
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idip_jax import convs
 from idip_jax.config import NetConfig
 
 # config.ACTIVATIONS -> function.
@@ -72,7 +72,9 @@ class Conv(nn.Module):
   pad: str = "reflection"
   dtype: jnp.dtype | None = None
   precision: jax.lax.Precision | None = None  # None: JAX's default (TF32 on Hopper for f32)
-  conv: str = "lax"  # NetConfig.conv: "cpu" takes conv_cpu's rewrites
+  conv: str = "lax"  # NetConfig.conv: the dense path of one run (convs.CONV_PATHS)
+  batch_conv: str = "grouped"  # NetConfig.batch_conv: how vmap over runs lowers it (convs.per_run_conv)
+  hybrid_side: int = 32  # NetConfig.hybrid_side
 
   @nn.compact
   def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
@@ -92,74 +94,8 @@ class Conv(nn.Module):
       precision=self.precision,
       kernel_init=torch_conv_init(fan_in),
       bias_init=torch_conv_init(fan_in),
-      conv_general_dilated=conv_cpu if self.conv == "cpu" else jax.lax.conv_general_dilated,
+      conv_general_dilated=convs.conv_general_dilated_for(self.conv, self.batch_conv, self.hybrid_side),
     )(x_NxHxWxC)
-
-
-_NHWC = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
-
-
-def _is_simple(kw) -> bool:
-  """NHWC/HWIO, no groups, no dilation: the convolutions SkipUNet makes."""
-  dilations = (kw.get("lhs_dilation") or (1, 1)) + (kw.get("rhs_dilation") or (1, 1))
-  return (
-    kw.get("dimension_numbers") == _NHWC and kw.get("feature_group_count", 1) == 1 and all(d == 1 for d in dilations)
-  )
-
-
-def conv_cpu(lhs, rhs, window_strides, padding, **kw):
-  """lax.conv_general_dilated, with two rewrites that give the same values and are faster on
-  XLA:CPU (NetConfig.conv="cpu", the runner's choice on CPU).
-
-  On XLA:CPU (jax 0.10.2) a conv with no padding (our reflection-padded input) runs
-  ~3x slower than the same conv with any zero padding (experiments/cpu_conv_paths.py:
-  91 vs 27 ms, 3x3, 132->128 ch, 128 px). So an unpadded conv gets one zero row and
-  column at the far edge and the extra output row/column is dropped. A 1x1 conv is a
-  matmul: XLA:CPU's dot beats its 1x1 conv and, under vmap, becomes a batched dot.
-  """
-  plain = functools.partial(jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, **kw)
-  unpadded = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
-  if not unpadded or not _is_simple(kw):
-    return plain()
-  kh, kw_ = rhs.shape[:2]
-  if (kh, kw_) == (1, 1) and tuple(window_strides) == (1, 1):
-    return jnp.einsum("nhwc,cf->nhwf", lhs, rhs[0, 0], precision=kw.get("precision"))
-  sh, sw = window_strides
-  out_h, out_w = (lhs.shape[1] - kh) // sh + 1, (lhs.shape[2] - kw_) // sw + 1
-  y = jax.lax.conv_general_dilated(lhs, rhs, window_strides, [(0, 1), (0, 1)], **kw)
-  return y[:, :out_h, :out_w]
-
-
-def conv_im2col(lhs, rhs, window_strides, padding, **kw):
-  """lax.conv_general_dilated as one dot over im2col patches, with the same values.
-
-  Under vmap over runs (per-run weights) XLA:CPU runs the plain convolution as a grouped
-  convolution, slowly (experiments/results/bench_cpu.md); this form becomes one batched
-  matmul instead. The patches are strided slices concatenated in HWIO order, so the kernel
-  is only reshaped. Costs kh*kw times the input's memory per convolution.
-  """
-  if not _is_simple(kw):
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
-  if padding != "VALID":
-    (pt, pb), (pl, pr) = padding
-    lhs = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  kh, kw_, c, f = rhs.shape
-  sh, sw = window_strides
-  out_h, out_w = (lhs.shape[1] - kh) // sh + 1, (lhs.shape[2] - kw_) // sw + 1
-  cols = [
-    lhs[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
-    for i in range(kh)
-    for j in range(kw_)
-  ]
-  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-  return jnp.einsum("nhwk,kf->nhwf", patches, rhs.reshape(kh * kw_ * c, f), precision=kw.get("precision"))
-
-
-# NetConfig.conv -> the convolution SkipUNet's layers call ("auto" is resolved by the runner;
-# unresolved it is the plain one).
-CONV_PATHS = types.MappingProxyType(
-  {"auto": jax.lax.conv_general_dilated, "lax": jax.lax.conv_general_dilated, "cpu": conv_cpu, "im2col": conv_im2col}
-)
 
 
 def upsample2x(x_NxHxWxC: jax.Array, mode: str) -> jax.Array:
@@ -176,9 +112,13 @@ class SkipUNet(nn.Module):
   precision: jax.lax.Precision | None = None  # of the convolutions (train.PRECISIONS)
   remat: bool = False  # rematerialise each conv block in the backward pass (large images)
 
+  def conv(self, features: int, kernel: int, stride: int) -> Conv:
+    c = self.cfg
+    return Conv(features, kernel, stride, c.pad, self.dtype, self.precision, c.conv, c.batch_conv, c.hybrid_side)
+
   def block(self, x, features, kernel, stride=1):
     def conv_norm_act(mdl, x):
-      x = Conv(features, kernel, stride, mdl.cfg.pad, mdl.dtype, mdl.precision, mdl.cfg.conv)(x)
+      x = mdl.conv(features, kernel, stride)(x)
       return ACTIVATIONS[mdl.cfg.act](ImageNorm()(x))
 
     if self.remat:
@@ -228,7 +168,7 @@ class SkipUNet(nn.Module):
   @nn.compact
   def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
     x = self.level(x_NxHxWxC.astype(self.dtype or x_NxHxWxC.dtype), 0)
-    x = Conv(self.cfg.out_channels, 1, 1, self.cfg.pad, self.dtype, self.precision, self.cfg.conv)(x)
+    x = self.conv(self.cfg.out_channels, 1, 1)(x)
     x = x.astype(jnp.float32)
     return nn.sigmoid(x) if self.cfg.sigmoid else x
 

@@ -94,11 +94,13 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
   )
   net, fit_cfg = fit.for_backend(net, fit_cfg, backend)
   batch_size = cfg.batch_size
-  # On CPU no batched mode measured clearly faster per image than one run per call (unroll: -7% /
-  # -2.5% / +5% at 64 / 128 / 256 px, about the run-to-run drift, for 2x the compile time and
-  # memory; vmap 2-3x slower; experiments/results/bench_cpu.md). Batching would need >= 10%.
-  if not batch_size and (fit_cfg.batch_strategy == "vmap" or backend == "cpu"):
-    batch_size = batching.VMAP_AUTO_BATCH if fit_cfg.batch_strategy == "vmap" else 1
+  if cfg.fit.batch_strategy == "auto":
+    # Chosen per bucket by timing the candidates on its shape (plan_buckets -> batching.choose),
+    # not by the backend's default; config.json records the choice per bucket.
+    fit_cfg = dataclasses.replace(fit_cfg, batch_strategy="auto")
+    net = dataclasses.replace(net, batch_conv=cfg.net.batch_conv)
+  elif not batch_size and backend == "cpu":
+    batch_size = 1  # no memory analysis to size a batch from on CPU
   return dataclasses.replace(cfg, net=net, fit=fit_cfg, batch_size=batch_size)
 
 
@@ -144,6 +146,7 @@ RESUME_FREE = (
   "overwrite",
   "resume",
   "batch_size",
+  "batch_cache",
   "checkpoint_every",
   "save_images",
   "save_float",
@@ -188,11 +191,27 @@ def plan_buckets(cfg: RunConfig, images: list[Image], done: set[str]) -> list[di
   for (ph, pw, c), idx in data.bucket_keys(images, cfg.net.scales).items():
     runs = [(i, k) for i in idx for k in range(cfg.fit.seeds) if images[i].name not in done]
     has_gt = images[idx[0]].clean_HxWxC is not None
-    per_call = cfg.batch_size or (
-      batching.auto_batch_size(cfg.net, cfg.fit, ph, pw, len(runs), with_gt=has_gt) if runs else 1
-    )
-    plan.append({"shape": [ph, pw, c], "images": len(idx), "runs": runs, "batch_size": per_call})
+    bucket = {"shape": [ph, pw, c], "images": len(idx), "runs": runs}
+    if cfg.fit.batch_strategy == "auto":
+      choice = batching.choose(
+        cfg.net, cfg.fit, (ph, pw, c), max(len(runs), 1), cfg.batch_size, has_gt, cfg.batch_cache
+      )
+      bucket.update({k: choice[k] for k in ("batch_size", "batch_strategy", "batch_conv")}, batch_choice=choice)
+    else:
+      per_call = cfg.batch_size or (
+        batching.auto_batch_size(cfg.net, cfg.fit, ph, pw, len(runs), with_gt=has_gt) if runs else 1
+      )
+      bucket.update(batch_size=per_call, batch_strategy=cfg.fit.batch_strategy, batch_conv=cfg.net.batch_conv)
+    plan.append(bucket)
   return plan
+
+
+def bucket_configs(cfg: RunConfig, bucket: dict) -> tuple:
+  """The net and fit configs a bucket's calls run with: its batch strategy and lowering."""
+  return (
+    dataclasses.replace(cfg.net, batch_conv=bucket["batch_conv"]),
+    dataclasses.replace(cfg.fit, batch_strategy=bucket["batch_strategy"]),
+  )
 
 
 def make_call_batch(
@@ -296,14 +315,24 @@ def run(
     if not runs:
       continue
     what = "x".join(map(str, shape))
-    logging.info("bucket %d/%d %s: %d runs, %d per call", b + 1, len(plan), what, len(runs), bucket["batch_size"])
+    logging.info(
+      "bucket %d/%d %s: %d runs, %d per call (%s, %s)",
+      b + 1,
+      len(plan),
+      what,
+      len(runs),
+      bucket["batch_size"],
+      bucket["batch_strategy"],
+      bucket["batch_conv"],
+    )
 
     def fit_call(part, b=b, shape=shape, runs=runs, what=what):  # bound: the calls run in this iteration
       batch, keys = make_call_batch(cfg, images, prelims, part, shape)
       start = runs.index(part[0])
       label = f"[bucket {b + 1}/{len(plan)} {what}, runs {start + 1}-{start + len(part)}/{len(runs)}] "
       ckpt = checkpoint.call_path(ckpt_dir, [f"{images[i].name}:{k}" for i, k in part])
-      return ckpt, fit.fit(cfg.net, cfg.fit, batch, keys, label=label, ckpt_path=ckpt, ckpt_every=cfg.checkpoint_every)
+      net_b, fit_b = bucket_configs(cfg, plan[b])
+      return ckpt, fit.fit(net_b, fit_b, batch, keys, label=label, ckpt_path=ckpt, ckpt_every=cfg.checkpoint_every)
 
     for part, (ckpt, res) in batching.fit_in_calls(runs, bucket["batch_size"], fit_call, what):
       for j, (i, k) in enumerate(part):

@@ -15,6 +15,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # run.py enables JAX's persistent compilation cache; each test process (xdist worker) gets its
 # own folder, so workers never share one and no run of the suite reads another's programs.
 os.environ.setdefault("IDIP_JAX_CACHE", tempfile.mkdtemp(prefix="idip-jax-cache-"))
+# --batch_strategy=auto's choices (batching.cache_file) go to a temporary folder, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="idip-jax-xdg-")
 
 import dataclasses  # noqa: E402
 
@@ -60,7 +62,9 @@ NET, _ = fit.for_backend(
 )
 TINY_ARGS = [
   f"--{k}={getattr(config.TINY_NET, k)}" for k in ("in_channels", "scales", "width", "skip_channels", "cc_features")
-] + ["--chunk=5"]
+] + ["--chunk=5", "--batch_strategy=vmap"]
+# --batch_strategy=vmap in TINY_ARGS: one run per call on CPU, as before issue 30; the auto strategy's timing
+# (a compile per candidate) would dominate these tiny fits. It is tested in test_convs.py.
 
 
 @contextlib.contextmanager

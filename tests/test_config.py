@@ -15,7 +15,7 @@ from conftest import ROOT, parsed_flags
 
 import idip_jax
 import run as run_py
-from idip_jax import config, data, models, prelim, runner, train
+from idip_jax import config, convs, data, models, prelim, runner, train
 
 
 def test_flag_defaults_are_the_dataclass_defaults():
@@ -78,7 +78,11 @@ def test_bad_values_are_one_line_errors_naming_the_flag():
 def test_resolve_makes_every_auto_explicit():
   cfg = config.RunConfig(method="idip", prelim=config.PrelimConfig("bm3d"))
   cpu = runner.resolve(cfg, 1, "cpu")
-  assert (cpu.fit.loop, cpu.net.conv, cpu.batch_size, cpu.fit.steps) == ("host", "cpu", 1, config.DEFAULT_STEPS["idip"])
+  assert (cpu.fit.loop, cpu.net.conv, cpu.fit.steps) == ("host", "cpu", config.DEFAULT_STEPS["idip"])
+  # --batch_strategy=auto stays auto: each bucket's batch size and lowering are timed (batching.choose).
+  assert (cpu.batch_size, cpu.fit.batch_strategy, cpu.net.batch_conv) == (0, "auto", "auto")
+  vmap = runner.resolve(dataclasses.replace(cfg, fit=config.FitConfig(batch_strategy="vmap")), 1, "cpu")
+  assert (vmap.batch_size, vmap.net.batch_conv) == (1, convs.DEFAULT_BATCH_CONV["cpu"])
   assert (cpu.net.in_channels, cpu.net.out_channels, cpu.net.complex_connection) == (1, 1, True)
   gpu = runner.resolve(dataclasses.replace(cfg, method="dip"), 3, "gpu")
   assert (gpu.fit.loop, gpu.net.conv, gpu.net.in_channels, gpu.net.out_channels) == ("scan", "lax", 32, 3)

@@ -41,5 +41,15 @@ def test_demo_flags_end_to_end(tmp_path, capsys):
   assert ran["idip"]["net"]["complex_connection"] and not ran["dip"]["net"]["complex_connection"]
   assert ran["dip"]["net"]["in_channels"] == 32 and ran["dip"]["fit"]["prelim_weight"] == 0.0
   for c in ran.values():
-    assert (c["fit"]["loop"], c["net"]["conv"], c["batch_size"], c["fit"]["precision"]) == ("host", "cpu", 1, "tf32")
-    assert c["buckets"] == [{"shape": [64, 64, 1], "images": 1, "runs": 1, "batch_size": 1}]
+    assert (c["fit"]["loop"], c["net"]["conv"], c["fit"]["precision"]) == ("host", "cpu", "tf32")
+    ((bucket, choice),) = [(dict(b, batch_choice=None), b["batch_choice"]) for b in c["buckets"]]
+    assert bucket == {
+      "shape": [64, 64, 1],
+      "images": 1,
+      "runs": 1,
+      "batch_size": 1,
+      "batch_choice": None,
+      "batch_strategy": "vmap",
+      "batch_conv": "loop",
+    }
+    assert choice["label"] == "one run per call" and choice["timings"] == {}  # one run: nothing to time

@@ -45,10 +45,12 @@ def test_batched_fit_equals_single_fits(three):
   together = fit.fit(NET, CFG, batch, keys)
   for i in range(3):
     alone = fit.fit(NET, CFG, take(batch, i), keys[i : i + 1])
-    # Losses agree to 1e-6 at every step (7e-7 measured); a few output pixels drift by up to 6.5e-4
-    # (measured, XLA:CPU at -O0). A batching bug (mixed BN statistics, swapped keys)
-    # shows up as errors of order 0.1 from step 1.
-    np.testing.assert_allclose(together.history["loss"][:, i], alone.history["loss"][:, 0], atol=2e-6)
+    # Losses agree to 1e-6 over the first steps; by step 10 Adam has amplified rounding to 1.2e-5
+    # (measured with NET's batch_conv, the loop lowering; 7e-7 with vmap's grouped convolutions);
+    # a few output pixels drift by up to 6.5e-4 (XLA:CPU at -O0). A batching bug (mixed BN
+    # statistics, swapped keys) shows up as errors of order 0.1 from step 1.
+    np.testing.assert_allclose(together.history["loss"][:5, i], alone.history["loss"][:5, 0], atol=2e-6)
+    np.testing.assert_allclose(together.history["loss"][:, i], alone.history["loss"][:, 0], atol=5e-5)
     for a, b in ((together.final_NxHxWxC[i], alone.final_NxHxWxC[0]), (together.ema_NxHxWxC[i], alone.ema_NxHxWxC[0])):
       assert np.abs(a - b).max() < 2e-3 and np.abs(a - b).mean() < 1e-4
   # The three runs really differ (different seeds and images), so equality above is not vacuous.

@@ -52,8 +52,8 @@ def test_scan_and_host_loops_evaluate_the_same_steps(two):
 
 
 def test_batch_strategies_equal_single_fits(two):
-  """map (lax.map) and unroll (a Python loop in the step) fit each run with dense convolutions:
-  the same losses as one run per call (2e-6: rounding), as vmap's grouped convolutions give."""
+  """vmap with each per-run convolution lowering (convs.per_run_conv), map (lax.map) and unroll (a
+  Python loop in the step) give the same losses as one run per call (2e-6: rounding)."""
   batch, keys = two
   cfg = dataclasses.replace(CFG, steps=4, chunk=4)
   single = [
@@ -61,10 +61,13 @@ def test_batch_strategies_equal_single_fits(two):
   ]
   single_loss = np.concatenate([r.history["loss"] for r in single], axis=1)
   single_final = np.concatenate([r.final_NxHxWxC for r in single])
-  for strategy in ("vmap", "map", "unroll"):
-    res = fit.fit(NET, dataclasses.replace(cfg, batch_strategy=strategy), batch, keys)
-    np.testing.assert_allclose(res.history["loss"], single_loss, atol=2e-6, err_msg=strategy)
-    np.testing.assert_allclose(res.final_NxHxWxC, single_final, atol=1e-3, err_msg=strategy)
+  # hybrid_side=8 on 32 px: the 16 px and 8 px levels' convolutions take im2col, the others the loop.
+  ways = [("vmap", lw) for lw in ("loop", "im2col", "hybrid", "grouped")] + [("map", "loop"), ("unroll", "loop")]
+  for strategy, lowering in ways:
+    net = dataclasses.replace(NET, batch_conv=lowering, hybrid_side=8)
+    res = fit.fit(net, dataclasses.replace(cfg, batch_strategy=strategy), batch, keys)
+    np.testing.assert_allclose(res.history["loss"], single_loss, atol=2e-6, err_msg=f"{strategy} {lowering}")
+    np.testing.assert_allclose(res.final_NxHxWxC, single_final, atol=1e-3, err_msg=f"{strategy} {lowering}")
   assert np.abs(single_final[0] - single_final[1]).max() > 1e-2  # two different runs
 
 

@@ -85,45 +85,6 @@ def test_bf16_precision_plumbing():
   assert abs(p16.history["psnr"][-1, 0] - p32) < 1.0 and p16.history["psnr"][-1, 0] != p32
 
 
-def test_conv_lowerings_give_the_same_values_and_gradients():
-  # models.conv_cpu pads one zero row/column and drops it again, and runs 1x1 convolutions as
-  # matmuls; models.conv_im2col is one dot over strided-slice patches. Values and gradients
-  # must equal lax's plain convolution (float32 reassociation: 1e-4 absolute on O(10) values,
-  # gradients 1e-3 relative), alone and under vmap with per-run weights (the batched fit).
-  from idip_jax.models import _NHWC, conv_cpu, conv_im2col
-
-  rng = np.random.default_rng(0)
-  cases = [
-    (3, 1, 18, "VALID"),
-    (3, 2, 18, "VALID"),
-    (1, 1, 16, "VALID"),
-    (3, 2, 17, "VALID"),
-    (3, 1, 16, [(1, 1), (1, 1)]),
-  ]
-  for lowering in (conv_cpu, conv_im2col):
-    for k, stride, h, pad in cases:
-      x = jnp.asarray(rng.normal(size=(2, h, h, 5)), jnp.float32)
-      w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
-      plain = lambda x, w, s=stride, p=pad: jax.lax.conv_general_dilated(x, w, (s, s), p, dimension_numbers=_NHWC)
-      ours = lambda x, w, s=stride, p=pad, c=lowering: c(x, w, (s, s), p, dimension_numbers=_NHWC)
-      a, b = plain(x, w), ours(x, w)
-      case = (lowering.__name__, k, stride, h, pad)
-      assert a.shape == b.shape and float(jnp.abs(a - b).max()) < 1e-4, case
-      ga = jax.grad(lambda x, w, f=plain: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
-      gb = jax.grad(lambda x, w, f=ours: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
-      for u, v in zip(ga, gb):
-        assert float(jnp.abs(u - v).max()) < 1e-3 * float(jnp.abs(u).max()), case
-      wN = jnp.stack([w, 2 * w])  # per-run weights under vmap
-      va = jax.vmap(plain, in_axes=(0, 0))(x[:, None], wN)
-      vb = jax.vmap(ours, in_axes=(0, 0))(x[:, None], wN)
-      assert float(jnp.abs(va - vb).max()) < 1e-4, case
-  # Under vmap the im2col form is a batched matmul, not a grouped convolution.
-  jaxpr = str(
-    jax.make_jaxpr(jax.vmap(lambda x, w: conv_im2col(x, w, (1, 1), "VALID", dimension_numbers=_NHWC)))(x[:, None], wN)
-  )
-  assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
-
-
 def test_remat_same_gradients_fewer_saved_activations():
   import io
   from contextlib import redirect_stdout
@@ -163,17 +124,16 @@ def test_auto_batch_size_from_compiled_memory():
   assert pick(fixed + 4 * per_run + per_run // 2, 12) == 4  # room for 4: 3 calls of 4
   assert pick(fixed + 8 * per_run, 10) == 5  # room for 8: two calls of 5, not 8 + 2
   assert pick(fixed + 100 * per_run, 10) == 10
-  auto = lambda **kw: runner.resolve(
-    runner.RunConfig(method="dip", fit=dataclasses.replace(CFG, steps=0, **kw)), 1, "gpu"
+  resolve = lambda backend, **kw: runner.resolve(
+    runner.RunConfig(method="dip", fit=dataclasses.replace(CFG, steps=0, **kw)), 1, backend
   )
-  assert auto().batch_size == batching.VMAP_AUTO_BATCH == 1  # vmap: one run per call (measured fastest)
-  assert auto(batch_strategy="map").batch_size == 0  # map on an accelerator: sized from memory per bucket
-  assert auto(batch_strategy="unroll").batch_size == 0
-  # On CPU every strategy fits one run per call: none measured faster (bench_cpu.md).
-  on_cpu = lambda s: runner.resolve(
-    runner.RunConfig(method="dip", fit=dataclasses.replace(CFG, batch_strategy=s)), 1, "cpu"
-  )
-  assert all(on_cpu(s).batch_size == 1 for s in ("vmap", "map", "unroll"))
+  # auto: the batch size and lowering are chosen per bucket by timing (batching.choose), on any backend.
+  for backend in ("gpu", "cpu"):
+    auto = resolve(backend, batch_strategy="auto")
+    assert (auto.batch_size, auto.fit.batch_strategy, auto.net.batch_conv) == (0, "auto", "auto")
+  # An explicit strategy on an accelerator: sized from memory per bucket; on CPU (no memory analysis): 1.
+  assert all(resolve("gpu", batch_strategy=s).batch_size == 0 for s in ("vmap", "map", "unroll"))
+  assert all(resolve("cpu", batch_strategy=s).batch_size == 1 for s in ("vmap", "map", "unroll"))
 
 
 def test_runner_halves_the_batch_on_out_of_memory(tmp_path, monkeypatch):

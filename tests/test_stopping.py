@@ -119,7 +119,9 @@ def test_stopping_is_the_same_in_a_batch_and_alone():
 def test_ensemble_image_is_the_mean_of_the_runs(tmp_path):
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=1))
   work = tmp_path / "run"
-  fit_cfg = config.FitConfig(steps=12, chunk=5, seeds=3, eval_every=2, stop="wmv", stop_window=4, stop_patience=3)
+  fit_cfg = config.FitConfig(
+    steps=12, chunk=5, seeds=3, eval_every=2, stop="wmv", stop_window=4, stop_patience=3, batch_strategy="vmap"
+  )
   cfg = config.RunConfig(
     input=str(tmp_path / "a.png"), workdir=str(work), method="dip", sigma=25, save_float=True, net=config.TINY_NET
   )
