@@ -30,6 +30,10 @@ from jax.custom_batching import custom_vmap
 NHWC = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 BATCH_CONVS = ("grouped", "loop", "im2col", "hybrid")
 # NetConfig.batch_conv="auto" without --batch_strategy=auto's timing, by backend.
+# CPU: loop runs each run's convolutions with the same dense kernels as one run per call (the closest numbers) and
+# was 0.97-1.12x its image rate (experiments/results/bench_cpu.md, 2026-12-02; --batch_strategy=auto times im2col and
+# hybrid too). Accelerators: not yet measured (bench/gpu.flags); hybrid keeps cuDNN's dense kernels on the large maps
+# and batched matmuls on the small ones, where one run's kernels are launch-bound.
 DEFAULT_BATCH_CONV = types.MappingProxyType({"cpu": "loop", "gpu": "hybrid", "tpu": "hybrid"})
 
 
