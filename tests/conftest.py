@@ -89,3 +89,19 @@ def import_experiment(name: str):
 
   sys.path.insert(0, os.path.join(ROOT, "experiments")) if os.path.join(ROOT, "experiments") not in sys.path else None
   return importlib.import_module(name)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_compile_caches():
+  """Each test module starts without the programs earlier modules compiled in this worker. Two suite
+  runs (2026-12-02) lost a worker to an XLA:CPU crash inside compilation late in its life (stop 26
+  saw the same class); bounding what a worker holds is the cheap mitigation."""
+  yield
+  import jax
+
+  from idip_jax import batching, convs
+
+  jax.clear_caches()
+  for cached in (fit.make_fit_chunk, fit._host_programs, fit.make_predict, fit.make_init, batching.compile_step):
+    cached.cache_clear()
+  convs.per_run_conv.cache_clear()
