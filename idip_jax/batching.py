@@ -246,7 +246,7 @@ def _chosen(c: Candidate, timings: dict) -> dict:
     "batch_conv": c.batch_conv,
     "batch_size": c.batch,
     "label": c.label,
-    "timings": {k: {kk: vv for kk, vv in v.items() if kk != "candidate"} for k, v in timings.items()},
+    "timings": timings,
     "device": outputs.device_name(),
     "jax": jax.__version__,
     "date": outputs.now(),
@@ -275,6 +275,8 @@ def choose(
     net_m, cfg_m = dataclasses.replace(net_cfg, batch_conv="loop"), dataclasses.replace(cfg, batch_strategy="vmap")
     sizes = [1, min(MAX_AUTO_BATCH, auto_batch_size(net_m, cfg_m, h, w, n_runs, with_gt=with_gt))]
   cands = candidates(net_cfg, n_runs, sizes)
+  if len(cands) == 1:  # nothing to choose (one run, or --batch_size and --batch_conv both set)
+    return _chosen(cands[0], {})
   key = choice_key(net_cfg, cfg, shape, n_runs, batch_size, with_gt)
   path = cache_file(cache_path)
   cache = _read_cache(path)
@@ -283,10 +285,8 @@ def choose(
     logging.info("batch choice for %s (cached in %s): %s", "x".join(map(str, shape)), path, hit["label"])
     return hit
   timer = timer or (lambda c: time_candidate(net_cfg, cfg, c, h, w, with_gt))
-  timings = {}
+  timings, rate = {}, {}
   for c in cands:
-    if len(cands) == 1:  # nothing to choose (one run, or --batch_size and --batch_conv both set)
-      return _chosen(c, {})
     try:
       per_image_step, first = timer(c)
     except Exception as e:
@@ -294,14 +294,10 @@ def choose(
         raise
       logging.info("batch timing %s: out of memory", c.label)
       continue
-    timings[c.label] = {
-      "candidate": dataclasses.asdict(c),
-      "image_steps_per_s": 1.0 / per_image_step,
-      "first_call_s": first,
-    }
-    logging.info("batch timing %s: %.2f image-steps/s (first call %.1fs)", c.label, 1.0 / per_image_step, first)
-  best_label = max(timings, key=lambda k: timings[k].get("image_steps_per_s", 0.0))
-  best = Candidate(**timings[best_label]["candidate"])
+    rate[c] = 1.0 / per_image_step
+    timings[c.label] = {"image_steps_per_s": rate[c], "first_call_s": first}
+    logging.info("batch timing %s: %.2f image-steps/s (first call %.1fs)", c.label, rate[c], first)
+  best = max(rate, key=rate.get)
   chosen = _chosen(best, timings)
   logging.info("batch choice for %s: %s", "x".join(map(str, shape)), best.label)
   if path:

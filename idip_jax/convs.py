@@ -163,22 +163,20 @@ def per_run_conv(
     # The transpose of im2col_fwd in x: the patches' adjoint (pads and adds), no convolution.
     return jax.vjp(lambda x: im2col_fwd(x, w_B), x_B)[1](g_B)[0]
 
-  def batched(dense_f, im2col_f, w_index):
-    """dense_f as a custom_vmap: shared weights fold the run axis into N (one dense call);
-    per-run weights take the chosen lowering."""
+  def batched(dense_f, im2col_f):
+    """dense_f(x, w, ...) as a custom_vmap: shared weights fold the run axis into N (one dense
+    call); per-run weights take the chosen lowering."""
     f = custom_vmap(dense_f)
 
     @f.def_vmap
-    def rule(axis_size, in_batched, *args):
-      if not in_batched[w_index] and dense_f is not dense_dw:
+    def rule(axis_size, in_batched, x, w, *rest):
+      if not in_batched[1] and dense_f is not dense_dw:
         # Shared weights (not our per-run case): runs are more images of one convolution.
-        args = _broadcast(axis_size, in_batched, *args)
+        x, *rest = _broadcast(axis_size, [in_batched[0], *in_batched[2:]], x, *rest)
         fold = lambda a: a.reshape(-1, *a.shape[2:])
-        n = args[0].shape[1]
-        unfolded = [fold(a) if i != w_index else a[0] for i, a in enumerate(args)]
-        out = dense_f(*unfolded)
-        return out.reshape(axis_size, n, *out.shape[1:]), True
-      args = _broadcast(axis_size, in_batched, *args)
+        out = dense_f(fold(x), w, *map(fold, rest))
+        return out.reshape(axis_size, x.shape[1], *out.shape[1:]), True
+      args = _broadcast(axis_size, in_batched, x, w, *rest)
       if axis_size == 1:  # one run: its dense convolution
         return dense_f(*(a[0] for a in args))[None], True
       if batch_conv == "grouped":
@@ -189,9 +187,7 @@ def per_run_conv(
 
     return f
 
-  fwd_c = batched(dense, im2col_fwd, 1)
-  dx_c = batched(dense_dx, im2col_dx, 1)
-  dw_c = batched(dense_dw, im2col_dw, 1)
+  fwd_c, dx_c, dw_c = batched(dense, im2col_fwd), batched(dense_dx, im2col_dx), batched(dense_dw, im2col_dw)
 
   @jax.custom_vjp
   def conv_fn(x, w):

@@ -192,7 +192,7 @@ def plan_buckets(cfg: RunConfig, images: list[Image], done: set[str]) -> list[di
     runs = [(i, k) for i in idx for k in range(cfg.fit.seeds) if images[i].name not in done]
     has_gt = images[idx[0]].clean_HxWxC is not None
     bucket = {"shape": [ph, pw, c], "images": len(idx), "runs": runs}
-    if cfg.fit.batch_strategy == "auto":
+    if cfg.fit.batch_strategy == "auto":  # a bucket with no runs left (--resume) times nothing: one candidate
       choice = batching.choose(
         cfg.net, cfg.fit, (ph, pw, c), max(len(runs), 1), cfg.batch_size, has_gt, cfg.batch_cache
       )
