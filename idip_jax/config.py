@@ -21,13 +21,23 @@ from idip_jax.data import NOISE_PROTOCOLS, InputError
 
 
 def option(
-  default: Any, help: str, *, choices: tuple = (), lo: float | None = None, flag: str | None = "", path: bool = False
+  default: Any,
+  help: str,
+  *,
+  choices: tuple = (),
+  lo: float | None = None,
+  hi: float | None = None,
+  flag: str | None = "",
+  path: bool = False,
 ) -> Any:
   """A config field. flag: the flag's name ("" = the field's name, None = set by the library,
-  not a flag); lo: smallest allowed value; path: '~' is expanded."""
+  not a flag); lo, hi: smallest and largest allowed values; path: '~' is expanded."""
   return dataclasses.field(
-    default=default, metadata={"help": help, "choices": choices, "lo": lo, "flag": flag, "path": path}
+    default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "flag": flag, "path": path}
   )
+
+
+SEED_MAX = 2**32 - 1  # numpy's default_rng takes no negative seed; JAX's keys hold 32 bits per word
 
 
 # IDIP's three changes per method (paper Sec. 3; ablations IDIP-1 and IDIP-2, Table 1 and 2).
@@ -130,7 +140,7 @@ class FitConfig:
   )
   input_scale: float = option(0.1, "z ~ U[0, input_scale] (DIP's 'noise' input, var=1/10)", lo=0)
   chunk: int = option(100, "steps per compiled chunk; metrics reach the host once per chunk", lo=1)
-  seed: int = option(0, "seed of init, z and perturbations")
+  seed: int = option(0, "seed of init, z and perturbations", lo=0, hi=SEED_MAX)
   seeds: int = option(1, "independent runs per image (reported each and averaged)", lo=1)
   precision: str = option(
     "tf32",
@@ -182,7 +192,7 @@ class RunConfig:
   workdir: str = option("", "output folder (default runs/<method>-<time>)", path=True)
   method: str = option("idip", "the method of this run", choices=tuple(METHODS), flag=None)
   sigma: float = option(0.0, "AWGN std (0-255 scale) added to clean inputs; 0 = inputs are noisy", lo=0)
-  noise_seed: int = option(0, "seed of the AWGN (shared by all methods)")
+  noise_seed: int = option(0, "seed of the AWGN (shared by all methods)", lo=0, hi=SEED_MAX)
   noise: str = option(
     "float",
     "noisy image from clean: float (x + n) | clip (to [0, 1], DIP's notebooks) | uint8 (clipped and rounded to 8 bits)",
@@ -217,7 +227,12 @@ class RunConfig:
     "continue the run in --workdir: finished images are kept, an "
     "unfinished call restarts from its last checkpoint; the settings must be the same",
   )
-  checkpoint_every: int = option(10, "chunks between checkpoints of a running call (0 = none)", lo=0)
+  checkpoint_every: int = option(
+    500,
+    "steps between checkpoints of a running call, written at the first chunk end past each multiple (0 = none); "
+    "Ctrl-C also writes one",
+    lo=0,
+  )
   overwrite: bool = option(False, "replace a non-empty workdir that idip-jax made (others are refused)")
   prelim: PrelimConfig = PrelimConfig()
   net: NetConfig = NetConfig()
@@ -238,6 +253,12 @@ class JobConfig:
   coordinator: str = option("", "host:port of process 0 (--distributed; empty = auto-detect)")
   num_processes: int = option(0, "processes in all (--distributed; 0 = auto-detect)", lo=0)
   process_id: int = option(-1, "this process's index (--distributed; -1 = auto-detect)")
+  compile_cache: str = option(
+    "",
+    "folder of JAX's persistent compilation cache, so reruns skip XLA's compile ('' = $IDIP_JAX_CACHE or "
+    "~/.cache/idip-jax/jax; none = off)",
+    path=True,
+  )
   run: RunConfig = RunConfig()
 
 
@@ -279,7 +300,7 @@ class TrainConfig:
   steps: int = option(93125, "Adam steps (default: the paper's 50 epochs)", lo=1)
   lr: float = option(1e-3, "Adam learning rate", lo=0)
   lr_drop: float = option(0.6, "fraction of the steps after which lr is divided by 10 (official: epoch 30 of 50)", lo=0)
-  seed: int = option(0, "seed of the init, patches, augmentations and noise")
+  seed: int = option(0, "seed of the init, patches, augmentations and noise", lo=0, hi=SEED_MAX)
   log_every: int = option(50, "steps per progress line and progress.csv row", lo=1)
   eval_every: int = option(500, "steps between validation PSNRs (a multiple of --log_every)", lo=1)
   checkpoint_every: int = option(500, "steps between checkpoints (a multiple of --log_every)", lo=1)
@@ -397,3 +418,41 @@ def check(cfg) -> None:
         raise InputError(f"unknown --{name}={item}; choose one of {', '.join(map(str, choices))}")
     if f.metadata["lo"] is not None and v < f.metadata["lo"]:
       raise InputError(f"--{name} must be >= {f.metadata['lo']:g} (got {v})")
+    if f.metadata.get("hi") is not None and v > f.metadata["hi"]:
+      raise InputError(f"--{name} must be <= {f.metadata['hi']} (got {v})")
+
+
+def flags_markdown() -> str:
+  """docs/flags.md: every flag of run.py, the experiment scripts and train_denoiser.py, from the
+  dataclasses above (tests/test_readme.py fails when the file is stale). Regenerate with
+  python -c 'from idip_jax import config; print(config.flags_markdown(), end="")' > docs/flags.md"""
+  out = [
+    "# Flags",
+    "",
+    "Generated from `idip_jax/config.py` by `config.flags_markdown()`; do not edit by hand. Regenerate:",
+    "`python -c 'from idip_jax import config; print(config.flags_markdown(), end=\"\")' > docs/flags.md`.",
+    "Every flag file (`--flagfile=FILE`) holds one `--name=value` per line and may include others.",
+  ]
+  sections = (
+    ("`run.py`", JobConfig),
+    ("experiment scripts (`experiments/*.py`, beside run.py's)", ExperimentConfig),
+    ("`experiments/train_denoiser.py`", TrainConfig),
+  )
+  for title, cls in sections:
+    groups: dict[str, list[str]] = {}
+    for path, f, _ in leaves(cls):
+      name = flag_name(f)
+      if name is None:
+        continue
+      default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+      allowed = " \\| ".join(map(str, f.metadata["choices"]))
+      bounds = [f">= {f.metadata['lo']:g}" if f.metadata["lo"] is not None else ""]
+      bounds += [f"<= {f.metadata['hi']}" if f.metadata.get("hi") is not None else ""]
+      allowed = allowed or ", ".join(b for b in bounds if b)
+      meaning = f.metadata["help"].replace("|", "\\|")
+      row = f"| `--{name}` | `{default!s}` | {allowed} | {meaning} |"
+      groups.setdefault(".".join(path[:-1]) or cls.__name__, []).append(row)
+    out += ["", f"## {title}"]
+    for group, rows in groups.items():
+      out += ["", f"### {group}", "", "| flag | default | allowed | meaning |", "|---|---|---|---|"] + rows
+  return "\n".join(out) + "\n"

@@ -21,6 +21,10 @@ class InputError(ValueError):
   """Bad user input: reported as one line, before any compute."""
 
 
+class OutputError(RuntimeError):
+  """A result that cannot be written (a full disk, a read-only folder): reported as one line."""
+
+
 @dataclasses.dataclass
 class Image:
   name: str
@@ -28,6 +32,7 @@ class Image:
   clean_HxWxC: np.ndarray | None  # None for real noisy photos: no PSNR is claimed
   observed_HxWx1: np.ndarray | None = None  # --task=inpaint: 1 where the pixel is observed
   lr_HxWxC: np.ndarray | None = None  # --task=sr: the low-resolution y (noisy_HxWxC: its bicubic upsampling)
+  source_hw: tuple[int, int] | None = None  # the file's size before --crop: x_bar files and masks must match it
 
 
 def shared_dir() -> str:
@@ -64,6 +69,8 @@ def list_inputs(spec: str) -> list[str]:
     if not paths:
       raise InputError(f"no images ({', '.join(IMAGE_EXTS)}) among the files matching {spec}")
     return paths
+  if os.path.exists(spec):  # /dev/zero, a fifo, a socket
+    raise InputError(f"--input={spec} is neither a regular file nor a folder")
   raise InputError(f"input not found: {spec}")
 
 
@@ -123,6 +130,14 @@ def read_image(path: str, channels: int = 0) -> np.ndarray:
   return to_float(img, path, channels)
 
 
+def check_size(path: str, what: str, x_HxWxC: np.ndarray, im: Image) -> None:
+  """A file that goes with an input (x_bar, mask) has the input file's size, compared before --crop."""
+  hw = tuple(x_HxWxC.shape[:2])
+  want = tuple(im.source_hw or im.noisy_HxWxC.shape[:2])
+  if hw != want:
+    raise InputError(f"{what} {path} is {hw[0]}x{hw[1]}, its input {im.name} {want[0]}x{want[1]}")
+
+
 def center_crop(x_HxWxC: np.ndarray, size: int) -> np.ndarray:
   h, w, _ = x_HxWxC.shape
   ch, cw = min(size, h), min(size, w)
@@ -172,6 +187,7 @@ def load_images(
       raise InputError(f"two inputs are named '{name}' (names must be unique): {path}")
     seen.add(name)
     x = read_image(path, channels)
+    source_hw = x.shape[:2]
     if crop:
       if crop > min(x.shape[:2]):
         raise InputError(f"--crop={crop} is larger than {path} ({x.shape[0]}x{x.shape[1]})")
@@ -183,9 +199,9 @@ def load_images(
         f"per side (lower --scales or use a larger image)"
       )
     if sigma > 0:
-      images.append(Image(name, add_awgn(x, sigma, noise_seed, name, noise), x))
+      images.append(Image(name, add_awgn(x, sigma, noise_seed, name, noise), x, source_hw=source_hw))
     else:
-      images.append(Image(name, x, None))
+      images.append(Image(name, x, None, source_hw=source_hw))
   return images
 
 

@@ -190,6 +190,8 @@ def checkpoint_manager(workdir: str, create: bool = True):
   # Synchronous saves: a checkpoint is complete when save() returns (simpler to reason about
   # than a background thread, and a save is small next to 500 training steps).
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create, enable_async_checkpointing=False)
+  if create:
+    outputs.note_written(os.path.join(workdir, "checkpoints") + "/")  # orbax's folder: all of it is ours
   with quiet():
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
@@ -225,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
     if not os.path.isfile(os.path.join(cfg.workdir, "config.json")):
       raise InputError(f"--resume: no training run in --workdir={cfg.workdir}")
   else:
-    outputs.prepare_workdir(cfg.workdir, cfg.overwrite)
+    outputs.prepare_workdir(cfg.workdir, cfg.overwrite, tuple(p for p in (cfg.train_dir, cfg.val_dir) if p))
     outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
   model, tx = make_model(cfg), make_optimizer(cfg)
   key = jax.random.key(cfg.seed)
@@ -298,7 +300,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def write_progress(workdir: str, rows: list[dict], plot: bool) -> None:
   """progress.csv every log interval; progress.png when a validation PSNR is new."""
-  with open(os.path.join(workdir, "progress.csv"), "w", newline="") as f:
+  with outputs.atomic_open(os.path.join(workdir, "progress.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
     w.writeheader()
     w.writerows(rows)

@@ -77,7 +77,7 @@ def _run_bm3d(cfg, images):
   return out
 
 
-def _file_for(cfg: RunConfig, name: str) -> str:
+def file_for(cfg: RunConfig, name: str) -> str:
   path = data.find_image(cfg.prelim.prelim_dir, name)
   if path is not None:
     return path
@@ -87,8 +87,9 @@ def _file_for(cfg: RunConfig, name: str) -> str:
 
 
 def _read_prelim_file(cfg: RunConfig, im: Image) -> np.ndarray:
-  path = _file_for(cfg, im.name)
+  path = file_for(cfg, im.name)
   x = data.read_image(path, channels=im.noisy_HxWxC.shape[-1])
+  data.check_size(path, "x_bar", x, im)  # before --crop, which would cut any larger image to fit
   if cfg.crop:
     x = data.center_crop(x, cfg.crop)
   if x.shape != im.noisy_HxWxC.shape:

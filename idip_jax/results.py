@@ -48,7 +48,7 @@ def write_history(path: str, history: dict[str, np.ndarray]) -> None:
       return int(v)
     return "" if np.isnan(v) else f"{v:.6g}"  # eval columns are empty between eval steps
 
-  with open(path, "w", newline="") as f:
+  with outputs.atomic_open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["step"] + cols)
     for t in range(n):

@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import glob
+import hashlib
 import json
+import logging as std_logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -19,7 +23,7 @@ from absl import logging
 
 from idip_jax import batching, checkpoint, config, data, fit, outputs, prelim, results, tasks
 from idip_jax.config import DEFAULT_STEPS, METHODS, JobConfig, RunConfig
-from idip_jax.data import Image, InputError
+from idip_jax.data import Image, InputError, OutputError
 from idip_jax.train import Batch, run_keys
 
 
@@ -134,6 +138,48 @@ def load_inputs(cfg: RunConfig) -> list[Image]:
   return images
 
 
+def paths_read(cfg: RunConfig) -> tuple[str, ...]:
+  """Every file and folder the run reads: --overwrite must not delete any of them."""
+  try:
+    reads = [p for p in data.list_inputs(cfg.input) if not p.startswith("skimage:")]
+  except InputError:  # images handed to run() by an experiment, cfg.input a label
+    reads = []
+  if cfg.prelim.name == "file":
+    reads.append(cfg.prelim.prelim_dir)
+  if cfg.prelim.name in ("ffdnet", "dncnn"):
+    reads += [p for p in (cfg.prelim.weights, cfg.prelim.weights_dir) if p]
+  if cfg.fit.task == "inpaint" and tasks.parse_keep(cfg.mask) is None:
+    reads.append(cfg.mask)
+  return tuple(reads)
+
+
+def input_digests(cfg: RunConfig, images: list[Image]) -> dict[str, str]:
+  """A checksum per image of what it fits (y, ground truth, mask) and of its x_bar file: a
+  --resume refuses a stored run whose inputs changed since (config.json records them)."""
+  out = {}
+  for im in images:
+    h = hashlib.sha1()
+    for a in (im.noisy_HxWxC, im.clean_HxWxC, im.observed_HxWx1, im.lr_HxWxC):
+      if a is not None:
+        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+    if cfg.prelim.name == "file":
+      with open(prelim.file_for(cfg, im.name), "rb") as f:
+        h.update(f.read())
+    out[im.name] = h.hexdigest()[:16]
+  return out
+
+
+def read_stored(path: str) -> dict:
+  """A stored run's JSON file (config.json, results.json); one line if it is damaged."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(
+      f"--resume: {path} is damaged ({type(e).__name__}: {e}); restore it, or run again into a new --workdir"
+    ) from None
+
+
 def load_and_check(cfg: RunConfig) -> list[Image]:
   images = load_inputs(cfg)
   check_output_folder(cfg, images)
@@ -151,20 +197,27 @@ RESUME_FREE = (
   "save_images",
   "save_float",
   "buckets",
+  "inputs",  # compared by content (input_digests), below
 )
+# Output file names per image are NAME[_seedK]_KIND.png, written as .NAME..._KIND.png.XXXXXXXX.tmp first.
+OUTPUT_NAME_EXTRA = 40
 
 
 def check_output_folder(cfg: RunConfig, images: list[Image]) -> None:
   """A new run needs an empty (or --overwrite-able) workdir; --resume needs the stored run's
   folder and the same settings (one line naming the first that differs)."""
+  for im in images:
+    if len(im.name.encode()) + OUTPUT_NAME_EXTRA > 255:
+      raise InputError(f"{im.name}: the image's name is too long for the names of its output files")
   if not cfg.resume:
-    outputs.check_workdir(cfg.workdir, cfg.overwrite)
+    outputs.check_workdir(cfg.workdir, cfg.overwrite, paths_read(cfg))
     return
   path = os.path.join(cfg.workdir, "config.json")
   if not os.path.isfile(path):
     raise InputError(f"--resume: no run to continue in --workdir={cfg.workdir} (no config.json)")
-  with open(path) as f:
-    have = json.load(f)
+  have = read_stored(path)
+  if os.path.isfile(os.path.join(cfg.workdir, "results.json")):
+    read_stored(os.path.join(cfg.workdir, "results.json"))
   want = json.loads(json.dumps(dataclasses.asdict(resolve(cfg, image_channels(images)))))
 
   def first_difference(a, b, where=""):
@@ -182,6 +235,20 @@ def check_output_folder(cfg: RunConfig, images: list[Image]) -> None:
   diff = first_difference(want, have)
   if diff:
     raise InputError(f"--resume: the settings differ from the stored run in {cfg.workdir}: {diff}")
+  stored = have.get("inputs")
+  if stored is None:
+    raise InputError(
+      f"--resume: the stored run in {cfg.workdir} records no input checksums (made before they were), so "
+      "its results cannot be checked against the inputs: run again into a new --workdir"
+    )
+  now = input_digests(cfg, images)
+  for name in sorted(set(stored) | set(now)):
+    if stored.get(name) != now.get(name):
+      what = "is new" if name not in stored else "is gone" if name not in now else "has changed (or its x_bar/mask)"
+      raise InputError(
+        f"--resume: input {name} {what} since the stored run in {cfg.workdir}; its results would not be of "
+        "these inputs: run again into a new --workdir"
+      )
 
 
 def plan_buckets(cfg: RunConfig, images: list[Image], done: set[str]) -> list[dict]:
@@ -258,7 +325,7 @@ def run(
     check_output_folder(cfg, images)
   n_proc, proc = jax.process_count(), jax.process_index()
   if proc == 0 and not cfg.resume:
-    outputs.prepare_workdir(cfg.workdir, cfg.overwrite)
+    outputs.prepare_workdir(cfg.workdir, cfg.overwrite, paths_read(cfg))
   results.barrier("workdir", n_proc)
   img_dir, hist_dir = os.path.join(cfg.workdir, "images"), os.path.join(cfg.workdir, "history")
   os.makedirs(img_dir, exist_ok=True), os.makedirs(hist_dir, exist_ok=True)
@@ -270,13 +337,13 @@ def run(
     logging.info("process %d/%d: %d of %d images", proc, n_proc, len(images), len(all_images))
   results_path = os.path.join(cfg.workdir, "results.json" if n_proc == 1 else f"results.process{proc}.json")
   if flags_text and proc == 0 and not cfg.resume:
-    with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
+    with outputs.atomic_open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
       f.write(flags_text)
+  digests = input_digests(cfg, all_images)
   cfg = resolve(cfg, image_channels(all_images))
   records: dict[str, dict] = {}
   if cfg.resume and os.path.isfile(results_path):
-    with open(results_path) as f:
-      records = {r["name"]: r for r in json.load(f)["images"]}
+    records = {r["name"]: r for r in read_stored(results_path)["images"]}
     logging.info("resuming %s: %d of %d images finished", cfg.workdir, len(records), len(images))
 
   prelims: list[np.ndarray | None] = [None] * len(images)
@@ -291,7 +358,7 @@ def run(
   if proc == 0 and not cfg.resume:
     outputs.write_json(
       os.path.join(cfg.workdir, "config.json"),
-      dict(dataclasses.asdict(cfg), buckets=[dict(b, runs=len(b["runs"])) for b in plan]),
+      dict(dataclasses.asdict(cfg), buckets=[dict(b, runs=len(b["runs"])) for b in plan], inputs=digests),
     )
   res_all = {
     "device": outputs.device_name(),
@@ -308,6 +375,19 @@ def run(
     "images": [],
     "mean": {},
   }
+
+  def record_finished() -> None:
+    res_all["images"] = [records[im.name] for im in images if im.name in records]
+    res_all["mean"] = results.summarize(res_all["images"])
+    # A killed run leaves a results.json that says so: finished < expected, complete false.
+    res_all.update(
+      expected_images=len(images),
+      finished_images=len(res_all["images"]),
+      complete=len(res_all["images"]) == len(images),
+      wall_seconds=time.perf_counter() - t_start,
+    )
+
+  record_finished()  # --resume: what the stored run finished (all of it: its summary is printed)
   runs_done: dict[int, list[dict]] = {}
   ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
   for b, bucket in enumerate(plan):
@@ -342,15 +422,7 @@ def run(
             results.image_record(cfg, images[i], prelims[i], runs_done[i], img_dir),
             prelim_sigma=prelim_sigmas.get(images[i].name),
           )
-      res_all["images"] = [records[im.name] for im in images if im.name in records]
-      res_all["mean"] = results.summarize(res_all["images"])
-      # A killed run leaves a results.json that says so: finished < expected, complete false.
-      res_all.update(
-        expected_images=len(images),
-        finished_images=len(res_all["images"]),
-        complete=len(res_all["images"]) == len(images),
-        wall_seconds=time.perf_counter() - t_start,
-      )
+      record_finished()
       outputs.write_json(results_path, res_all)  # incremental
       if os.path.isfile(ckpt):
         os.remove(ckpt)  # the call's results are written: its checkpoint is spent
@@ -393,7 +465,9 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
   """Several methods on the same inputs, noise and x_bar (made once), each in its own
   sub-folder of the first config's workdir; prints and writes a comparison (summary.json)."""
   if len(cfgs) == 1:
-    return {cfgs[0].method: run(cfgs[0], flags_text)}
+    res = {cfgs[0].method: run(cfgs[0], flags_text)}
+    print(where_outputs_are(cfgs[0].workdir, [""]))
+    return res
   top = cfgs[0].workdir
   for c in cfgs:
     validate(c)
@@ -403,7 +477,10 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
     for c in subs:
       check_output_folder(c, images)
   else:
-    outputs.check_workdir(top, cfgs[0].overwrite)
+    for im in images:  # what check_output_folder checks for each method's own folder
+      if len(im.name.encode()) + OUTPUT_NAME_EXTRA > 255:
+        raise InputError(f"{im.name}: the image's name is too long for the names of its output files")
+    outputs.check_workdir(top, cfgs[0].overwrite, paths_read(cfgs[0]))
   needs_prelim = [c for c in subs if METHODS[c.method].prelim_input or METHODS[c.method].prelim_loss]
   for c in needs_prelim:
     prelim.REGISTRY[c.prelim.name].check(c, images)
@@ -414,7 +491,7 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
     prelims = dict(zip([im.name for im in images], prelim.REGISTRY[c.prelim.name].run(c, images)))
     logging.info("preliminary denoiser %s: %d images in %.1fs", c.prelim.name, len(images), time.perf_counter() - t)
   if not cfgs[0].resume:
-    outputs.prepare_workdir(top, cfgs[0].overwrite)
+    outputs.prepare_workdir(top, cfgs[0].overwrite, paths_read(cfgs[0]))
   res = {}
   for c in subs:
     logging.info("=== %s", c.method)
@@ -435,59 +512,111 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
       + " ".join(fmt(r.get(k)) for k in ("psnr_noisy", "psnr_prelim", "psnr_final", "psnr_ema"))
       + f" {r['wall_seconds']:8.1f}"
     )
+  print(where_outputs_are(top, [c.method for c in cfgs]) + ", the comparison in summary.json")
   return res
 
 
+def where_outputs_are(top: str, subs: list[str]) -> str:
+  """The one line a run ends with: where its images and PSNR curves are."""
+  sub = "{" + ",".join(subs) + "}/" if subs != [""] else ""
+  curve = os.path.isfile(os.path.join(top, subs[0], "psnr_curve.png"))
+  return f"outputs in {top}/: images in {sub}images/" + (f", PSNR curves in {sub}psnr_curve.png" if curve else "")
+
+
 @contextlib.contextmanager
-def stop_on_ctrl_c():
-  """Ctrl-C stops the fit at its next chunk boundary (fit.INTERRUPTED); a second one raises at once."""
+def stop_on_ctrl_c(on_quit: Callable[[], None]):
+  """Ctrl-C stops the fit at its next chunk end, with a checkpoint (fit.INTERRUPTED), and says so
+  at once; a second Ctrl-C calls on_quit (which exits). The main thread may be inside XLA's
+  compiler for a minute, where no Python signal handler runs: so SIGINT is blocked in this thread
+  (and the threads it starts) and a watcher thread takes it with sigtimedwait."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
 
-  def handler(signum, frame):
+  def pressed():
     if fit.INTERRUPTED.is_set():
-      raise KeyboardInterrupt
+      on_quit()
     fit.INTERRUPTED.set()
+    print(
+      "Ctrl-C: stopping at the end of the current chunk of steps (after compiling, if it is compiling), with a "
+      "checkpoint; press Ctrl-C again to quit at once",
+      file=sys.stderr,
+      flush=True,
+    )
 
-  previous = signal.signal(signal.SIGINT, handler)
+  stop = threading.Event()
+
+  def watch():
+    while not stop.is_set():
+      if signal.sigtimedwait({signal.SIGINT}, 0.2) is not None:
+        pressed()
+
+  # A thread that does not block SIGINT (started before this) may still take it: then Python's
+  # handler runs in the main thread, between bytecodes, as before.
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed())
+  watcher = None
+  if hasattr(signal, "sigtimedwait"):  # not on macOS: there only the handler above
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    watcher = threading.Thread(target=watch, name="ctrl-c", daemon=True)
+    watcher.start()
   try:
     yield
   finally:
+    if watcher is not None:
+      stop.set()
+      watcher.join()
+      signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     signal.signal(signal.SIGINT, previous)
     fit.INTERRUPTED.clear()
 
 
+def interrupted_line(workdir: str) -> str:
+  """What a stopped run left and how to continue it."""
+  if not glob.glob(os.path.join(glob.escape(workdir), "**", "config.json"), recursive=True):
+    return f"interrupted before fitting began: nothing to resume in {workdir}"
+  finished = sorted(glob.glob(os.path.join(glob.escape(workdir), "**", "results.json"), recursive=True))
+  left = f"finished images are in {', '.join(finished)}" if finished else "no image had finished"
+  if glob.glob(os.path.join(glob.escape(workdir), "**", "checkpoints", "*.npz"), recursive=True):
+    left += "; the fit in progress is checkpointed"
+  return f"interrupted: {left}; run the same command with --workdir={workdir} --resume to continue"
+
+
 def run_cli(job: JobConfig, flags_text: str = "") -> int:
   """The entry point behind run.py: an exit code, one error line for bad input (before any
-  compute), progress through absl.logging, one line on Ctrl-C saying how to resume."""
+  compute) or for an output that cannot be written, progress through absl.logging, one line on
+  Ctrl-C saying how to resume."""
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
+  # JAX logs "Unable to initialize backend 'tpu'" at INFO on every machine without one (and it
+  # preceded every --resume refusal, which resolves the backend's settings).
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
   workdir = job.run.workdir
+
+  def quit_now():
+    print(interrupted_line(workdir), file=sys.stderr, flush=True)
+    os._exit(130)  # from the watcher thread: the main thread may be inside XLA
+
   try:
     config.check(job)
     if not job.methods or len(set(job.methods)) != len(job.methods):
       raise InputError(f"--method needs distinct methods (got {','.join(job.methods)})")
     workdir = workdir or f"runs/{'-'.join(job.methods)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     cfgs = [dataclasses.replace(job.run, method=m, workdir=workdir) for m in job.methods]
-    # Reruns skip compilation (a 64 px, 5-step run: 66 s -> 14 s measured in issue 13).
-    jax.config.update(
-      "jax_compilation_cache_dir",
-      os.environ.get("IDIP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idip-jax", "jax")),
+    # Reruns skip XLA's compile (a 64 px, 5-step run: 66 s -> 14 s measured in issue 13).
+    cache = job.compile_cache or os.environ.get(
+      "IDIP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idip-jax", "jax")
     )
+    if cache != "none":
+      jax.config.update("jax_compilation_cache_dir", cache)
     if job.distributed:
       init_distributed(job.coordinator, job.num_processes, job.process_id)
-    with stop_on_ctrl_c():
+    with stop_on_ctrl_c(quit_now):
       run_methods(cfgs, flags_text=flags_text)
-  except InputError as e:
+  except (InputError, OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return 2 if isinstance(e, InputError) else 1
   except KeyboardInterrupt:
-    print(
-      f"interrupted: finished images are in {workdir}/results.json; run the same command with "
-      f"--workdir={workdir} --resume to continue",
-      file=sys.stderr,
-    )
+    print(interrupted_line(workdir), file=sys.stderr)
     return 130
   return 0
 

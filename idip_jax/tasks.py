@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idip_jax.data import Image, InputError, center_crop, find_image, read_image
+from idip_jax.data import Image, InputError, center_crop, check_size, find_image, read_image
 
 TASKS = ("denoise", "inpaint", "sr")
 
@@ -87,13 +87,12 @@ def bernoulli_mask(h: int, w: int, keep: float, seed: int, name: str) -> np.ndar
   return (rng.random((h, w, 1)) < keep).astype(np.float32)
 
 
-def read_mask(path: str, shape: tuple[int, int], crop: int) -> np.ndarray:
-  """A binary mask image (1/white = observed) checked against the image's size (after --crop)."""
+def read_mask(path: str, im: Image, crop: int) -> np.ndarray:
+  """A binary mask image (1/white = observed) of the image file's size (checked before --crop)."""
   m = read_image(path, 1)
+  check_size(path, "mask", m, im)
   if crop:
     m = center_crop(m, crop)
-  if m.shape[:2] != tuple(shape):
-    raise InputError(f"mask {path} is {m.shape[0]}x{m.shape[1]}, its image {shape[0]}x{shape[1]}")
   if not np.all((m == 0) | (m == 1)):
     raise InputError(f"mask {path} is not binary (values other than 0 and 255)")
   if not m.any():
@@ -133,7 +132,7 @@ def inpaint_images(images: list[Image], spec: str, seed: int, crop: int) -> list
       path = spec if os.path.isfile(spec) else find_image(spec, im.name + "_mask") if os.path.isdir(spec) else None
       if path is None:
         raise InputError(f"--mask={spec}: no mask for {im.name} (a file, a folder of NAME_mask.png, or bernoulli:P)")
-      m = read_mask(path, (h, w), crop)
+      m = read_mask(path, im, crop)
     out.append(dataclasses.replace(im, noisy_HxWxC=im.noisy_HxWxC * m, observed_HxWx1=m))
   return out
 

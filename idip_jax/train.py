@@ -254,9 +254,10 @@ def _backtrack_dip(tx, cfg: FitConfig, state: FitState, grads, psnr_y, ema):
 EVAL_KEYS = ("psnr", "ssim", "psnr_ema", "ssim_ema")
 
 
-def eval_step(model: SkipUNet, state: FitState, batch: Batch) -> dict:
+def eval_step(model: SkipUNet, state: FitState, batch: Batch, with_output: bool = False) -> dict:
   """Metrics of the images a fit reports after `state.step` steps: the output on the
-  unperturbed input (what psnr_final measures at the end) and the EMA."""
+  unperturbed input (what psnr_final measures at the end) and the EMA; with_output adds that
+  output ("out"), so one compiled program also gives the final image."""
   out = model.apply({"params": state.params}, batch.net_input[None])[0]
   gt, mask = batch.clean, batch.mask
   return {
@@ -264,7 +265,7 @@ def eval_step(model: SkipUNet, state: FitState, batch: Batch) -> dict:
     "ssim": metrics.ssim(out, gt, mask),
     "psnr_ema": metrics.psnr(state.ema, gt, mask),
     "ssim_ema": metrics.ssim(state.ema, gt, mask),
-  }
+  } | ({"out": out} if with_output else {})
 
 
 def is_eval_step(cfg: FitConfig, done: jax.Array | int) -> jax.Array | bool:

@@ -190,7 +190,7 @@ def test_code_hash_changes_with_the_source(tmp_path):
   pkg.mkdir()
   src = os.path.join(ROOT, "idip_jax", "outputs.py")
   (pkg / "outputs.py").write_text(open(src).read())
-  (pkg / "data.py").write_text("class InputError(ValueError): pass\n")
+  (pkg / "data.py").write_text("class InputError(ValueError): pass\nclass OutputError(RuntimeError): pass\n")
   env = dict(os.environ, PYTHONPATH=str(tmp_path))
   get = lambda: subprocess.run(
     [sys.executable, "-c", "from idip_jax import outputs; print(outputs.code_hash())"],
@@ -200,7 +200,7 @@ def test_code_hash_changes_with_the_source(tmp_path):
     cwd=str(tmp_path),
   ).stdout.strip()
   h1 = get()
-  (pkg / "data.py").write_text("class InputError(ValueError): pass\n# changed\n")
+  (pkg / "data.py").write_text("class InputError(ValueError): pass\nclass OutputError(RuntimeError): pass\n# changed\n")
   h2 = get()
   assert len(h1) == 12 and h1 != h2
 

@@ -1,5 +1,6 @@
 """Nothing lost, nothing silent (issue 13): overwrite only what the tool made, NaN guards, help."""
 
+import dataclasses
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import ROOT, TINY_ARGS, parsed_flags, smooth_image, write_png
 from test_cli import run_cli
 
@@ -27,14 +29,19 @@ def test_overwrite_replaces_only_folders_the_tool_made(tmp_path, capsys):
   code, err = run_cli(args + [f"--workdir={thesis}", "--overwrite"], capsys)
   assert code == 2 and len(err.strip().splitlines()) == 1 and "not made by idip-jax" in err, err
   assert (thesis / "thesis.tex").read_text() == "years of work" and (thesis / "data").is_dir()
-  # A folder the tool made is replaced by --overwrite (and refused without it).
+  # A folder the tool made is replaced by --overwrite (and refused without it), unless it holds a
+  # file the tool did not write (issue 31: it would be lost).
   wd = tmp_path / "run"
   assert run_cli(args + [f"--workdir={wd}"], capsys)[0] == 0
   assert (wd / outputs.MARKER).is_file()
-  (wd / "old.txt").write_text("stale")
+  (wd / "old.txt").write_text("my notes")
   assert run_cli(args + [f"--workdir={wd}"], capsys)[0] == 2
+  code, err = run_cli(args + [f"--workdir={wd}", "--overwrite"], capsys)
+  assert code == 2 and "did not write" in err and (wd / "old.txt").read_text() == "my notes", err
+  (wd / "old.txt").unlink()
+  stale = (wd / "results.json").stat().st_mtime_ns
   assert run_cli(args + [f"--workdir={wd}", "--overwrite"], capsys)[0] == 0
-  assert not (wd / "old.txt").exists() and (wd / "results.json").is_file()
+  assert (wd / "results.json").is_file() and (wd / "results.json").stat().st_mtime_ns != stale
   res = json.loads((wd / "results.json").read_text())
   assert res["complete"] is True and res["expected_images"] == res["finished_images"] == 1
 
@@ -144,7 +151,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     "--method=dip",
     "--steps=20",
     "--chunk=5",
-    "--checkpoint_every=1",
+    "--checkpoint_every=5",
     "--batch_size=1",
   ] + TINY_ARGS
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -182,8 +189,11 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert not list((wd / "checkpoints").glob("*.npz"))  # spent checkpoints are removed
 
 
-def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
+def test_ctrl_c_during_compilation_is_answered_at_once(tmp_path):
+  """Ctrl-C while XLA compiles the first chunk (no Python handler runs there): a line at once saying
+  the run stops after compiling; then a checkpoint, exit 130 and one line saying how to resume."""
   import signal
+  import threading
   import time
 
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=4))
@@ -208,17 +218,70 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
+  lines, seen = [], {}
+
+  def read():
+    for ln in p.stderr:
+      lines.append(ln.rstrip("\n"))
+      seen.setdefault("bucket" if " bucket 1/1 " in ln else "ack" if ln.startswith("Ctrl-C:") else "", time.time())
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
   try:
     deadline = time.time() + 240
-    while not (wd / "config.json").exists() and time.time() < deadline and p.poll() is None:
-      time.sleep(0.5)
-    time.sleep(2)  # inside the fit
+    while "bucket" not in seen and time.time() < deadline and p.poll() is None:
+      time.sleep(0.05)
+    # The bucket's line comes just before its first chunk compiles (2-10 s for this net here).
     p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=120)[1]
+    pressed = time.time()
+    p.wait(timeout=180)
   finally:
     p.kill()
-  lines = [ln for ln in err.strip().splitlines() if ln and not LOG_LINE.match(ln)]  # progress: absl.logging
-  assert p.returncode == 130 and len(lines) == 1 and "--resume" in lines[0] and str(wd) in lines[0], err[-2000:]
+  reader.join(timeout=10)
+  err = "\n".join(lines)
+  assert "ack" in seen and seen["ack"] - pressed < 1.5, err[-2000:]  # at once, not after compiling
+  said = [ln for ln in lines if ln and not LOG_LINE.match(ln)]  # progress: absl.logging
+  assert p.returncode == 130 and len(said) == 2 and "after compiling" in said[0], err[-2000:]
+  assert "--resume" in said[1] and str(wd) in said[1] and "no image had finished" in said[1], err[-2000:]
+  assert "checkpointed" in said[1] and list((wd / "checkpoints").glob("call-*.npz")), err[-2000:]
+
+
+def test_checkpoints_every_n_steps_on_ctrl_c_and_past_damage(tmp_path, monkeypatch):
+  """--checkpoint_every counts steps (at the first chunk end past each multiple); Ctrl-C writes one
+  before stopping; a damaged checkpoint is ignored with a warning and the call starts over."""
+  from test_fit import CFG, NET, make_batch
+
+  from idip_jax import checkpoint, fit
+
+  batch, keys = make_batch([smooth_image(32, 32, 1, seed=5)])
+  cfg = dataclasses.replace(CFG, steps=20, chunk=3)
+  saved = []
+  real_save = checkpoint.save
+  monkeypatch.setattr(checkpoint, "save", lambda path, done, *a: saved.append(done) or real_save(path, done, *a))
+  ckpt = str(tmp_path / "c.npz")
+  full = fit.fit(NET, cfg, batch, keys, ckpt_path=ckpt, ckpt_every=7)
+  assert saved == [9, 15]  # past 7 and past 14; none at the end (the results are written then)
+  # Damaged: truncated, or bytes of another file; the fit starts over and equals one without checkpoint.
+  for damage in (lambda b: b[: len(b) // 2], lambda b: b"PK\x03\x04" + b"\x00" * 100):
+    with open(ckpt, "rb") as f:
+      good = f.read()
+    with open(ckpt, "wb") as f:
+      f.write(damage(good))
+    again = fit.fit(NET, cfg, batch, keys, ckpt_path=ckpt, ckpt_every=0)
+    np.testing.assert_array_equal(again.history["loss"], full.history["loss"])
+    with open(ckpt, "wb") as f:
+      f.write(good)
+  # Ctrl-C (run.py's handler sets fit.INTERRUPTED): a checkpoint at the chunk end, then it stops.
+  saved.clear()
+  fit.INTERRUPTED.set()
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      fit.fit(NET, cfg, batch, keys, ckpt_path=str(tmp_path / "i.npz"), ckpt_every=0)
+  finally:
+    fit.INTERRUPTED.clear()
+  assert saved == [3]
+  resumed = fit.fit(NET, cfg, batch, keys, ckpt_path=str(tmp_path / "i.npz"), ckpt_every=0)
+  np.testing.assert_array_equal(resumed.history["loss"], full.history["loss"])
 
 
 def test_home_in_path_flags_is_expanded():

@@ -1,0 +1,404 @@
+"""Bad and hostile input (issue 31): each case gets one error line and a non-zero exit before any
+compute, and every file that existed before is still there, byte for byte. docs/reliability.md is
+the table of these cases; this battery keeps it true."""
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, TINY_ARGS, smooth_image, write_png
+from test_cli import run_cli
+
+from idip_jax import outputs
+
+LOG_LINE = re.compile(r"^[IWEF]\d{4} ")  # absl.logging's prefix
+FIT = ["--sigma=25", "--method=dip", "--steps=2"] + TINY_ARGS
+
+
+def snapshot(root) -> dict[str, str]:
+  """Every file under root -> SHA-1 of its bytes (links: their target)."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for name in files:
+      p = os.path.join(d, name)
+      if os.path.islink(p):
+        out[p] = "link:" + os.readlink(p)
+      else:
+        with open(p, "rb") as f:
+          out[p] = hashlib.sha1(f.read()).hexdigest()
+  return out
+
+
+def error_lines(err: str) -> list[str]:
+  return [ln for ln in err.strip().splitlines() if ln and not LOG_LINE.match(ln)]
+
+
+@pytest.fixture()
+def case_dir(tmp_path):
+  """A finished tiny run made by the tool (wd/, of the input folder in/ holding a.png 32x32), a.png
+  beside, and a 64x64 image b.png. Resume compares absolute input paths: each case fits its own
+  (2 steps; the programs are compiled once per module)."""
+  write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=1))
+  (tmp_path / "in").mkdir()
+  shutil.copy(tmp_path / "a.png", tmp_path / "in" / "a.png")
+  assert run_cli(FIT + [f"--input={tmp_path / 'in'}", f"--workdir={tmp_path / 'wd'}"])[0] == 0
+  write_png(str(tmp_path / "b.png"), smooth_image(64, 64, 1, seed=2))
+  return tmp_path
+
+
+def _truncate(path):
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+
+
+def _xbar(t, side):
+  (t / "xbar").mkdir()
+  write_png(str(t / "xbar" / "b.png"), smooth_image(side, side, 1, seed=3))
+
+
+def _mask(t, side, name="m.png"):
+  m = np.zeros((side, side, 1), np.float32)
+  m[::2] = 1.0
+  write_png(str(t / name), m)
+
+
+# (name, setup(t), arguments (with {t} for the case folder), exit code, a phrase of the one error line)
+CASES = [
+  # Data loss: --overwrite never deletes what the run reads, nor files the tool did not write.
+  (
+    "overwrite_input_inside_workdir",
+    None,
+    ["--input={t}/wd/images/a_final.png", "--workdir={t}/wd", "--overwrite"],
+    2,
+    "which this run reads",
+  ),
+  (
+    "overwrite_prelim_dir_inside_workdir",
+    lambda t: [(t / "wd" / "xbar").mkdir(), shutil.copy(t / "a.png", t / "wd" / "xbar" / "a.png")],
+    [
+      "--input={t}/a.png",
+      "--workdir={t}/wd",
+      "--overwrite",
+      "--method=idip2",
+      "--prelim=file",
+      "--prelim_dir={t}/wd/xbar",
+    ],
+    2,
+    "which this run reads",
+  ),
+  (
+    "overwrite_mask_inside_workdir",
+    lambda t: _mask(t, 32, "wd/mask.png"),
+    ["--input={t}/a.png", "--workdir={t}/wd", "--overwrite", "--task=inpaint", "--sigma=0", "--mask={t}/wd/mask.png"],
+    2,
+    "which this run reads",
+  ),
+  (
+    "overwrite_user_file_in_workdir",
+    lambda t: (t / "wd" / "notes.txt").write_text("my notes"),
+    ["--input={t}/a.png", "--workdir={t}/wd", "--overwrite"],
+    2,
+    "did not write (",
+  ),
+  (
+    "overwrite_user_file_in_subfolder",
+    lambda t: (t / "wd" / "images" / "plot.png").write_bytes((t / "a.png").read_bytes()),
+    ["--input={t}/a.png", "--workdir={t}/wd", "--overwrite"],
+    2,
+    "wd/images/plot.png",
+  ),
+  (
+    "overwrite_folder_not_made_by_tool",
+    lambda t: [(t / "thesis").mkdir(), (t / "thesis" / "thesis.tex").write_text("years of work")],
+    ["--input={t}/a.png", "--workdir={t}/thesis", "--overwrite"],
+    2,
+    "not made by idip-jax",
+  ),
+  ("workdir_not_empty", None, ["--input={t}/a.png", "--workdir={t}/wd"], 2, "pass --overwrite"),
+  # Sizes are checked before --crop.
+  (
+    "xbar_other_size_under_crop",
+    lambda t: _xbar(t, 32),
+    ["--input={t}/b.png", "--workdir={t}/new", "--crop=32", "--method=idip", "--prelim=file", "--prelim_dir={t}/xbar"],
+    2,
+    "is 32x32, its input b 64x64",
+  ),
+  (
+    "xbar_larger_under_crop",
+    lambda t: _xbar(t, 96),
+    ["--input={t}/b.png", "--workdir={t}/new", "--crop=32", "--method=idip", "--prelim=file", "--prelim_dir={t}/xbar"],
+    2,
+    "is 96x96, its input b 64x64",
+  ),
+  (
+    "mask_other_size_under_crop",
+    lambda t: _mask(t, 48),
+    ["--input={t}/b.png", "--workdir={t}/new", "--crop=32", "--task=inpaint", "--sigma=0", "--mask={t}/m.png"],
+    2,
+    "mask",
+  ),
+  # Stale or damaged stored runs under --resume.
+  (
+    "resume_input_changed",
+    lambda t: write_png(str(t / "in" / "a.png"), smooth_image(32, 32, 1, seed=9)),
+    ["--input={t}/in", "--workdir={t}/wd", "--resume"],
+    2,
+    "input a has changed",
+  ),
+  (
+    "resume_input_added",
+    lambda t: shutil.copy(t / "a.png", t / "in" / "c.png"),
+    ["--input={t}/in", "--workdir={t}/wd", "--resume"],
+    2,
+    "input c is new",
+  ),
+  (
+    "resume_input_removed",
+    lambda t: [shutil.move(t / "in" / "a.png", t / "a_moved.png"), shutil.copy(t / "a.png", t / "in" / "c.png")],
+    ["--input={t}/in", "--workdir={t}/wd", "--resume"],
+    2,
+    "input a is gone",
+  ),
+  (
+    "resume_results_json_truncated",
+    lambda t: _truncate(t / "wd" / "results.json"),
+    ["--input={t}/in", "--workdir={t}/wd", "--resume"],
+    2,
+    "results.json is damaged",
+  ),
+  (
+    "resume_config_json_truncated",
+    lambda t: _truncate(t / "wd" / "config.json"),
+    ["--input={t}/in", "--workdir={t}/wd", "--resume"],
+    2,
+    "config.json is damaged",
+  ),
+  (
+    "resume_config_json_binary",
+    lambda t: (t / "wd" / "config.json").write_bytes(b"\xff\xfe\x00garbage"),
+    ["--input={t}/in", "--workdir={t}/wd", "--resume"],
+    2,
+    "config.json is damaged",
+  ),
+  ("resume_nothing_there", None, ["--input={t}/a.png", "--workdir={t}/none", "--resume"], 2, "no run to continue"),
+  ("resume_changed_steps", None, ["--input={t}/in", "--workdir={t}/wd", "--resume", "--steps=3"], 2, "fit.steps"),
+  ("resume_and_overwrite", None, ["--input={t}/a.png", "--workdir={t}/wd", "--resume", "--overwrite"], 2, "exclude"),
+  # Flag values.
+  ("noise_seed_negative", None, ["--input={t}/a.png", "--workdir={t}/new", "--noise_seed=-1"], 2, "--noise_seed must"),
+  ("seed_negative", None, ["--input={t}/a.png", "--workdir={t}/new", "--seed=-5"], 2, "--seed must be >= 0"),
+  ("seed_beyond_64_bits", None, ["--input={t}/a.png", "--workdir={t}/new", f"--seed={2**70}"], 2, "--seed must be <="),
+  ("unknown_method", None, ["--input={t}/a.png", "--workdir={t}/new", "--method=foo"], 2, "--method"),
+  ("unknown_flag", None, ["--input={t}/a.png", "--workdir={t}/new", "--stepz=3"], 2, "stepz"),
+  ("sigma_nan", None, ["--input={t}/a.png", "--workdir={t}/new", "--sigma=nan"], 2, "must be finite"),
+  ("stray_argument", None, ["--input={t}/a.png", "--workdir={t}/new", "extra"], 2, "unexpected arguments"),
+  # Paths.
+  ("input_missing", None, ["--input={t}/nope.png", "--workdir={t}/new"], 2, "input not found"),
+  ("input_dev_zero", None, ["--input=/dev/zero", "--workdir={t}/new"], 2, "neither a regular file nor a folder"),
+  (
+    "input_empty_file",
+    lambda t: (t / "e.png").write_bytes(b""),
+    ["--input={t}/e.png", "--workdir={t}/new"],
+    2,
+    "empty",
+  ),
+  (
+    "input_not_an_image",
+    lambda t: (t / "x.png").write_text("hello"),
+    ["--input={t}/x.png", "--workdir={t}/new"],
+    2,
+    "cannot read image",
+  ),
+  (
+    "input_truncated_png",
+    lambda t: [shutil.copy(t / "b.png", t / "c.png"), _truncate(t / "c.png")],
+    ["--input={t}/c.png", "--workdir={t}/new"],
+    2,
+    "cannot read image",
+  ),
+  (
+    "input_too_small",
+    lambda t: write_png(str(t / "s.png"), smooth_image(3, 3, 1)),
+    ["--input={t}/s.png", "--workdir={t}/new"],
+    2,
+    "too small",
+  ),
+  (
+    "inputs_with_mixed_channels",
+    lambda t: [
+      (t / "mixed").mkdir(),
+      write_png(str(t / "mixed" / "g.png"), smooth_image(32, 32, 1)),
+      write_png(str(t / "mixed" / "c.png"), smooth_image(32, 32, 3)),
+    ],
+    ["--input={t}/mixed", "--workdir={t}/new"],
+    2,
+    "channels",
+  ),
+  ("crop_larger_than_image", None, ["--input={t}/a.png", "--workdir={t}/new", "--crop=64"], 2, "larger than"),
+  (
+    "workdir_name_too_long",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/" + "x" * 300],
+    2,
+    "longer than the file system allows",
+  ),
+  (
+    "workdir_path_too_long",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/" + "d/" * 2100],
+    2,
+    "longer than the file system allows",
+  ),
+  ("workdir_is_a_file", None, ["--input={t}/a.png", "--workdir={t}/a.png"], 2, "not a folder"),
+  (
+    "image_name_too_long",
+    lambda t: shutil.copy(t / "a.png", t / ("n" * 240 + ".png")),
+    ["--input={t}/" + "n" * 240 + ".png", "--workdir={t}/new"],
+    2,
+    "name is too long",
+  ),
+  (
+    "weights_missing",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", "--method=idip", "--prelim=ffdnet", "--weights={t}/none.mat"],
+    2,
+    "none.mat",
+  ),
+  (
+    "weights_damaged",
+    lambda t: (t / "w.mat").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64),
+    ["--input={t}/a.png", "--workdir={t}/new", "--method=idip", "--prelim=ffdnet", "--weights={t}/w.mat"],
+    2,
+    "w.mat",
+  ),
+]
+
+
+@pytest.mark.parametrize("name,setup,args,code,phrase", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_one_line_nothing_touched(case_dir, capsys, name, setup, args, code, phrase):
+  t = case_dir
+  if setup:
+    setup(t)
+  before = snapshot(t)
+  capsys.readouterr()
+  got, err = run_cli(FIT + [a.format(t=t) for a in args], capsys)
+  lines = error_lines(err)
+  assert got == code and len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], (got, err[-3000:])
+  assert snapshot(t) == before  # nothing deleted, changed or made (no workdir, no marker)
+
+
+def test_overwrite_replaces_a_workdir_holding_only_what_the_tool_wrote(case_dir, capsys):
+  """Leftover temporary files of listed outputs (a kill mid-write) count as the tool's; the tool
+  lists every file it writes in the marker, and --overwrite replaces the folder."""
+  t = case_dir
+  listed = (t / "wd" / outputs.MARKER).read_text()
+  for rel in ("config.json", "results.json", "flags.txt", "history/a.csv", "images/a_final.png", "images/a_noisy.png"):
+    assert f"wrote {rel}\n" in listed, listed
+  (t / "wd" / "images" / ".a_final.png.abc123_x.tmp").write_bytes(b"partial")
+  code, err = run_cli(FIT + [f"--input={t / 'a.png'}", f"--workdir={t / 'wd'}", "--overwrite"], capsys)
+  assert code == 0, err
+  assert not (t / "wd" / "images" / ".a_final.png.abc123_x.tmp").exists()
+  assert json.loads((t / "wd" / "results.json").read_text())["complete"] is True
+  assert not outputs.not_written_by_tool(str(t / "wd"))
+
+
+def test_resume_of_a_finished_run_prints_its_results(case_dir, capsys):
+  t = case_dir
+  before = snapshot(t / "wd")
+  stored = json.loads((t / "wd" / "results.json").read_text())["images"][0]
+  capsys.readouterr()
+  code = run_cli(FIT + [f"--input={t / 'in'}", f"--workdir={t / 'wd'}", "--resume"])[0]
+  out = capsys.readouterr().out
+  row = [ln for ln in out.splitlines() if ln.startswith("a ")]
+  assert code == 0 and row and f"{stored['psnr_final']:7.2f}" in row[0], out
+  mean = [ln for ln in out.splitlines() if ln.startswith("MEAN")]
+  assert mean and f"{stored['psnr_final']:7.2f}" in mean[0], out
+  after = snapshot(t / "wd")
+  assert {k: v for k, v in after.items() if "psnr_curve" not in k} == {
+    k: v for k, v in before.items() if "psnr_curve" not in k
+  }  # results.json, images and histories untouched
+
+
+def test_resume_checksums_cover_xbar_files_and_masks(tmp_path):
+  from idip_jax import config, data, runner, tasks
+
+  write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=1))
+  (tmp_path / "xbar").mkdir()
+  write_png(str(tmp_path / "xbar" / "a.png"), smooth_image(32, 32, 1, seed=2))
+  xbar = config.PrelimConfig(name="file", prelim_dir=str(tmp_path / "xbar"))
+  cfg = config.RunConfig(input=str(tmp_path / "a.png"), sigma=25, prelim=xbar)
+  images = data.load_images(cfg.input, cfg.sigma)
+  first = runner.input_digests(cfg, images)
+  assert first == runner.input_digests(cfg, images)
+  write_png(str(tmp_path / "xbar" / "a.png"), smooth_image(32, 32, 1, seed=3))
+  assert runner.input_digests(cfg, images) != first  # the x_bar file changed
+  clean = [dataclasses.replace(im, clean_HxWxC=im.noisy_HxWxC) for im in data.load_images(cfg.input, 0)]
+  plain = dataclasses.replace(cfg, prelim=config.PrelimConfig())
+  masked = [runner.input_digests(plain, tasks.inpaint_images(clean, f"bernoulli:{p}", 0, 0)) for p in (0.5, 0.6)]
+  assert masked[0] != masked[1]  # the observed pixels are part of the checksum
+
+
+def test_full_disk_leaves_no_partial_result(case_dir, capsys, monkeypatch):
+  """ENOSPC while writing the first image: one line naming the file, exit 1, no file under a
+  result's name and no temporary file left; what existed is untouched."""
+  t = case_dir
+  real_fdopen = os.fdopen
+
+  class Full:
+    def __init__(self, f):
+      self.f = f
+
+    def write(self, b):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, k):
+      return getattr(self.f, k)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *a):
+      self.f.close()
+
+  def fdopen(fd, *a, **kw):
+    f = real_fdopen(fd, *a, **kw)
+    return Full(f) if "/images/" in os.readlink(f"/proc/self/fd/{fd}") else f
+
+  before = snapshot(t)
+  monkeypatch.setattr(outputs.os, "fdopen", fdopen)
+  code, err = run_cli(FIT + [f"--input={t / 'a.png'}", f"--workdir={t / 'full'}"], capsys)
+  monkeypatch.undo()
+  lines = error_lines(err)
+  assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0] and "/images/" in lines[0], err
+  assert not list((t / "full" / "images").iterdir())  # no 0-byte PNG, no .tmp
+  assert not (t / "full" / "results.json").exists()  # no result claimed for the image
+  assert {k: v for k, v in snapshot(t).items() if k in before} == before
+
+
+def test_resume_refusal_is_one_line_without_jax_backend_chatter(case_dir):
+  """JAX logs "Unable to initialize backend 'tpu'" when JAX_PLATFORMS is unset; a refusal shows
+  only its own line."""
+  t = case_dir
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  p = subprocess.run(
+    [sys.executable, "run.py"] + FIT + [f"--input={t / 'in'}", f"--workdir={t / 'wd'}", "--resume", "--steps=3"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
+  assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "fit.steps" in p.stderr, p.stderr
+
+
+def test_reliability_table_lists_every_case():
+  doc = open(os.path.join(ROOT, "docs", "reliability.md")).read()
+  table = set(re.findall(r"^\| `([a-z0-9_]+)` \|", doc, re.M))
+  assert table == {c[0] for c in CASES}, table ^ {c[0] for c in CASES}
