@@ -193,3 +193,19 @@ def test_every_flagfile_parses():
       for method in job.methods:  # and turn into valid configs
         run_py.runner.validate(dataclasses.replace(job.run, method=method, workdir="runs/x"))
     assert open(f).readline().startswith("#"), f
+
+
+def test_compile_cache_flag_sets_jax_cache_folder(tmp_path, capsys):
+  """--compile_cache names JAX's persistent compilation cache (set before any compute, even when the
+  input is then refused); 'none' leaves it as it was."""
+  import jax
+
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    code, _ = run_cli([f"--input={tmp_path / 'missing.png'}", f"--compile_cache={tmp_path / 'cc'}"], capsys)
+    assert code == 2 and jax.config.jax_compilation_cache_dir == str(tmp_path / "cc")
+    jax.config.update("jax_compilation_cache_dir", before)
+    code, _ = run_cli([f"--input={tmp_path / 'missing.png'}", "--compile_cache=none"], capsys)
+    assert code == 2 and jax.config.jax_compilation_cache_dir == before
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

@@ -22,11 +22,15 @@ def test_demo_flags_end_to_end(tmp_path, capsys):
         "--crop=64",
         "--workdir=" + str(tmp_path / "demo"),
       ],
-      capsys,
     )
   finally:
     os.chdir(cwd)
+  out, err = capsys.readouterr()
   assert code == 0, err
+  # The demo ends with one line saying where its images and curves are (issue 32).
+  last = out.strip().splitlines()[-1]
+  assert last.startswith(f"outputs in {tmp_path / 'demo'}/: images in {{dip,idip}}/images/"), last
+  assert "psnr_curve.png" in last and (tmp_path / "demo" / "idip" / "psnr_curve.png").is_file(), last
   dip, r = (json.loads((tmp_path / "demo" / m / "results.json").read_text())["images"][0] for m in ("dip", "idip"))
   assert r["name"] == "camera" and r["psnr_prelim"] > r["psnr_noisy"] + 5
   assert r["psnr_final"] > r["psnr_noisy"] + 3, r
