@@ -1,0 +1,82 @@
+"""MC-SURE (issue 34): the divergence of linear maps is their trace, SURE tracks the true MSE of real
+denoisers, the blend weights are the closed form, x8 of an equivariant map is that map."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import smooth_image
+from scipy import ndimage
+
+from idip_jax import denoisers as denoisers_mod
+from idip_jax import sure
+
+
+def noisy(sigma255: float, seed: int = 0, size: int = 48):
+  clean = smooth_image(size, size, 1, seed=seed)
+  rng = np.random.default_rng(seed + 100)
+  return clean, (clean + sigma255 / 255.0 * rng.standard_normal(clean.shape)).astype(np.float32)
+
+
+def test_divergence_of_linear_maps_is_their_trace():
+  _, y = noisy(25)
+  n = y.size
+  blur = lambda x: ndimage.uniform_filter(x, size=(3, 3, 1), mode="wrap")  # 3x3 mean: trace N/9
+  # (map, trace, squared Frobenius norm): one probe's b.Ab has std sqrt(2 |A|_F^2) for symmetric A.
+  for f, trace, frob2 in ((lambda x: x, n, n), (lambda x: 0.3 * x, 0.3 * n, 0.09 * n), (blur, n / 9, n / 9)):
+    div = sure.divergence(f, y, 25 / 255, seed=1, n_probes=8)
+    tol = 4 * np.sqrt(2 * frob2 / 8) + 1e-3 * n  # 4 standard errors of 8 probes, and float32 rounding
+    assert abs(div - trace) < tol, (div, trace, tol)
+
+
+def test_blend_weights_are_the_closed_form():
+  rng = np.random.default_rng(0)
+  y = rng.random((16, 16, 1)).astype(np.float32)
+  outs = [rng.random((16, 16, 1)).astype(np.float32) for _ in range(3)]
+  divs, sigma = [10.0, 50.0, 120.0], 0.1
+  w = sure.blend_weights(y, outs, divs, sigma)
+  f = np.stack([o.ravel() for o in outs], 1).astype(np.float64)
+  expect = np.linalg.solve(f.T @ f, f.T @ y.ravel() - sigma**2 * np.array(divs))
+  np.testing.assert_allclose(w, expect, rtol=1e-6)
+  # SURE of the blend (its divergence is w . div) is the lowest of any weights nearby.
+  sure_of = lambda v: sure.sure(y, sure.blend(outs, v), sigma, float(np.dot(v, divs)))
+  for d in np.eye(3) * 0.05:
+    assert sure_of(w) <= min(sure_of(w + d), sure_of(w - d))
+
+
+def test_self_ensemble_of_an_equivariant_map_is_the_map():
+  x = smooth_image(24, 32, 1, seed=3)
+  f = lambda a: ndimage.gaussian_filter(a, sigma=(1.0, 1.0, 0), mode="reflect")  # symmetric kernel
+  np.testing.assert_allclose(sure.self_ensemble(f)(x), f(x), atol=1e-6)
+  for k in range(8):  # the transforms are undone exactly
+    np.testing.assert_array_equal(sure.undo_dihedral(sure.dihedral(x, k), k), x)
+  g = lambda a: np.roll(a, 1, axis=1)  # not equivariant: x8 differs
+  assert np.abs(sure.self_ensemble(g)(x) - g(x)).max() > 1e-3
+
+
+def test_sure_tracks_the_true_mse_of_ffdnet_bm3d_and_a_blur():
+  """On a 128 px crop of scikit-image's camera, mean over 3 noise draws: SURE minus the true MSE
+  within 4 standard errors of SURE's own noise term (|n|^2/N - sigma^2: std sigma^2 sqrt(2/N) per
+  draw), which no denoiser removes; the divergence from 2 probes, eps = sigma/100."""
+  skdata = pytest.importorskip("skimage.data")
+  bm3d = pytest.importorskip("bm3d")
+  clean = (skdata.camera()[192:320, 192:320, None] / 255.0).astype(np.float32)
+  denoisers = {
+    "bm3d": lambda a, s: bm3d.bm3d(a[..., 0].astype(np.float64), s)[..., None].astype(np.float32),
+    "blur": lambda a, s: ndimage.gaussian_filter(a, sigma=(1.0, 1.0, 0), mode="reflect"),
+  }
+  if os.path.isfile(denoisers_mod.ffdnet_path("", 1)):
+    net = denoisers_mod.load_ffdnet(denoisers_mod.ffdnet_path("", 1), 1)
+    denoisers["ffdnet"] = lambda a, s: denoisers_mod.ffdnet_denoise(net, a[None], np.array([s * 255]))[0]
+  draws = 3
+  for sigma255 in (15, 50):
+    s = sigma255 / 255
+    for name, f in denoisers.items():
+      est, true = [], []
+      for k in range(draws):
+        y = (clean + s * np.random.default_rng([k, sigma255]).standard_normal(clean.shape)).astype(np.float32)
+        fy = f(y, s)
+        est.append(sure.sure(y, fy, s, sure.divergence(lambda a, s=s, f=f: f(a, s), y, s, seed=k, n_probes=2, fy=fy)))
+        true.append(float(np.mean((fy - clean) ** 2)))
+      tol = 4 * s**2 * np.sqrt(2 / (clean.size * draws))
+      assert abs(np.mean(est) - np.mean(true)) < tol, (name, sigma255, np.mean(est), np.mean(true), tol)
