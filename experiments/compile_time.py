@@ -3,7 +3,7 @@ of tracing, lowering to StableHLO and XLA's backend compile (jax.monitoring's ev
 method and image size, cold (an empty persistent compilation cache) and warm (the same cache, a
 second process). Run it alone on an idle machine.
 
-  python experiments/compile_time.py --sizes=64,256 --out=experiments/results/compile_time
+  python experiments/compile_time.py --ct_sizes=64,256 --ct_out=experiments/results/compile_time
   (a few minutes on 2 CPU cores; writes compile_time.{json,md})
 """
 
@@ -24,15 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 F = flags.FLAGS
-flags.DEFINE_list("sizes", ["64", "256"], "square image sides")
+flags.DEFINE_list("ct_sizes", ["64", "256"], "square image sides")
 flags.DEFINE_list("ct_methods", ["dip", "idip"], "methods (net and loss as run.py resolves them for gray images)")
 flags.DEFINE_integer("ct_steps", 10, "steps of each fit (the first chunk of 5 compiles)")
-flags.DEFINE_string("cache_dir", "", "persistent compilation cache ('' = a fresh temporary folder: cold)")
-flags.DEFINE_bool("warm", True, "rerun in a second process with the same cache folder")
+flags.DEFINE_string("ct_cache_dir", "", "persistent compilation cache ('' = a fresh temporary folder: cold)")
+flags.DEFINE_bool("ct_warm", True, "rerun in a second process with the same cache folder")
 flags.DEFINE_string(
-  "out", os.path.join(ROOT, "experiments", "results", "compile_time"), "results path without extension"
+  "ct_out", os.path.join(ROOT, "experiments", "results", "compile_time"), "results path without extension"
 )
-flags.DEFINE_string("child", "", "internal: run one measurement and print its JSON")
+flags.DEFINE_string("ct_child", "", "internal: run one measurement and print its JSON")
 
 EVENTS = {
   "/jax/core/compile/jaxpr_trace_duration": "trace_s",
@@ -104,8 +104,8 @@ def run_child(spec: str, cache_dir: str) -> dict:
   cmd = [
     sys.executable,
     os.path.abspath(__file__),
-    f"--child={spec}",
-    f"--cache_dir={cache_dir}",
+    f"--ct_child={spec}",
+    f"--ct_cache_dir={cache_dir}",
   ]
   p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
   line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -117,17 +117,17 @@ def run_child(spec: str, cache_dir: str) -> dict:
 def main(argv):
   import jax
 
-  if F.child:
-    jax.config.update("jax_compilation_cache_dir", F.cache_dir)
-    return child(F.child)
+  if F.ct_child:
+    jax.config.update("jax_compilation_cache_dir", F.ct_cache_dir)
+    return child(F.ct_child)
   from idip_jax import outputs
 
   rows = []
-  for size in map(int, F.sizes):
+  for size in map(int, F.ct_sizes):
     for method in F.ct_methods:
-      cache = F.cache_dir or tempfile.mkdtemp(prefix="idip-ct-")
+      cache = F.ct_cache_dir or tempfile.mkdtemp(prefix="idip-ct-")
       spec = f"{method}:{size}:{F.ct_steps}"
-      for state in ("cold", "warm") if F.warm else ("cold",):
+      for state in ("cold", "warm") if F.ct_warm else ("cold",):
         r = dict(run_child(spec, cache), cache=state)
         rows.append(r)
         print(
@@ -136,9 +136,9 @@ def main(argv):
           flush=True,
         )
   doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/compile_time.py"] + argv[1:]), rows=rows)
-  os.makedirs(os.path.dirname(F.out), exist_ok=True)
-  outputs.write_json(F.out + ".json", doc)
-  write_markdown(doc, F.out + ".md")
+  os.makedirs(os.path.dirname(F.ct_out), exist_ok=True)
+  outputs.write_json(F.ct_out + ".json", doc)
+  write_markdown(doc, F.ct_out + ".md")
 
 
 def write_markdown(doc: dict, path: str) -> None:

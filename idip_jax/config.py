@@ -61,7 +61,9 @@ METHODS = types.MappingProxyType(
 # 3000), IDIP 1500 (the end of its 1500-step run, the curve flat within 0.01 dB from 1000).
 # IDIP-1 (architecture only) takes DIP's count and IDIP-2 (x_bar input) IDIP's: not measured.
 DEFAULT_STEPS = types.MappingProxyType({"dip": 1190, "idip1": 1190, "idip2": 1500, "idip": 1500})
-PRELIMS = ("none", "bm3d", "file", "ffdnet", "dncnn", "bicubic")  # prelim.REGISTRY implements each
+PRELIMS = ("none", "bm3d", "file", "ffdnet", "dncnn", "bicubic", "sure_blend")  # prelim.REGISTRY implements each
+# x_bar candidates a SURE blend can weigh (prelim.CANDIDATES): "_x8" = geometric self-ensemble, "noisy" = y itself.
+SURE_CANDIDATES = ("ffdnet", "ffdnet_x8", "dncnn", "dncnn_x8", "bm3d", "noisy")
 PRECISIONS = ("tf32", "fp32", "bf16")  # train.PRECISIONS implements each
 ACTIVATIONS = ("leaky_relu", "relu", "elu")  # models.ACTIVATIONS implements each
 STOPS = ("fixed", "wmv", "emv")  # train.stop_score implements each (but fixed)
@@ -184,6 +186,14 @@ class PrelimConfig:
     "DnCNN trained by experiments/train_denoiser.py",
     path=True,
   )
+  x8: bool = option(False, "--prelim=ffdnet|dncnn: average over the 8 flips and rotations (geometric self-ensemble)")
+  sure_candidates: tuple[str, ...] = option(
+    ("ffdnet", "ffdnet_x8", "dncnn", "bm3d", "noisy"),
+    "--prelim=sure_blend: the x_bar candidates, blended per image with the weights that minimise MC-SURE "
+    "(needs --sigma; dncnn is left out where no DnCNN-S was trained within 2.5 of sigma)",
+    choices=SURE_CANDIDATES,
+  )
+  sure_probes: int = option(2, "--prelim=sure_blend: Monte-Carlo probes per candidate for its divergence", lo=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
+import zlib
 from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from idip_jax import data, denoisers
+from idip_jax import data, denoisers, sure
 from idip_jax.config import RunConfig
 from idip_jax.data import Image, InputError
 from idip_jax.noise_level import estimate_sigma
@@ -167,6 +168,93 @@ def _run_dncnn(cfg, images):
   return _run_batched(cfg, images, lambda i: _dncnn_file(cfg, sigmas[i]), denoise)
 
 
+def _x8(run):
+  """run over the 8 flips and rotations of every image, each output mapped back, averaged (x8)."""
+
+  def run_x8(cfg, images):
+    outs = []
+    for k in range(8):
+      turned = [
+        dataclasses.replace(im, noisy_HxWxC=np.ascontiguousarray(sure.dihedral(im.noisy_HxWxC, k))) for im in images
+      ]
+      outs.append([sure.undo_dihedral(np.asarray(x), k) for x in run(cfg, turned)])
+    return [np.mean(per, axis=0).astype(np.float32) for per in zip(*outs)]
+
+  return run_x8
+
+
+def _run_noisy(cfg, images):
+  return [im.noisy_HxWxC for im in images]
+
+
+def _dncnn_s_exists(cfg) -> bool:
+  return min(abs(s - cfg.sigma) for s in denoisers.DNCNN_SIGMAS) <= 2.5
+
+
+# config.SURE_CANDIDATES -> (check, run) of each x_bar candidate a SURE blend weighs.
+CANDIDATES: Mapping[str, Prelim] = types.MappingProxyType(
+  {
+    "ffdnet": Prelim(_check_ffdnet, _run_ffdnet),
+    "ffdnet_x8": Prelim(_check_ffdnet, _x8(_run_ffdnet)),
+    "dncnn": Prelim(_check_dncnn, _run_dncnn),
+    "dncnn_x8": Prelim(_check_dncnn, _x8(_run_dncnn)),
+    "bm3d": Prelim(_check_bm3d, _run_bm3d),
+    "noisy": Prelim(_check_none, _run_noisy),
+  }
+)
+
+
+def sure_candidates(cfg: RunConfig) -> list[str]:
+  """The candidates of --prelim=sure_blend at this sigma (DnCNN only where a DnCNN-S was trained)."""
+  return [c for c in cfg.prelim.sure_candidates if not c.startswith("dncnn") or _dncnn_s_exists(cfg)]
+
+
+def _check_sure_blend(cfg, images):
+  if cfg.sigma <= 0:
+    raise InputError("--prelim=sure_blend needs the noise level: set --sigma (SURE is unbiased only at a known sigma)")
+  names = sure_candidates(cfg)
+  if not names:
+    raise InputError(f"--sure_candidates={','.join(cfg.prelim.sure_candidates)}: none applies at sigma {cfg.sigma:g}")
+  for c in names:
+    CANDIDATES[c].check(cfg, images)
+
+
+def sure_blend(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
+  """Each image's SURE-optimal blend of the candidates (sure.blend_weights; clipped to [0, 1]) and,
+  per image, the weights and SURE's PSNR estimate of every candidate and of the blend. The probes
+  are seeded by the image's name, so the weights do not depend on the batch."""
+  s, names = cfg.sigma / 255.0, sure_candidates(cfg)
+  eps = sure.eps_for(s)
+  probes = [sure.probes(im.noisy_HxWxC.shape, zlib.crc32(im.name.encode()), cfg.prelim.sure_probes) for im in images]
+  outs, divs = {}, {}
+  for c in names:
+    run = CANDIDATES[c].run
+    outs[c] = [np.asarray(x, np.float32) for x in run(cfg, images)]
+    if c == "noisy":  # f(y) = y: its divergence is N exactly
+      divs[c] = [float(im.noisy_HxWxC.size) for im in images]
+      continue
+    per = []
+    for p in range(cfg.prelim.sure_probes):
+      moved = [dataclasses.replace(im, noisy_HxWxC=im.noisy_HxWxC + eps * b[p]) for im, b in zip(images, probes)]
+      per.append([float(np.sum(b[p] * (fb - fy))) / eps for b, fb, fy in zip(probes, run(cfg, moved), outs[c])])
+    divs[c] = list(np.mean(per, axis=0))
+  xbars, infos = [], []
+  for i, im in enumerate(images):
+    cand, div = [outs[c][i] for c in names], [divs[c][i] for c in names]
+    w = sure.blend_weights(im.noisy_HxWxC, cand, div, s)
+    xbars.append(np.clip(sure.blend(cand, w), 0.0, 1.0))
+    est = {c: sure.psnr_of_mse(sure.sure(im.noisy_HxWxC, o, s, d)) for c, o, d in zip(names, cand, div)}
+    blend_sure = sure.sure(im.noisy_HxWxC, sure.blend(cand, w), s, float(np.dot(w, div)))
+    infos.append(
+      {"sure_weights": dict(zip(names, map(float, w))), "sure_psnr": est | {"blend": sure.psnr_of_mse(blend_sure)}}
+    )
+  return xbars, infos
+
+
+def _run_sure_blend(cfg, images):
+  return sure_blend(cfg, images)[0]
+
+
 # config.PRELIMS -> implementation.
 REGISTRY: Mapping[str, Prelim] = types.MappingProxyType(
   {
@@ -176,11 +264,22 @@ REGISTRY: Mapping[str, Prelim] = types.MappingProxyType(
     "bm3d": Prelim(_check_bm3d, _run_bm3d),
     "file": Prelim(_check_file, _run_file),
     "bicubic": Prelim(_check_bicubic, _run_bicubic),
+    "sure_blend": Prelim(_check_sure_blend, _run_sure_blend),
   }
 )
+
+
+def run(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
+  """x_bar of each image with cfg.prelim's denoiser (its x8 self-ensemble with --x8), and what
+  results.json records per image about it (the SURE blend's weights); checks done before."""
+  name = cfg.prelim.name
+  if name == "sure_blend":
+    return sure_blend(cfg, images)
+  fn = _x8(REGISTRY[name].run) if cfg.prelim.x8 and name in ("ffdnet", "dncnn") else REGISTRY[name].run
+  return fn(cfg, images), [{} for _ in images]
 
 
 def make(cfg: RunConfig, images: list[Image]) -> list[np.ndarray]:
   """x_bar of each image with cfg.prelim's denoiser, after its checks."""
   REGISTRY[cfg.prelim.name].check(cfg, images)
-  return REGISTRY[cfg.prelim.name].run(cfg, images)
+  return run(cfg, images)[0]

@@ -51,6 +51,10 @@ def validate(cfg: RunConfig) -> None:
     "for --task=sr: --prelim=bicubic)",
   )
   need(task == "sr" or cfg.prelim.name != "bicubic", "--prelim=bicubic is super-resolution's x_bar: set --task=sr")
+  need(
+    not cfg.prelim.x8 or cfg.prelim.name in ("ffdnet", "dncnn"),
+    f"--x8 is the self-ensemble of a CNN x_bar: --prelim=ffdnet or dncnn (got {cfg.prelim.name})",
+  )
   need(task != "sr" or cfg.sigma == 0, "--task=sr fits noise-free low-resolution images: leave --sigma at 0")
   if task == "inpaint":
     tasks.parse_keep(cfg.mask)  # a bad bernoulli:P fails here
@@ -315,8 +319,10 @@ def run(
   flags_text: str = "",
   images: list[Image] | None = None,
   prelim_images: dict[str, np.ndarray] | None = None,
+  prelim_info: dict[str, dict] | None = None,
 ) -> dict:
-  """images / prelim_images: already loaded inputs and x_bar by name (tables reuse them)."""
+  """images / prelim_images: already loaded inputs and x_bar by name (tables reuse them);
+  prelim_info: what x_bar's maker reported per image (prelim.run)."""
   t_start = time.perf_counter()
   if images is None:
     images = load_and_check(cfg)  # every input error surfaces here, before compute
@@ -347,11 +353,13 @@ def run(
     logging.info("resuming %s: %d of %d images finished", cfg.workdir, len(records), len(images))
 
   prelims: list[np.ndarray | None] = [None] * len(images)
+  prelim_infos: list[dict] = [{} for _ in images]  # per image: what x_bar's maker reports (SURE weights)
   if prelim_images is not None:
     prelims = [prelim_images[im.name] for im in images]
+    prelim_infos = [(prelim_info or {}).get(im.name, {}) for im in images]
   elif cfg.prelim.name != "none" and images:  # a process may get no images under --distributed
     t = time.perf_counter()
-    prelims = prelim.REGISTRY[cfg.prelim.name].run(cfg, images)
+    prelims, prelim_infos = prelim.run(cfg, images)
     logging.info("preliminary denoiser %s: %d images in %.1fs", cfg.prelim.name, len(images), time.perf_counter() - t)
   prelim_sigmas = _prelim_sigmas(cfg, images)
   plan = plan_buckets(cfg, images, set(records))
@@ -421,6 +429,7 @@ def run(
           records[images[i].name] = dict(
             results.image_record(cfg, images[i], prelims[i], runs_done[i], img_dir),
             prelim_sigma=prelim_sigmas.get(images[i].name),
+            **prelim_infos[i],
           )
       record_finished()
       outputs.write_json(results_path, res_all)  # incremental
@@ -484,11 +493,13 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
   needs_prelim = [c for c in subs if METHODS[c.method].prelim_input or METHODS[c.method].prelim_loss]
   for c in needs_prelim:
     prelim.REGISTRY[c.prelim.name].check(c, images)
-  prelims = None
+  prelims, prelim_info = None, None
   if needs_prelim:
     t = time.perf_counter()
     c = needs_prelim[0]
-    prelims = dict(zip([im.name for im in images], prelim.REGISTRY[c.prelim.name].run(c, images)))
+    xbars, infos = prelim.run(c, images)
+    prelims = dict(zip([im.name for im in images], xbars))
+    prelim_info = dict(zip([im.name for im in images], infos))
     logging.info("preliminary denoiser %s: %d images in %.1fs", c.prelim.name, len(images), time.perf_counter() - t)
   if not cfgs[0].resume:
     outputs.prepare_workdir(top, cfgs[0].overwrite, paths_read(cfgs[0]))
@@ -501,6 +512,7 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
       flags_text,
       images=images,
       prelim_images=prelims if uses else None,
+      prelim_info=prelim_info if uses else None,
     )
   summary = {m: dict(r["mean"], steps=r["steps"], wall_seconds=r["wall_seconds"]) for m, r in res.items()}
   outputs.write_json(os.path.join(top, "summary.json"), summary)

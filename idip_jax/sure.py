@@ -23,12 +23,17 @@ def probes(shape: tuple[int, ...], seed: int, n: int) -> list[np.ndarray]:
   return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
 
 
+def eps_for(sigma: float) -> float:
+  """The finite-difference step: small next to the noise, large next to float32 rounding."""
+  return max(sigma, 1e-3) / 100.0
+
+
 def divergence(
   f: Denoiser, y: np.ndarray, sigma: float, seed: int = 0, n_probes: int = 1, fy: np.ndarray | None = None
 ) -> float:
   """Monte-Carlo divergence of f at y, averaged over n_probes seeded probes; eps = sigma / 100 (the
   finite difference stays small next to the noise, and large next to float32 rounding)."""
-  eps = max(sigma, 1e-3) / 100.0
+  eps = eps_for(sigma)
   fy = f(y) if fy is None else fy
   divs = [float(np.sum(b.astype(np.float64) * (f(y + eps * b) - fy))) / eps for b in probes(y.shape, seed, n_probes)]
   return float(np.mean(divs))

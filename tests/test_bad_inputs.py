@@ -265,6 +265,20 @@ CASES = [
     "name is too long",
   ),
   (
+    "sure_blend_without_sigma",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", "--sigma=0", "--prelim=sure_blend"],
+    2,
+    "needs the noise level",
+  ),
+  (
+    "x8_of_bm3d",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", "--prelim=bm3d", "--x8"],
+    2,
+    "--x8 is the self-ensemble",
+  ),
+  (
     "weights_missing",
     None,
     ["--input={t}/a.png", "--workdir={t}/new", "--method=idip", "--prelim=ffdnet", "--weights={t}/none.mat"],

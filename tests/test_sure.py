@@ -80,3 +80,64 @@ def test_sure_tracks_the_true_mse_of_ffdnet_bm3d_and_a_blur():
         true.append(float(np.mean((fy - clean) ** 2)))
       tol = 4 * s**2 * np.sqrt(2 / (clean.size * draws))
       assert abs(np.mean(est) - np.mean(true)) < tol, (name, sigma255, np.mean(est), np.mean(true), tol)
+
+
+def test_sure_blend_prelim_weighs_candidates_per_image(tmp_path, capsys):
+  """--prelim=sure_blend: per image, the blend's SURE is no worse than any candidate's (each is a
+  blend with one weight 1), the weights do not depend on the other images of the call (probes are
+  seeded by the name), and results.json records them."""
+  pytest.importorskip("bm3d")
+  import json
+
+  from conftest import TINY_ARGS, write_png
+  from test_cli import run_cli
+
+  from idip_jax import config, data, prelim
+
+  d = tmp_path / "in"
+  d.mkdir()
+  for i, name in enumerate("ab"):
+    write_png(str(d / f"{name}.png"), smooth_image(32, 32, 1, seed=10 + i))
+  pc = config.PrelimConfig(name="sure_blend", sure_candidates=("bm3d", "noisy"), sure_probes=2)
+  cfg = config.RunConfig(input=str(d), sigma=25, prelim=pc)
+  images = data.load_images(str(d), 25)
+  xbars, infos = prelim.run(cfg, images)
+  for x, info, im in zip(xbars, infos, images):
+    est = info["sure_psnr"]
+    assert est["blend"] >= max(est["bm3d"], est["noisy"]) - 1e-6, info
+    assert set(info["sure_weights"]) == {"bm3d", "noisy"} and x.shape == im.noisy_HxWxC.shape
+    assert 0.0 <= x.min() and x.max() <= 1.0
+  alone = prelim.run(cfg, images[1:])[1][0]
+  for c, w in alone["sure_weights"].items():  # float rounding apart (BM3D's threads: 2e-6 measured)
+    assert abs(w - infos[1]["sure_weights"][c]) < 1e-4
+  # End to end: the weights per image in results.json.
+  wd = tmp_path / "out"
+  args = [f"--input={d}", "--sigma=25", "--method=idip", "--prelim=sure_blend", "--sure_candidates=bm3d,noisy"]
+  code, err = run_cli(args + ["--steps=2", f"--workdir={wd}"] + TINY_ARGS, capsys)
+  assert code == 0, err
+  recs = json.loads((wd / "results.json").read_text())["images"]
+  for r, info in zip(recs, infos):
+    assert r["sure_weights"].keys() == info["sure_weights"].keys()
+    assert all(abs(r["sure_weights"][c] - w) < 1e-4 for c, w in info["sure_weights"].items())
+  assert all(r["psnr_prelim"] > r["psnr_noisy"] for r in recs)
+
+
+def test_x8_prelim_is_the_mean_over_the_eight_transforms():
+  from conftest import WEIGHTS, need_path
+
+  from idip_jax import config, data, prelim
+
+  need_path(WEIGHTS)
+  x = smooth_image(32, 40, 1, seed=4)
+  im = data.Image("a", (x + 0.1 * np.random.default_rng(0).standard_normal(x.shape)).astype(np.float32), x)
+  cfg = config.RunConfig(sigma=25, prelim=config.PrelimConfig(name="ffdnet", x8=True))
+  (got,), _ = prelim.run(cfg, [im])
+  plain = config.RunConfig(sigma=25, prelim=config.PrelimConfig(name="ffdnet"))
+  turned = [
+    sure.undo_dihedral(
+      prelim.run(plain, [data.Image("a", np.ascontiguousarray(sure.dihedral(im.noisy_HxWxC, k)), None)])[0][0], k
+    )
+    for k in range(8)
+  ]
+  np.testing.assert_allclose(got, np.mean(turned, axis=0), atol=1e-6)
+  assert np.abs(got - prelim.run(plain, [im])[0][0]).max() > 1e-4  # the ensemble is not the single pass
