@@ -31,7 +31,8 @@ def lower_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, widt
   model, tx = make_model(net_cfg, cfg), make_optimizer(cfg)
   step = jax.jit(over_batch(functools.partial(train_step, model, tx, cfg), cfg.batch_strategy), donate_argnums=0)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-  states = jax.eval_shape(lambda k: sized(make_init(net_cfg, cfg)(k), height, width), keys)
+  # The init's traced output shapes (calling it inside eval_shape would nest its compiler options).
+  states = jax.eval_shape(lambda s: sized(s, height, width), make_init(net_cfg, cfg).trace(keys).out_info)
   img = lambda c, f=1: jax.ShapeDtypeStruct((batch, height // f, width // f, c), jnp.float32)
   f = cfg.sr_factor if cfg.task == "sr" else 1  # super-resolution's y is low-resolution
   b = Batch(

@@ -219,10 +219,9 @@ def _check_sure_blend(cfg, images):
     CANDIDATES[c].check(cfg, images)
 
 
-def sure_blend(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
-  """Each image's SURE-optimal blend of the candidates (sure.blend_weights; clipped to [0, 1]) and,
-  per image, the weights and SURE's PSNR estimate of every candidate and of the blend. The probes
-  are seeded by the image's name, so the weights do not depend on the batch."""
+def candidate_outputs(cfg: RunConfig, images: list[Image]) -> tuple[list[str], dict, dict]:
+  """(names, outputs, divergences) of the SURE blend's candidates, each a list over the images. The
+  probes are seeded by the image's name, so nothing depends on the batch."""
   s, names = cfg.sigma / 255.0, sure_candidates(cfg)
   eps = sure.eps_for(s)
   probes = [sure.probes(im.noisy_HxWxC.shape, zlib.crc32(im.name.encode()), cfg.prelim.sure_probes) for im in images]
@@ -238,16 +237,22 @@ def sure_blend(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], l
       moved = [dataclasses.replace(im, noisy_HxWxC=im.noisy_HxWxC + eps * b[p]) for im, b in zip(images, probes)]
       per.append([float(np.sum(b[p] * (fb - fy))) / eps for b, fb, fy in zip(probes, run(cfg, moved), outs[c])])
     divs[c] = list(np.mean(per, axis=0))
+  return names, outs, divs
+
+
+def sure_blend(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
+  """Each image's SURE-optimal blend of the candidates (sure.blend_weights; clipped to [0, 1]) and,
+  per image, the weights and SURE's PSNR estimate of every candidate and of the blend."""
+  s = cfg.sigma / 255.0
+  names, outs, divs = candidate_outputs(cfg, images)
   xbars, infos = [], []
   for i, im in enumerate(images):
     cand, div = [outs[c][i] for c in names], [divs[c][i] for c in names]
     w = sure.blend_weights(im.noisy_HxWxC, cand, div, s)
     xbars.append(np.clip(sure.blend(cand, w), 0.0, 1.0))
     est = {c: sure.psnr_of_mse(sure.sure(im.noisy_HxWxC, o, s, d)) for c, o, d in zip(names, cand, div)}
-    blend_sure = sure.sure(im.noisy_HxWxC, sure.blend(cand, w), s, float(np.dot(w, div)))
-    infos.append(
-      {"sure_weights": dict(zip(names, map(float, w))), "sure_psnr": est | {"blend": sure.psnr_of_mse(blend_sure)}}
-    )
+    est["blend"] = sure.psnr_of_mse(sure.sure(im.noisy_HxWxC, sure.blend(cand, w), s, float(np.dot(w, div))))
+    infos.append({"sure_weights": dict(zip(names, map(float, w))), "sure_psnr": est})
   return xbars, infos
 
 

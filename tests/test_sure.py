@@ -141,3 +141,25 @@ def test_x8_prelim_is_the_mean_over_the_eight_transforms():
   ]
   np.testing.assert_allclose(got, np.mean(turned, axis=0), atol=1e-6)
   assert np.abs(got - prelim.run(plain, [im])[0][0]).max() > 1e-4  # the ensemble is not the single pass
+
+
+def test_sure_blend_experiment_writes_its_table(tmp_path):
+  """experiments/sure_blend.py at toy scale: per sigma, each candidate, the oracle and SURE blends;
+  the oracle blend (least squares with the clean image) is at least as good as every candidate."""
+  pytest.importorskip("bm3d")
+  import json
+
+  from conftest import import_experiment, parsed_flags, write_png
+
+  (tmp_path / "toy").mkdir()
+  for i in range(2):
+    write_png(str(tmp_path / "toy" / f"im{i}.png"), smooth_image(48, 48, 1, seed=20 + i))
+  exp = import_experiment("sure_blend")
+  args = ["sure_blend.py", "--sets=toy", f"--sure_data={tmp_path}", "--sigmas=25", f"--sure_results={tmp_path / 'out'}"]
+  with parsed_flags(args + ["--sure_blend_candidates=bm3d,noisy"]):
+    exp.main(args)
+  doc = json.loads((tmp_path / "out" / "toy.json").read_text())
+  assert doc["candidates"] == ["bm3d", "noisy"] and len(doc["rows"]) == 2 and doc["commit"]
+  for r in doc["rows"]:
+    assert r["psnr_oracle_blend"] >= max(r["psnr"].values()) - 0.01, r
+  assert "| 25 |" in (tmp_path / "out" / "toy.md").read_text()
