@@ -45,10 +45,9 @@ def one_set(name: str) -> dict:
     t = time.perf_counter()
     names, outs, divs = prelim.candidate_outputs(cfg, images)
     for i, im in enumerate(images):
-      cand, div, s = [outs[c][i] for c in names], [divs[c][i] for c in names], sigma / 255
-      w = sure.blend_weights(im.noisy_HxWxC, cand, div, s)
+      cand = [outs[c][i] for c in names]
+      blend, info = prelim.blend_image(im.noisy_HxWxC, names, cand, [divs[c][i] for c in names], cfg)
       wo = sure.oracle_weights(im.clean_HxWxC, cand)
-      blend = sure.blend(cand, w)
       rows.append(
         {
           "sigma": sigma,
@@ -56,8 +55,8 @@ def one_set(name: str) -> dict:
           "psnr": {c: psnr(o, im.clean_HxWxC) for c, o in zip(names, cand)},
           "psnr_sure_blend": psnr(blend, im.clean_HxWxC),
           "psnr_oracle_blend": psnr(sure.blend(cand, wo), im.clean_HxWxC),
-          "sure_psnr_estimate": sure.psnr_of_mse(sure.sure(im.noisy_HxWxC, blend, s, float(np.dot(w, div)))),
-          "sure_weights": dict(zip(names, map(float, w))),
+          "sure_psnr_estimate": info["sure_psnr"]["blend"],
+          "sure_weights": info["sure_weights"],
           "oracle_weights": dict(zip(names, map(float, wo))),
         }
       )

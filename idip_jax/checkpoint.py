@@ -42,15 +42,15 @@ def load(path: str, like_states):
   """(done, states, history) from `path`, states shaped like `like_states`; Damaged if unreadable."""
   try:
     with np.load(path) as z:
-      treedef = jax.tree_util.tree_structure(like_states)
       leaves = [z[f"leaf{i}"] for i in range(int(z["n_leaves"]))]
-      like = jax.tree_util.tree_leaves(like_states)
-      if len(leaves) != len(like) or any(a.shape != b.shape for a, b in zip(leaves, like)):
-        raise Damaged(f"checkpoint {path} does not match this fit")
       history = {k[len("history_") :]: [z[k]] for k in z.files if k.startswith("history_")}
       done = int(z["done"])
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
-    raise e if isinstance(e, Damaged) else Damaged(f"checkpoint {path} is damaged ({type(e).__name__})") from None
+    raise Damaged(f"checkpoint {path} is damaged ({type(e).__name__})") from None
+  like = jax.tree_util.tree_leaves(like_states)
+  if len(leaves) != len(like) or any(a.shape != b.shape for a, b in zip(leaves, like)):
+    raise Damaged(f"checkpoint {path} does not match this fit")
+  treedef = jax.tree_util.tree_structure(like_states)
   return done, jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]), history
 
 

@@ -243,17 +243,24 @@ def candidate_outputs(cfg: RunConfig, images: list[Image]) -> tuple[list[str], d
 def sure_blend(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
   """Each image's SURE-optimal blend of the candidates (sure.blend_weights; clipped to [0, 1]) and,
   per image, the weights and SURE's PSNR estimate of every candidate and of the blend."""
-  s = cfg.sigma / 255.0
   names, outs, divs = candidate_outputs(cfg, images)
   xbars, infos = [], []
   for i, im in enumerate(images):
-    cand, div = [outs[c][i] for c in names], [divs[c][i] for c in names]
-    w = sure.blend_weights(im.noisy_HxWxC, cand, div, s)
-    xbars.append(np.clip(sure.blend(cand, w), 0.0, 1.0))
-    est = {c: sure.psnr_of_mse(sure.sure(im.noisy_HxWxC, o, s, d)) for c, o, d in zip(names, cand, div)}
-    est["blend"] = sure.psnr_of_mse(sure.sure(im.noisy_HxWxC, sure.blend(cand, w), s, float(np.dot(w, div))))
-    infos.append({"sure_weights": dict(zip(names, map(float, w))), "sure_psnr": est})
+    blend, info = blend_image(im.noisy_HxWxC, names, [outs[c][i] for c in names], [divs[c][i] for c in names], cfg)
+    xbars.append(np.clip(blend, 0.0, 1.0))
+    infos.append(info)
   return xbars, infos
+
+
+def blend_image(y: np.ndarray, names: list[str], cand: list, div: list[float], cfg: RunConfig) -> tuple:
+  """One image's SURE blend (unclipped) and its record: the weights and SURE's PSNR estimate of
+  every candidate and of the blend."""
+  s = cfg.sigma / 255.0
+  w = sure.blend_weights(y, cand, div, s)
+  blend = sure.blend(cand, w)
+  est = {c: sure.psnr_of_mse(sure.sure(y, o, s, d)) for c, o, d in zip(names, cand, div)}
+  est["blend"] = sure.psnr_of_mse(sure.sure(y, blend, s, float(np.dot(w, div))))
+  return blend, {"sure_weights": dict(zip(names, map(float, w))), "sure_psnr": est}
 
 
 def _run_sure_blend(cfg, images):

@@ -207,12 +207,16 @@ RESUME_FREE = (
 OUTPUT_NAME_EXTRA = 40
 
 
-def check_output_folder(cfg: RunConfig, images: list[Image]) -> None:
-  """A new run needs an empty (or --overwrite-able) workdir; --resume needs the stored run's
-  folder and the same settings (one line naming the first that differs)."""
+def check_output_names(images: list[Image]) -> None:
   for im in images:
     if len(im.name.encode()) + OUTPUT_NAME_EXTRA > 255:
       raise InputError(f"{im.name}: the image's name is too long for the names of its output files")
+
+
+def check_output_folder(cfg: RunConfig, images: list[Image]) -> None:
+  """A new run needs an empty (or --overwrite-able) workdir; --resume needs the stored run's
+  folder and the same settings (one line naming the first that differs)."""
+  check_output_names(images)
   if not cfg.resume:
     outputs.check_workdir(cfg.workdir, cfg.overwrite, paths_read(cfg))
     return
@@ -486,9 +490,7 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
     for c in subs:
       check_output_folder(c, images)
   else:
-    for im in images:  # what check_output_folder checks for each method's own folder
-      if len(im.name.encode()) + OUTPUT_NAME_EXTRA > 255:
-        raise InputError(f"{im.name}: the image's name is too long for the names of its output files")
+    check_output_names(images)
     outputs.check_workdir(top, cfgs[0].overwrite, paths_read(cfgs[0]))
   needs_prelim = [c for c in subs if METHODS[c.method].prelim_input or METHODS[c.method].prelim_loss]
   for c in needs_prelim:
