@@ -6,7 +6,6 @@ python experiments/bench.py --flagfile=experiments/bench/cpu.flags
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -94,7 +93,7 @@ def row_config(lowering: str, precision: str, eval_every: int) -> tuple[NetConfi
 def merge(paths: list[str], out: str) -> None:
   """One results file from several runs on the same device (a session's calls), FLOP counts
   recomputed with step_cost; each row keeps the commit and date of its run."""
-  runs = [json.load(open(p)) for p in paths]
+  runs = [outputs.read_json(p) for p in paths]
   rows = []
   for run in runs:
     for r in run["rows"]:

@@ -39,7 +39,13 @@ EVENTS = {
   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
   "/jax/core/compile/backend_compile_duration": "compile_s",
 }
-PROGRAMS = {"create_fit_state": "init", "train_step": "step", "eval_step": "eval", "<lambda>": "predict"}
+PROGRAMS = {
+  "create_fit_state": "init",
+  "train_step": "step",
+  "evaluate_runs": "eval",
+  "eval_step": "eval",
+  "<lambda>": "predict",
+}
 
 
 def measure(method: str, size: int, steps: int) -> dict:

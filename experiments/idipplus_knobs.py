@@ -9,7 +9,6 @@ weight-2 run, and blends a * out + (1 - a) * x_bar (no ground truth: `a` is a fi
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -109,7 +108,7 @@ def main(argv: list[str]) -> int:
     return 2
   table = knob_table(workdir, F.set, ddir, F.crop, k, F.noise, [float(a) for a in F.blend])
   meta = dict(outputs.provenance(), command="python " + " ".join(sys.argv), set=F.set, crop=F.crop, K=k)
-  meta["fit_commits"] = sorted({json.load(open(os.path.join(j, "results.json")))["commit"] for j in jobs})
+  meta["fit_commits"] = sorted({outputs.read_json(os.path.join(j, "results.json"))["commit"] for j in jobs})
   base = os.path.join(F.results_dir, f"knobs_{F.set}")
   os.makedirs(F.results_dir, exist_ok=True)
   with open(base + ".md", "w") as f:

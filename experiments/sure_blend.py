@@ -90,13 +90,10 @@ def markdown(doc: dict) -> str:
 
 def main(argv):
   results = F.sure_results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sure")
-  os.makedirs(results, exist_ok=True)
   for name in F.sets:
     doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/sure_blend.py"] + argv[1:]))
     doc |= one_set(name)
-    outputs.write_json(os.path.join(results, f"{name}.json"), doc)
-    with open(os.path.join(results, f"{name}.md"), "w") as f:
-      f.write(markdown(doc))
+    outputs.write_table(results, name, doc, markdown(doc))
     print(markdown(doc))
 
 

@@ -83,7 +83,6 @@ PAPER_PER_IMAGE = {
 INPAINT_NET = (("skip_channels", 128), ("upsample", "nearest"))
 INPAINT_FIT = (("task", "inpaint"), ("reg_noise_std", 0.03))
 SR_FIT = (("task", "sr"), ("sr_factor", 4), ("reg_noise_std", 0.03))
-LABEL = {"dip": "DIP", "idip1": "IDIP-1", "idip2": "IDIP-2", "idip": "IDIP"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,8 +290,8 @@ class Runner:
       return None
     # Per-call batch sizes change the grouping of runs, not the runs (batched == single fits);
     # the folder's location is not part of the job (a copied or moved folder is reused).
-    want, have = comparable(cfg), json.load(open(cfg_path))
-    res = json.load(open(res_path))
+    want, have = comparable(cfg), runner.read_stored(cfg_path)
+    res = runner.read_stored(res_path)
     if res.get("code_hash") != outputs.code_hash():
       if not F.allow_other_code:
         print(f"rerunning {cfg.workdir}: made by other code ({res.get('commit', '?')})", flush=True)
@@ -527,7 +526,7 @@ def protocol_lines(t: dict) -> list[str]:
   sets = {m["dataset"] for m in t["methods"].values()}
   if not os.path.isfile(path):
     return []
-  rows = [r for r in json.load(open(path))["rows"] if r["set"] in sets and r["sigma"] in t["sigma"]]
+  rows = [r for r in outputs.read_json(path)["rows"] if r["set"] in sets and r["sigma"] in t["sigma"]]
   if not rows:
     return []
   names = list(rows[0]["per_image"])

@@ -66,8 +66,8 @@ PRELIMS = ("none", "bm3d", "file", "ffdnet", "dncnn", "bicubic", "sure_blend")  
 SURE_CANDIDATES = ("ffdnet", "ffdnet_x8", "dncnn", "dncnn_x8", "bm3d", "noisy")
 PRECISIONS = ("tf32", "fp32", "bf16")  # train.PRECISIONS implements each
 ACTIVATIONS = ("leaky_relu", "relu", "elu")  # models.ACTIVATIONS implements each
-STOPS = ("fixed", "wmv", "emv")  # train.stop_score implements each (but fixed)
-TASKS = ("denoise", "inpaint", "sr")  # tasks.TASKS implements each
+STOPS = ("fixed", "wmv", "emv", "sure")  # train.stop_score: wmv, emv; sure_fit: sure
+TASKS = ("denoise", "inpaint", "sr")  # tasks.degrade and the runner implement each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,12 +165,17 @@ class FitConfig:
     "fixed",
     "when a run ends: fixed (after --steps) | wmv (ES-WMV, Wang et al. TMLR 2023: variance of the last "
     "--stop_window outputs) | emv (ES-EMV: its exponential moving variance); wmv/emv report the output and EMA "
-    "at the step of lowest variance and freeze a run --stop_patience steps after it (no ground truth used)",
+    "at the step of lowest variance and freeze a run --stop_patience steps after it (no ground truth used) | "
+    "sure (MC-SURE of the whole fit from a twin run fitted to y + eps b: the output and the EMA at the eval "
+    "step of lowest SURE, and NAME_sure.png, the SURE blend of both with the --sure_candidates; needs --sigma)",
     choices=STOPS,
   )
   stop_window: int = option(100, "ES-WMV's window W of outputs (its buffer_size); ES-EMV's burn-in", lo=2)
   stop_patience: int = option(1000, "steps without a new lowest variance before a run stops (ES-WMV's P)", lo=1)
   stop_alpha: float = option(0.1, "ES-EMV's smoothing alpha", lo=0)
+  sure_eps: float = option(
+    1.0, "--stop=sure: the twin's finite-difference step, y + eps b, as a fraction of sigma", lo=1e-6, hi=10.0
+  )
   shard: bool = option(True, "split the runs of a call over all local devices")
   remat: bool = option(False, "recompute each conv block in the backward pass (less memory)")
 
@@ -189,11 +194,13 @@ class PrelimConfig:
   x8: bool = option(False, "--prelim=ffdnet|dncnn: average over the 8 flips and rotations (geometric self-ensemble)")
   sure_candidates: tuple[str, ...] = option(
     ("ffdnet", "ffdnet_x8", "dncnn", "bm3d", "noisy"),
-    "--prelim=sure_blend: the x_bar candidates, blended per image with the weights that minimise MC-SURE "
-    "(needs --sigma; dncnn is left out where no DnCNN-S was trained within 2.5 of sigma)",
+    "--prelim=sure_blend and --stop=sure: the x_bar candidates, blended per image with the weights that "
+    "minimise MC-SURE (needs --sigma; dncnn is left out where no DnCNN-S was trained within 2.5 of sigma)",
     choices=SURE_CANDIDATES,
   )
-  sure_probes: int = option(2, "--prelim=sure_blend: Monte-Carlo probes per candidate for its divergence", lo=1)
+  sure_probes: int = option(
+    2, "--prelim=sure_blend, --stop=sure: Monte-Carlo probes per x_bar candidate for its divergence", lo=1
+  )
 
 
 @dataclasses.dataclass(frozen=True)

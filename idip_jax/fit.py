@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from idip_jax import checkpoint, convs
+from idip_jax import checkpoint, convs, sure_fit
 from idip_jax.config import FitConfig, NetConfig
 from idip_jax.train import (
   EVAL_KEYS,
@@ -37,7 +37,7 @@ from idip_jax.train import (
   train_step,
 )
 
-# Set by run.py's Ctrl-C handler (runner.stop_on_ctrl_c); the fit loop raises KeyboardInterrupt at the
+# Set by the Ctrl-C watcher of runner.stop_on_ctrl_c (run.py); the fit loop raises KeyboardInterrupt at the
 # next chunk boundary. Python's own handler raises wherever the main thread is, and there JAX's gc
 # callback (_xla_gc_callback) can swallow it as "Exception ignored" (seen under pytest-xdist: the run
 # went on fitting).
@@ -103,8 +103,23 @@ def over_runs(f: Callable, n_dev: int, out_specs=PartitionSpec("runs"), in_specs
   return jax.shard_map(f, mesh=runs_mesh(n_dev), in_specs=in_specs, out_specs=out_specs)
 
 
-def _nan_like_eval(n: int) -> dict:
-  return {k: jnp.full((n,), jnp.nan, jnp.float32) for k in EVAL_KEYS}
+def eval_keys(batch: Batch) -> tuple[str, ...]:
+  """The history's eval columns: against the ground truth (EVAL_KEYS), and SURE's (--stop=sure)."""
+  return (EVAL_KEYS if batch.clean is not None else ()) + (sure_fit.HISTORY_KEYS if batch.probe is not None else ())
+
+
+def _nan_like_eval(n: int, keys: tuple[str, ...]) -> dict:
+  return {k: jnp.full((n,), jnp.nan, jnp.float32) for k in keys}
+
+
+def evaluate_runs(evaluate: Callable, states: FitState, batch: Batch, done: jax.Array) -> tuple:
+  """The eval of N runs after `done` steps -> (SureState or None, metrics and output): with
+  --stop=sure, the pairs' SURE and the lowest-SURE images kept (sure_fit.track)."""
+  ev = evaluate(states, batch)
+  if states.sure is None:
+    return None, ev
+  sure, m = sure_fit.track(states.sure, ev, states.ema, batch, done)
+  return sure, ev | m
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,16 +134,23 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
     evaluate = jax.vmap(functools.partial(eval_step, model))
 
     def scan_chunk(states, batch, keys, done):
+      names = eval_keys(batch)
+
       def body(s, t):
         s, m = step(s, batch, keys)
-        if batch.clean is not None:
+        if names:
+
+          def run_eval():
+            sure, ev = evaluate_runs(evaluate, s, batch, done + t + 1)
+            return sure, {k: ev[k] for k in names}
+
           # The predicate is the same for every run (not batched), so this stays a real
           # conditional: the clean-input forward pass runs only on eval steps.
-          m.update(
-            jax.lax.cond(
-              is_eval_step(cfg, done + t + 1), lambda: evaluate(s, batch), lambda: _nan_like_eval(keys.shape[0])
-            )
+          sure, em = jax.lax.cond(
+            is_eval_step(cfg, done + t + 1), run_eval, lambda: (s.sure, _nan_like_eval(keys.shape[0], names))
           )
+          s = s.replace(sure=sure)
+          m.update(em)
         return s, m
 
       return jax.lax.scan(body, states, jnp.arange(length))
@@ -144,13 +166,15 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
   jit_step, jit_eval = _host_programs(net_cfg, cfg, n_dev)
 
   def host_chunk(states, batch, keys, done):
-    per_step = []
+    per_step, names = [], eval_keys(batch)
     for t in range(length):
       states, m = jit_step(states, batch, keys)
-      if batch.clean is not None:
-        n = keys.shape[0]
-        evaluated = jit_eval(states, batch) if is_eval_step(cfg, done + t + 1) else _nan_like_eval(n)
-        m.update({k: v for k, v in evaluated.items() if k != "out"})
+      if names:
+        evaluated = _nan_like_eval(keys.shape[0], names)
+        if is_eval_step(cfg, done + t + 1):
+          sure, evaluated = jit_eval(states, batch, done + t + 1)
+          states = states.replace(sure=sure)
+        m.update({k: evaluated[k] for k in names})
       per_step.append(m)  # stays on device until the chunk ends
     return states, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
 
@@ -165,8 +189,12 @@ def _host_programs(net_cfg: NetConfig, cfg: FitConfig, n_dev: int) -> tuple[Call
   (2.5 s of XLA:CPU compile at 64 px, docs/performance.md)."""
   model = make_model(net_cfg, cfg)
   step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
-  evaluate = jax.vmap(functools.partial(eval_step, model, with_output=True))
-  return jax.jit(over_runs(step, n_dev), donate_argnums=0), jax.jit(over_runs(evaluate, n_dev))
+  evaluate = functools.partial(evaluate_runs, jax.vmap(functools.partial(eval_step, model, with_output=True)))
+  run_spec = PartitionSpec("runs")
+  return (
+    jax.jit(over_runs(step, n_dev), donate_argnums=0),
+    jax.jit(over_runs(evaluate, n_dev, in_specs=(run_spec, run_spec, PartitionSpec()))),
+  )
 
 
 # Programs run once per fit (init, predict): on CPU, compiled at XLA's lowest optimisation level,
@@ -195,8 +223,11 @@ class FitResult:
   history: dict[str, np.ndarray]  # name -> steps x N
   seconds: float  # the whole call, compilation included
   compile_seconds: float | None = None  # estimated (None when the fit was one chunk)
-  stop_step_N: np.ndarray | None = None  # --stop=wmv|emv: the step each run's criterion chose
-  # --stop=wmv|emv: the output and EMA of each run's last state (at --steps unless it stopped), so
+  stop_step_N: np.ndarray | None = None  # --stop=wmv|emv|sure: the step each run's criterion chose
+  # --stop=sure: per run, SURE's step for the EMA, and the divergence and SURE estimate (MSE) of the
+  # reported output and EMA (sure_fit.SureState): step_ema, div, div_ema, mse, mse_ema
+  sure_N: dict[str, np.ndarray] | None = None
+  # --stop=wmv|emv|sure: the output and EMA of each run's last state (at --steps unless it stopped), so
   # one fit also gives the fixed-step result
   last_NxHxWxC: np.ndarray | None = None
   last_ema_NxHxWxC: np.ndarray | None = None
@@ -216,6 +247,8 @@ def sized(states: FitState, height: int, width: int) -> FitState:
   states = states.replace(ema=resize(states.ema))
   if states.stop is not None:
     states = states.replace(stop=states.stop.replace(window=resize(states.stop.window), ema=resize(states.stop.ema)))
+  if states.sure is not None:
+    states = states.replace(sure=states.sure.replace(out=resize(states.sure.out), ema=resize(states.sure.ema)))
   return states
 
 
@@ -275,10 +308,12 @@ def fit(
   t0 = time.perf_counter()
   n_runs = len(keys)
   n_dev = jax.local_device_count() if cfg.shard else 1
-  pad = (-n_runs) % n_dev
-  if pad:  # repeat the last run so the run axis splits evenly; its copies are dropped below
-    keys = list(keys) + [keys[-1]] * pad
-    batch = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]), batch)
+  unit = 2 if cfg.stop == "sure" else 1  # --stop=sure: pairs (run, twin) stay together on a device
+  pad = (-n_runs) % (n_dev * unit)
+  if pad:  # repeat the last run (pair) so the run axis splits evenly; its copies are dropped below
+    rows = list(range(n_runs)) + [n_runs - unit + i % unit for i in range(pad)]
+    keys = [keys[i] for i in rows]
+    batch = jax.tree_util.tree_map(lambda a: a[np.asarray(rows)], batch)
   states, noise_keys = init_runs(net_cfg, cfg, keys, *batch.mask.shape[1:3])
   if n_dev > 1:
     runs = NamedSharding(runs_mesh(n_dev), PartitionSpec("runs"))
@@ -323,6 +358,10 @@ def fit(
       last = np.flatnonzero(~np.isnan(m["psnr"][:, 0]))
       if last.size:
         msg += f"  psnr {np.mean(m['psnr'][last[-1]]):.2f}  psnr_ema {np.mean(m['psnr_ema'][last[-1]]):.2f}"
+    if "sure_psnr" in m:  # the runs' own rows (not the twins'), at the chunk's last eval step
+      last = np.flatnonzero(~np.isnan(m["sure_psnr"][:, 0]))
+      if last.size:
+        msg += f"  sure_psnr {np.mean(m['sure_psnr'][last[-1], 0:n_runs:2]):.2f}"
     if "stopped" in m:
       stopped = m["stopped"][-1]
       msg += f"  stopped {int(np.sum(stopped))}/{n_runs}"
@@ -333,18 +372,34 @@ def fit(
       break  # every run's criterion has stopped it: their states no longer change
   # The first chunk's time beyond what its steps take at the steady rate: compilation.
   compile_s = max(0.0, first[1] - first[0] * steady[1] / steady[0]) if steady[0] else None
-  stop = states.stop
-  if cfg.loop == "host" and batch.clean is not None:
-    last = np.asarray(_host_programs(net_cfg, cfg, n_dev)[1](states, batch)["out"])[:n_runs]
+  stop, sure = states.stop, states.sure
+  if cfg.loop == "host" and eval_keys(batch):
+    last = np.asarray(_host_programs(net_cfg, cfg, n_dev)[1](states, batch, cfg.steps)[1]["out"])[:n_runs]
   else:
     last = np.asarray(make_predict(net_cfg, cfg, n_dev)(states.params, batch.net_input))[:n_runs]
   predict = lambda params: make_predict(net_cfg, cfg, n_dev)(params, batch.net_input)
+  watched = stop is not None or sure is not None
+  if sure is not None:
+    final, ema, stop_step = sure.out, sure.ema, sure.best_step
+  elif stop is not None:
+    final, ema, stop_step = predict(stop.params), stop.ema, stop.best_step
+  else:
+    final, ema, stop_step = last, states.ema, None
+  host = lambda a: None if a is None else np.asarray(a)[:n_runs]
   return FitResult(
-    final_NxHxWxC=last if stop is None else np.asarray(predict(stop.params))[:n_runs],
-    ema_NxHxWxC=np.asarray(states.ema if stop is None else stop.ema)[:n_runs],
-    stop_step_N=None if stop is None else np.asarray(stop.best_step)[:n_runs],
-    last_NxHxWxC=None if stop is None else last,
-    last_ema_NxHxWxC=None if stop is None else np.asarray(states.ema)[:n_runs],
+    final_NxHxWxC=host(final),
+    ema_NxHxWxC=host(ema),
+    stop_step_N=host(stop_step),
+    sure_N=None
+    if sure is None
+    else {
+      k: host(v)
+      for k, v in dict(
+        step_ema=sure.best_ema_step, div=sure.best_div, div_ema=sure.best_ema_div, mse=sure.best, mse_ema=sure.best_ema
+      ).items()
+    },
+    last_NxHxWxC=last if watched else None,
+    last_ema_NxHxWxC=host(states.ema) if watched else None,
     history={k: np.concatenate(v, axis=0) for k, v in history.items()},
     seconds=time.perf_counter() - t0,
     compile_seconds=compile_s,

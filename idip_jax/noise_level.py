@@ -4,7 +4,7 @@ Chen, Zhu & Heng, "An Efficient Statistical Method for Image Noise Level
 Estimation", ICCV 2015: the covariance of all 8x8 patches has, past the few
 eigenvalues that carry image structure, a bulk of eigenvalues equal to sigma^2.
 Discard the largest eigenvalues until the rest have mean == median; sqrt(mean)
-is sigma. Accuracy on Set12 is measured in tests/test_noise_level.py.
+is sigma. Accuracy on Set12 is measured in tests/test_denoisers.py.
 """
 
 from __future__ import annotations

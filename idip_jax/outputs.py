@@ -169,6 +169,19 @@ def _finite(obj):
   return obj
 
 
+def write_table(folder: str, stem: str, doc: dict, markdown: str) -> None:
+  """An experiment's table: folder/stem.json (the data) and folder/stem.md (the same, for reading)."""
+  os.makedirs(folder, exist_ok=True)
+  write_json(os.path.join(folder, stem + ".json"), doc)
+  with atomic_open(os.path.join(folder, stem + ".md"), "w") as f:
+    f.write(markdown)
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
 def write_json(path: str, obj) -> None:
   """Atomic write: a crash mid-run leaves the previous complete file."""
   with atomic_open(path, "w") as f:

@@ -212,6 +212,11 @@ def sure_candidates(cfg: RunConfig) -> list[str]:
 def _check_sure_blend(cfg, images):
   if cfg.sigma <= 0:
     raise InputError("--prelim=sure_blend needs the noise level: set --sigma (SURE is unbiased only at a known sigma)")
+  check_candidates(cfg, images)
+
+
+def check_candidates(cfg: RunConfig, images: list[Image]) -> None:
+  """Each of --sure_candidates that applies at cfg.sigma can run (weights present)."""
   names = sure_candidates(cfg)
   if not names:
     raise InputError(f"--sure_candidates={','.join(cfg.prelim.sure_candidates)}: none applies at sigma {cfg.sigma:g}")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idip_jax import metrics, outputs
+from idip_jax import metrics, outputs, prelim, sure
 from idip_jax.config import RunConfig
 from idip_jax.data import Image
 from idip_jax.fit import FitResult
@@ -21,8 +21,10 @@ from idip_jax.fit import FitResult
 # loss and psnr_y (output vs the noisy target y) are of the training pass, whose input is
 # perturbed; psnr_perturbed is that output against the ground truth. psnr, ssim (output on
 # the unperturbed input, the reported image) and the EMA's are filled every eval_every steps.
-# stop_score (--stop=wmv|emv) is the criterion's variance after each step (empty before its window
-# fills and once the run stopped); stopped is 1 from the step its patience ran out.
+# sure_psnr and sure_psnr_ema (--stop=sure) are SURE's PSNR estimates of the output and the EMA on
+# eval steps (no ground truth). stop_score (--stop=wmv|emv) is the criterion's variance after each
+# step (empty before its window fills and once the run stopped); stopped is 1 from the step its
+# patience ran out.
 HISTORY_COLUMNS = (
   "loss",
   "psnr_y",
@@ -34,6 +36,8 @@ HISTORY_COLUMNS = (
   "backtracked",
   "stop_score",
   "stopped",
+  "sure_psnr",
+  "sure_psnr_ema",
 )
 INT_COLUMNS = ("backtracked", "stopped")
 
@@ -87,6 +91,12 @@ MEAN_KEYS = (
   "oracle_best_step",
   "stop_step",
   "stop_gap_db",
+  "stop_step_ema",
+  "sure_psnr_final",
+  "sure_psnr_ema",
+  "psnr_sure_blend",
+  "psnr_sure_xbar",
+  "oracle_psnr_sure_blend",
   "seconds",
 )
 
@@ -132,8 +142,18 @@ def merge_processes(results: dict, images: list[Image], cfg: RunConfig, own_path
 
 
 def run_record(
-  cfg: RunConfig, im: Image, k: int, res: FitResult, j: int, img_dir: str, hist_dir: str, batch_runs: int
+  cfg: RunConfig,
+  im: Image,
+  k: int,
+  res: FitResult,
+  j: int,
+  img_dir: str,
+  hist_dir: str,
+  batch_runs: int,
+  candidates: dict | None = None,
 ) -> dict:
+  """Run j of a fit (its row in res); candidates (--stop=sure): the image's x_bar candidates
+  (runner.sure_inputs) that NAME_sure.png blends with the run's output and EMA."""
   h, w, _ = im.noisy_HxWxC.shape
   final, ema = res.final_NxHxWxC[j, :h, :w], res.ema_NxHxWxC[j, :h, :w]
   tag = im.name if cfg.fit.seeds == 1 else f"{im.name}_seed{k}"
@@ -151,12 +171,14 @@ def run_record(
     "failed": not (np.isfinite(final).all() and np.isfinite(ema).all()),
   }
   if res.stop_step_N is not None:
-    stopped = np.flatnonzero(hist["stopped"])
+    stopped = np.flatnonzero(hist.get("stopped", []))
     # The step the criterion chose (its images are the reported ones) and the step its patience
     # ran out (None: it never did, and the run went on to --steps).
     rec.update(stop_step=int(res.stop_step_N[j]), stopped_at=int(stopped[0]) + 1 if stopped.size else None)
     # The last state: the fixed-step result of a watched run.
     rec.update(last=res.last_NxHxWxC[j, :h, :w], last_ema=res.last_ema_NxHxWxC[j, :h, :w])
+  if res.sure_N is not None:
+    rec.update(sure_record(cfg, im, res.sure_N, j, final, ema, candidates))
   if cfg.save_images:
     save_outputs(cfg, img_dir, tag, {k: rec[k] for k in OUTPUT_KINDS if k in rec})
   if im.clean_HxWxC is not None and not rec["failed"]:
@@ -169,10 +191,43 @@ def run_record(
       oracle_best_psnr=float(hist["psnr"][best]),
       oracle_best_step=best + 1,
     )
+    if "sure" in rec:  # the SURE blends: with the fit, and of the x_bar candidates alone
+      rec.update(
+        psnr_sure_blend=psnr(rec["sure"], im.clean_HxWxC), psnr_sure_xbar=psnr(rec["xbar_blend"], im.clean_HxWxC)
+      )
     if "stop_step" in rec:  # what stopping without ground truth cost against the oracle step
       rec["stop_gap_db"] = rec["oracle_best_psnr"] - rec["psnr_final"]
       # The last state's images: the fixed-step result when the run went on to --steps.
       rec.update(psnr_last=psnr(rec["last"], im.clean_HxWxC), psnr_last_ema=psnr(rec["last_ema"], im.clean_HxWxC))
+  return rec
+
+
+def sure_record(cfg: RunConfig, im: Image, sure_n: dict, j: int, final, ema, candidates: dict | None) -> dict:
+  """--stop=sure: SURE's step for the EMA, SURE's PSNR estimates of the reported output and EMA,
+  and (with candidates) the SURE blend of both with the x_bar candidates (NAME_sure.png; each
+  divergence from the same probe b), beside the candidates' own SURE blend."""
+  rec = {
+    "stop_step_ema": int(sure_n["step_ema"][j]),
+    "sure_psnr_final": sure.psnr_of_mse(float(sure_n["mse"][j])),
+    "sure_psnr_ema": sure.psnr_of_mse(float(sure_n["mse_ema"][j])),
+  }
+  if not candidates:
+    return rec
+  y, names, outs, divs = im.noisy_HxWxC, candidates["names"], candidates["outputs"], candidates["divs"]
+  fit_div = [float(sure_n["div"][j]), float(sure_n["div_ema"][j])]
+  blend, info = prelim.blend_image(y, ["fit", "fit_ema", *names], [final, ema, *outs], fit_div + divs, cfg)
+  xbar_blend, xinfo = prelim.blend_image(y, names, outs, divs, cfg)
+  rec |= {
+    "sure": np.clip(blend, 0.0, 1.0),
+    "xbar_blend": np.clip(xbar_blend, 0.0, 1.0),
+    "fit_sure_weights": info["sure_weights"],
+    "fit_sure_psnr": info["sure_psnr"] | {"xbar_blend": xinfo["sure_psnr"]["blend"]},
+  }
+  gt = im.clean_HxWxC
+  if gt is not None:  # each candidate's own PSNR, and the least-squares blend using gt (oracle)
+    oracle = sure.blend([final, ema, *outs], sure.oracle_weights(gt, [final, ema, *outs]))
+    rec["psnr_candidates"] = {c: psnr(o, gt) for c, o in zip(names, outs)}
+    rec["oracle_psnr_sure_blend"] = psnr(np.clip(oracle, 0.0, 1.0), gt)
   return rec
 
 
@@ -202,6 +257,11 @@ def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str
   if "stop_step" in runs[0]:
     rec["stop_step"] = float(np.mean([r["stop_step"] for r in runs]))
     rec["stopped_at"] = [r["stopped_at"] for r in runs]
+  for key in ("stop_step_ema", "sure_psnr_final", "sure_psnr_ema"):  # --stop=sure: no ground truth needed
+    if key in runs[0]:
+      rec[key] = float(np.mean([r[key] for r in runs]))
+  if "fit_sure_weights" in runs[0] and len(runs) == 1:
+    rec.update({k: runs[0][k] for k in ("fit_sure_weights", "fit_sure_psnr", "psnr_candidates") if k in runs[0]})
   if gt is None or rec["failed"]:
     return rec
   rec["psnr_noisy"] = psnr(im.noisy_HxWxC, gt, clip=False)  # the noisy image as fitted
@@ -209,6 +269,7 @@ def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str
     rec["psnr_prelim"] = psnr(xbar, gt)
   keys = ["psnr_final", "psnr_ema", "ssim_final", "ssim_ema", "oracle_best_psnr", "oracle_best_step"]
   keys += ["stop_gap_db", "psnr_last", "psnr_last_ema"] if "stop_gap_db" in runs[0] else []
+  keys += ["psnr_sure_blend", "psnr_sure_xbar", "oracle_psnr_sure_blend"] if "psnr_sure_blend" in runs[0] else []
   for key in keys:
     rec[key] = float(np.mean([r[key] for r in runs]))  # the mean of single runs
   if len(runs) > 1:
@@ -229,12 +290,16 @@ RUN_KEYS = (
   "stop_gap_db",
   "psnr_last",
   "psnr_last_ema",
+  "stop_step_ema",
+  "psnr_sure_blend",
+  "fit_sure_weights",
 )
 
 
 # The images a run writes (NAME[_seedK]_KIND.png): the output and EMA (at the criterion's step under
 # --stop) and, for watched runs, the last state's; with K > 1 runs NAME_KIND.png is their mean image.
-OUTPUT_KINDS = ("final", "ema", "last", "last_ema")
+# --stop=sure adds NAME_sure.png, the SURE blend of the output and EMA with the x_bar candidates.
+OUTPUT_KINDS = ("final", "ema", "last", "last_ema", "sure")
 
 
 def save_outputs(cfg: RunConfig, img_dir: str, tag: str, images: dict[str, np.ndarray | None]) -> None:

@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idip_jax import batching, checkpoint, config, data, fit, outputs, prelim, results, tasks
+from idip_jax import batching, checkpoint, config, data, fit, outputs, prelim, results, sure_fit, tasks
 from idip_jax.config import DEFAULT_STEPS, METHODS, JobConfig, RunConfig
 from idip_jax.data import Image, InputError, OutputError
 from idip_jax.train import Batch, run_keys
@@ -64,10 +65,17 @@ def validate(cfg: RunConfig) -> None:
     )
   steps = cfg.fit.steps or DEFAULT_STEPS[cfg.method]
   need(
-    cfg.fit.stop == "fixed" or cfg.fit.stop_window + 1 < steps,
+    cfg.fit.stop not in ("wmv", "emv") or cfg.fit.stop_window + 1 < steps,
     f"--stop={cfg.fit.stop} needs --stop_window ({cfg.fit.stop_window}) below --steps - 1 ({steps - 1}): "
     "its variance is first known after the window fills",
   )
+  if cfg.fit.stop == "sure":
+    need(cfg.sigma > 0, "--stop=sure needs the noise level: set --sigma (SURE is unbiased only at a known sigma)")
+    need(task == "denoise", f"--stop=sure estimates a denoiser's error: --task=denoise (got {task})")
+    need(
+      cfg.prelim.name not in ("file",) or not (m.prelim_input or m.prelim_loss),
+      "--stop=sure fits a twin to y + eps b, whose x_bar must be made too: --prelim=file cannot",
+    )
   need(
     not (m.complex_connection and cfg.net.skip_channels == 0),
     "the complex connection lives on the skips: --skip_channels must be > 0",
@@ -139,6 +147,8 @@ def load_inputs(cfg: RunConfig) -> list[Image]:
   image_channels(images)
   if cfg.prelim.name != "none":
     prelim.REGISTRY[cfg.prelim.name].check(cfg, images)
+  if cfg.fit.stop == "sure":  # NAME_sure.png blends the fit with these
+    prelim.check_candidates(cfg, images)
   return images
 
 
@@ -277,6 +287,8 @@ def plan_buckets(cfg: RunConfig, images: list[Image], done: set[str]) -> list[di
         batching.auto_batch_size(cfg.net, cfg.fit, ph, pw, len(runs), with_gt=has_gt) if runs else 1
       )
       bucket.update(batch_size=per_call, batch_strategy=cfg.fit.batch_strategy, batch_conv=cfg.net.batch_conv)
+    if cfg.fit.stop == "sure" and not cfg.batch_size:  # each run comes with its twin: two rows per run
+      bucket["batch_size"] = max(1, bucket["batch_size"] // 2)
     plan.append(bucket)
   return plan
 
@@ -290,8 +302,28 @@ def bucket_configs(cfg: RunConfig, bucket: dict) -> tuple:
 
 
 def make_call_batch(
-  cfg: RunConfig, images: list[Image], prelims: list, part: list[tuple[int, int]], shape: list[int]
+  cfg: RunConfig, images: list[Image], prelims: list, part: list[tuple[int, int]], shape: list[int], twins=None
 ) -> tuple[Batch, list]:
+  """The batch of a call's runs; with twins (--stop=sure: sure_fit.twin of each image and its x_bar)
+  each run's row is followed by its twin's: same seed, y + eps b."""
+  if twins is not None:
+    twin_images, twin_prelims = twins
+    part2 = [(i, k) for i, k in part for _ in (0, 1)]
+    rows = [
+      (images[i], prelims[i]) if r % 2 == 0 else (twin_images[i], twin_prelims[i]) for r, (i, _) in enumerate(part2)
+    ]
+    ims, pres = [im for im, _ in rows], [x for _, x in rows]
+    batch, keys = make_call_batch(cfg, ims, pres, [(r, k) for r, (_, k) in enumerate(part2)], shape)
+    ph, pw, _ = shape
+    probe = [
+      data.pad_reflect(sure_fit.probe_for(images[i].name, images[i].noisy_HxWxC.shape), ph, pw) for i, _ in part2
+    ]
+    s = np.full((len(part2),), cfg.sigma / 255.0, np.float32)
+    eps = np.full_like(s, cfg.fit.sure_eps * cfg.sigma / 255.0)
+    batch = batch.replace(
+      probe=jnp.asarray(np.stack(probe) * batch.mask), sure_eps=jnp.asarray(eps), sure_sigma=jnp.asarray(s)
+    )
+    return batch, keys
   ph, pw, _ = shape
   pad = lambda x: data.pad_reflect(x, ph, pw)
   keys = [run_keys(cfg.fit.seed, k) for _, k in part]
@@ -366,6 +398,9 @@ def run(
     prelims, prelim_infos = prelim.run(cfg, images)
     logging.info("preliminary denoiser %s: %d images in %.1fs", cfg.prelim.name, len(images), time.perf_counter() - t)
   prelim_sigmas = _prelim_sigmas(cfg, images)
+  twins, candidates = None, None
+  if cfg.fit.stop == "sure" and images:
+    twins, candidates = sure_inputs(cfg, images, prelims)
   plan = plan_buckets(cfg, images, set(records))
   if proc == 0 and not cfg.resume:
     outputs.write_json(
@@ -419,7 +454,7 @@ def run(
     )
 
     def fit_call(part, b=b, shape=shape, runs=runs, what=what):  # bound: the calls run in this iteration
-      batch, keys = make_call_batch(cfg, images, prelims, part, shape)
+      batch, keys = make_call_batch(cfg, images, prelims, part, shape, twins)
       start = runs.index(part[0])
       label = f"[bucket {b + 1}/{len(plan)} {what}, runs {start + 1}-{start + len(part)}/{len(runs)}] "
       ckpt = checkpoint.call_path(ckpt_dir, [f"{images[i].name}:{k}" for i, k in part])
@@ -428,7 +463,11 @@ def run(
 
     for part, (ckpt, res) in batching.fit_in_calls(runs, bucket["batch_size"], fit_call, what):
       for j, (i, k) in enumerate(part):
-        runs_done.setdefault(i, []).append(results.run_record(cfg, images[i], k, res, j, img_dir, hist_dir, len(part)))
+        row = 2 * j if twins else j  # --stop=sure: rows 2j + 1 are the twins
+        rec = results.run_record(
+          cfg, images[i], k, res, row, img_dir, hist_dir, len(part), candidates and candidates[i]
+        )
+        runs_done.setdefault(i, []).append(rec)
         if len(runs_done[i]) == cfg.fit.seeds:
           records[images[i].name] = dict(
             results.image_record(cfg, images[i], prelims[i], runs_done[i], img_dir),
@@ -451,6 +490,26 @@ def run(
     )
   results.print_summary(res_all)
   return res_all
+
+
+def sure_inputs(cfg: RunConfig, images: list[Image], prelims: list) -> tuple[tuple, list[dict]]:
+  """--stop=sure: each image's twin (y + eps b) with its x_bar, and the x_bar candidates that
+  NAME_sure.png blends with the fit (per image: names, outputs, divergences from the same probe)."""
+  t = time.perf_counter()
+  twin_images = [sure_fit.twin(im, cfg.fit.sure_eps * cfg.sigma / 255.0) for im in images]
+  twin_prelims = prelim.run(cfg, twin_images)[0] if prelims[0] is not None else [None] * len(images)
+  names, outs, divs = prelim.candidate_outputs(cfg, images)
+  candidates = [
+    {"names": names, "outputs": [outs[c][i] for c in names], "divs": [divs[c][i] for c in names]}
+    for i in range(len(images))
+  ]
+  logging.info(
+    "--stop=sure: twins and x_bar candidates (%s) of %d images in %.1fs",
+    ",".join(names),
+    len(images),
+    time.perf_counter() - t,
+  )
+  return (twin_images, twin_prelims), candidates
 
 
 def _prelim_sigmas(cfg: RunConfig, images: list[Image]) -> dict[str, float]:
@@ -510,7 +569,7 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
     logging.info("=== %s", c.method)
     uses = c in needs_prelim
     res[c.method] = run(
-      c if uses else dataclasses.replace(c, prelim=config.PrelimConfig()),
+      c if uses else dataclasses.replace(c, prelim=no_prelim(c)),
       flags_text,
       images=images,
       prelim_images=prelims if uses else None,
@@ -528,6 +587,14 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
     )
   print(where_outputs_are(top, [c.method for c in cfgs]) + ", the comparison in summary.json")
   return res
+
+
+def no_prelim(cfg: RunConfig) -> config.PrelimConfig:
+  """The x_bar settings of a method without x_bar: none; under --stop=sure the candidates' settings
+  stay (NAME_sure.png blends them)."""
+  if cfg.fit.stop != "sure":
+    return config.PrelimConfig()
+  return dataclasses.replace(cfg.prelim, name="none", x8=False, prelim_dir="")
 
 
 def where_outputs_are(top: str, subs: list[str]) -> str:

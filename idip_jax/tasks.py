@@ -19,8 +19,6 @@ import numpy as np
 
 from idip_jax.data import Image, InputError, center_crop, check_size, find_image, read_image
 
-TASKS = ("denoise", "inpaint", "sr")
-
 
 def lanczos_kernel(factor: int, support: int = 2, phase: float = 0.5) -> np.ndarray:
   """DIP's get_kernel(factor, 'lanczos', phase, kernel_width=2*support*factor+1): a separable

@@ -16,6 +16,7 @@ import optax
 from idip_jax import metrics, tasks
 from idip_jax.config import FitConfig, NetConfig
 from idip_jax.models import SkipUNet, min_side
+from idip_jax.sure_fit import SureState, eval_dots, init_state
 
 # config.PRECISIONS -> (compute dtype, lax precision of the convolutions). "tf32" is JAX's
 # default for f32: TF32 tensor cores on Ampere/Hopper GPUs (as PyTorch's cuDNN convolutions, so
@@ -52,7 +53,8 @@ class FitState:
   good_opt_state: Any
   good_psnr_y: jax.Array
   dip_i: jax.Array  # the official notebook's step counter i (backtrack="dip")
-  stop: StopState | None = None  # None with --stop=fixed
+  stop: StopState | None = None  # --stop=wmv|emv, else None
+  sure: SureState | None = None  # --stop=sure, else None
 
 
 @flax.struct.dataclass
@@ -67,6 +69,11 @@ class Batch:
   # The mask of the loss, shaped like `noisy` (HxWx1): inpainting's observed pixels, or all of
   # super-resolution's low-resolution y; None: `mask`.
   loss_mask: jax.Array | None = None
+  # --stop=sure (sure_fit.py): the run's probe b (zero outside the extent), its finite-difference
+  # step eps and the noise level (both [0, 1] scale, scalars per run); the same for a run and its twin.
+  probe: jax.Array | None = None
+  sure_eps: jax.Array | None = None
+  sure_sigma: jax.Array | None = None
 
 
 def run_keys(seed: int, run: int) -> dict[str, jax.Array]:
@@ -103,7 +110,7 @@ def create_fit_state(
   opt_state = tx.init(params)
   ema = jnp.zeros((height, width, model.cfg.out_channels), jnp.float32)
   stop = None
-  if cfg.stop != "fixed":
+  if cfg.stop in ("wmv", "emv"):
     stop = StopState(
       window=jnp.zeros((cfg.stop_window if cfg.stop == "wmv" else 1, *ema.shape), jnp.float32),
       emv=jnp.zeros((), jnp.float32),
@@ -124,6 +131,7 @@ def create_fit_state(
     good_psnr_y=jnp.array(-jnp.inf, jnp.float32),
     dip_i=jnp.zeros((), jnp.int32),
     stop=stop,
+    sure=init_state(ema.shape) if cfg.stop == "sure" else None,
   )
 
 
@@ -260,12 +268,17 @@ def eval_step(model: SkipUNet, state: FitState, batch: Batch, with_output: bool 
   output ("out"), so one compiled program also gives the final image."""
   out = model.apply({"params": state.params}, batch.net_input[None])[0]
   gt, mask = batch.clean, batch.mask
-  return {
-    "psnr": metrics.psnr(out, gt, mask),
-    "ssim": metrics.ssim(out, gt, mask),
-    "psnr_ema": metrics.psnr(state.ema, gt, mask),
-    "ssim_ema": metrics.ssim(state.ema, gt, mask),
-  } | ({"out": out} if with_output else {})
+  ev = {"out": out} if with_output or batch.probe is not None else {}
+  if gt is not None:
+    ev |= {
+      "psnr": metrics.psnr(out, gt, mask),
+      "ssim": metrics.ssim(out, gt, mask),
+      "psnr_ema": metrics.psnr(state.ema, gt, mask),
+      "ssim_ema": metrics.ssim(state.ema, gt, mask),
+    }
+  if batch.probe is not None:
+    ev |= eval_dots(out, state.ema, batch.noisy, batch.probe, mask)
+  return ev
 
 
 def is_eval_step(cfg: FitConfig, done: jax.Array | int) -> jax.Array | bool:

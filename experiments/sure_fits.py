@@ -1,0 +1,167 @@
+"""SURE along DIP/IDIP fits (issue 34, items 4-5): a table from runs made with --stop=sure
+(experiments/sure/*.flags) and, for the comparison, the same fits with --stop=wmv (ES-WMV).
+
+Per image: the oracle step's PSNR (best eval step, uses the ground truth), SURE's step's, ES-WMV's,
+the fixed-step result; how far SURE's PSNR estimate is from the truth along the history; and the
+SURE blends (x_bar candidates alone, and with the fit's output and EMA: NAME_sure.png) beside
+FFDNet and the oracle blend.
+
+  python experiments/sure_fits.py --sf_name=holdout9_dip --sf_sure=RUN_DIR [--sf_wmv=RUN_DIR]
+  (writes experiments/results/sure/fits_<name>.{json,md}; reads only results.json and history/)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from idip_jax import outputs, results  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_string("sf_name", "", "table name: fits_<name>.{json,md}")
+flags.DEFINE_string("sf_sure", "", "--workdir of the --stop=sure run")
+flags.DEFINE_string("sf_wmv", "", "--workdir of the same fits with --stop=wmv (optional)")
+flags.DEFINE_string("sf_command", "", "the commands that made the runs (recorded in the table)")
+flags.DEFINE_string("sf_results", "", "output folder (default experiments/results/sure)")
+flags.DEFINE_integer("sf_burn_in", 50, "SURE's estimate error is averaged over eval steps after this one")
+
+
+def read(workdir: str) -> dict:
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def estimate_error(workdir: str, name: str, burn_in: int) -> dict:
+  """SURE's PSNR estimate minus the true PSNR over the eval steps after burn_in: mean and mean |.|."""
+  h = results.read_history(os.path.join(workdir, "history", name + ".csv"))
+  out = {}
+  for est, true in (("sure_psnr", "psnr"), ("sure_psnr_ema", "psnr_ema")):
+    keep = ~np.isnan(h[est]) & (h["step"] > burn_in)
+    d = h[est][keep] - h[true][keep]
+    out[true] = {"mean": float(np.mean(d)), "mean_abs": float(np.mean(np.abs(d)))}
+  return out
+
+
+def table(sure_run: dict, wmv_run: dict | None, workdir: str, burn_in: int) -> list[dict]:
+  wmv = {r["name"]: r for r in (wmv_run or {}).get("images", [])}
+  rows = []
+  for r in sure_run["images"]:
+    row = {
+      "image": r["name"],
+      "oracle_step": r["oracle_best_step"],
+      "psnr_oracle_step": r["oracle_best_psnr"],
+      "sure_step": r["stop_step"],
+      "psnr_sure_step": r["psnr_final"],
+      "psnr_fixed": r["psnr_last"],
+      "psnr_ema_fixed": r["psnr_last_ema"],
+      "psnr_ema_sure_step": r["psnr_ema"],
+      "estimate_error": estimate_error(workdir, r["name"], burn_in),
+      "psnr_sure_xbar": r.get("psnr_sure_xbar"),
+      "psnr_sure_blend": r.get("psnr_sure_blend"),
+      "oracle_psnr_sure_blend": r.get("oracle_psnr_sure_blend"),
+      "psnr_candidates": r.get("psnr_candidates", {}),
+      "fit_sure_weights": r.get("fit_sure_weights", {}),
+    }
+    if r["name"] in wmv:
+      row.update(wmv_step=wmv[r["name"]]["stop_step"], psnr_wmv_step=wmv[r["name"]]["psnr_final"])
+    rows.append(row)
+  return rows
+
+
+COLUMNS = (
+  ("oracle step", "psnr_oracle_step"),
+  ("SURE step", "psnr_sure_step"),
+  ("ES-WMV step", "psnr_wmv_step"),
+  ("last step", "psnr_fixed"),
+  ("EMA, SURE step", "psnr_ema_sure_step"),
+  ("EMA, last", "psnr_ema_fixed"),
+  ("FFDNet", None),
+  ("SURE blend of x_bar candidates", "psnr_sure_xbar"),
+  ("SURE blend with the fit (NAME_sure.png)", "psnr_sure_blend"),
+  ("oracle blend with the fit", "oracle_psnr_sure_blend"),
+)
+
+
+def value(row: dict, key: str | None):
+  return row["psnr_candidates"].get("ffdnet") if key is None else row.get(key)
+
+
+def markdown(doc: dict) -> str:
+  rows = doc["rows"]
+  fmt = lambda v: "-" if v is None else f"{v:.2f}"
+  lines = [
+    f"# SURE along the fits: {doc['name']}",
+    "",
+    f"{doc['method']}, {doc['steps']} steps, sigma {doc['sigma']:g}, --sure_eps={doc['sure_eps']:g}; fits on "
+    f"{doc['device']} at commit {doc['commit']}, {doc['date']}. Command: `{doc['command']}`. PSNR (dB) against "
+    "the ground truth; columns marked oracle use it to choose, SURE and ES-WMV do not.",
+    "",
+    "| image | " + " | ".join(c for c, _ in COLUMNS) + " | steps: oracle / SURE / ES-WMV |",
+    "|---" * (len(COLUMNS) + 2) + "|",
+  ]
+  for r in rows:
+    steps = f"{r['oracle_step']} / {r['sure_step']} / {r.get('wmv_step', '-')}"
+    lines.append(f"| {r['image']} | " + " | ".join(fmt(value(r, k)) for _, k in COLUMNS) + f" | {steps} |")
+  mean = doc["mean"]
+  lines.append("| **mean** | " + " | ".join(fmt(mean.get(c)) for c, _ in COLUMNS) + " | |")
+  err = doc["estimate_error"]
+  lines += [
+    "",
+    f"SURE step minus oracle step: {mean['gap_sure']:+.2f} dB"
+    + (f"; ES-WMV step minus oracle step: {mean['gap_wmv']:+.2f} dB" if "gap_wmv" in mean else "")
+    + ". SURE's PSNR estimate minus the true PSNR over eval steps after "
+    f"{doc['burn_in']}: output {err['psnr']['mean']:+.2f} dB (mean |error| {err['psnr']['mean_abs']:.2f}), EMA "
+    f"{err['psnr_ema']['mean']:+.2f} dB ({err['psnr_ema']['mean_abs']:.2f}).",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def summarize(rows: list[dict]) -> dict:
+  mean = {}
+  for c, k in COLUMNS:
+    vals = [value(r, k) for r in rows]
+    if all(v is not None for v in vals):
+      mean[c] = float(np.mean(vals))
+  mean["gap_sure"] = mean["SURE step"] - mean["oracle step"]
+  if "ES-WMV step" in mean:
+    mean["gap_wmv"] = mean["ES-WMV step"] - mean["oracle step"]
+  return mean
+
+
+def main(argv):
+  del argv
+  run = read(F.sf_sure)
+  with open(os.path.join(F.sf_sure, "config.json")) as f:
+    cfg = json.load(f)
+  rows = table(run, read(F.sf_wmv) if F.sf_wmv else None, F.sf_sure, F.sf_burn_in)
+  errs = [r["estimate_error"] for r in rows]
+  doc = {
+    "name": F.sf_name,
+    "method": run["method"],
+    "steps": run["steps"],
+    "sigma": run["sigma"],
+    "sure_eps": cfg["fit"].get("sure_eps", 0.01),  # runs made before the flag: its first value
+    "device": run["device"],
+    "commit": run["commit"],
+    "date": run["date"],
+    "command": F.sf_command,
+    "burn_in": F.sf_burn_in,
+    "table": outputs.provenance(),
+    "rows": rows,
+    "mean": summarize(rows),
+    "estimate_error": {
+      k: {s: float(np.mean([e[k][s] for e in errs])) for s in ("mean", "mean_abs")} for k in ("psnr", "psnr_ema")
+    },
+  }
+  out = F.sf_results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sure")
+  outputs.write_table(out, f"fits_{F.sf_name}", doc, markdown(doc))
+  print(markdown(doc))
+
+
+if __name__ == "__main__":
+  app.run(main)

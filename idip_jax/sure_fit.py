@@ -1,0 +1,108 @@
+"""SURE along a DIP/IDIP fit (issue 34, item 4): the fit is a function of y, so its MC-SURE needs
+the divergence of the whole fit with respect to y. Each run gets a twin fitted to y + eps b (same
+seed, so the same init, code z and per-step noise; for IDIP the x_bar of y + eps b too); at every
+eval step div ~ b . (f_twin - f) / eps. A batch holds the pairs side by side: rows 2j (the run)
+and 2j + 1 (its twin).
+
+--stop=sure keeps, per run, the output and the EMA at the eval step of lowest SURE (each its
+own), as ES-WMV keeps its step's; the twin's rows are dropped from every record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idip_jax import sure
+from idip_jax.data import Image
+
+TWIN_SUFFIX = "~sure"  # the twin image's name (it never reaches a file or a record)
+# History columns: SURE's PSNR estimate of the output and of the EMA per eval step (no ground truth).
+HISTORY_KEYS = ("sure_psnr", "sure_psnr_ema")
+# What eval_step adds per run for SURE: b . f and |y - f|^2 over the image's extent, of f = the
+# output and f = the EMA.
+DOT_KEYS = ("sure_dot", "sure_res", "sure_dot_ema", "sure_res_ema")
+
+
+@flax.struct.dataclass
+class SureState:
+  """Per run: the lowest SURE so far and the step, image and divergence it was reached with, for
+  the output and for the EMA."""
+
+  best: jax.Array
+  best_step: jax.Array
+  best_div: jax.Array
+  out: jax.Array  # HxWxC
+  best_ema: jax.Array
+  best_ema_step: jax.Array
+  best_ema_div: jax.Array
+  ema: jax.Array  # HxWxC
+
+
+def init_state(out_shape: tuple[int, ...]) -> SureState:
+  inf, zero = jnp.array(jnp.inf, jnp.float32), jnp.zeros((), jnp.int32)
+  img = jnp.zeros(out_shape, jnp.float32)
+  fzero = jnp.zeros((), jnp.float32)
+  return SureState(inf, zero, fzero, img, inf, zero, fzero, img)
+
+
+def probe_for(name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """The image's probe b: the first of prelim.candidate_outputs' probes (seeded by the name), so
+  the fit's divergence and the x_bar candidates' come from the same b."""
+  return sure.probes(shape, zlib.crc32(name.encode()), 1)[0]
+
+
+def twin(im: Image, eps: float) -> Image:
+  """The image fitted by the run's twin: y + eps b."""
+  b = probe_for(im.name, im.noisy_HxWxC.shape)
+  return dataclasses.replace(im, name=im.name + TWIN_SUFFIX, noisy_HxWxC=im.noisy_HxWxC + eps * b)
+
+
+def eval_dots(out: jax.Array, ema: jax.Array, noisy: jax.Array, probe: jax.Array, mask: jax.Array) -> dict:
+  """One run's DOT_KEYS (probe is zero outside the image's extent)."""
+  res = lambda f: jnp.sum(mask * jnp.square(noisy - f))
+  return {
+    "sure_dot": jnp.sum(probe * out),
+    "sure_res": res(out),
+    "sure_dot_ema": jnp.sum(probe * ema),
+    "sure_res_ema": res(ema),
+  }
+
+
+def track(state: SureState, ev: dict, ema: jax.Array, batch, done: jax.Array) -> tuple[SureState, dict]:
+  """After `done` steps, over a batch of pairs (N even): SURE of each run's output (ev["out"]) and
+  EMA from the eval's DOT_KEYS, and the lowest-SURE images kept. Twins get their run's values."""
+  n_vals = jnp.sum(batch.mask, axis=(1, 2, 3)) * batch.noisy.shape[-1]
+  s2 = jnp.square(batch.sure_sigma)
+
+  def estimate(dot, res):
+    div = (dot[1::2] - dot[0::2]) / batch.sure_eps[0::2]
+    mse = res[0::2] / n_vals[0::2] - s2[0::2] + 2.0 * s2[0::2] * div / n_vals[0::2]
+    return jnp.repeat(mse, 2), jnp.repeat(div, 2)
+
+  mse, div = estimate(ev["sure_dot"], ev["sure_res"])
+  mse_ema, div_ema = estimate(ev["sure_dot_ema"], ev["sure_res_ema"])
+  better, better_ema = mse < state.best, mse_ema < state.best_ema
+  img = lambda c, a, b: jnp.where(c[:, None, None, None], a, b)
+  state = SureState(
+    best=jnp.where(better, mse, state.best),
+    best_step=jnp.where(better, done, state.best_step),
+    best_div=jnp.where(better, div, state.best_div),
+    out=img(better, ev["out"], state.out),
+    best_ema=jnp.where(better_ema, mse_ema, state.best_ema),
+    best_ema_step=jnp.where(better_ema, done, state.best_ema_step),
+    best_ema_div=jnp.where(better_ema, div_ema, state.best_ema_div),
+    ema=img(better_ema, ema, state.ema),
+  )
+  psnr = lambda m: -10.0 * jnp.log10(jnp.maximum(m, 1e-12))
+  return state, {"sure_psnr": psnr(mse), "sure_psnr_ema": psnr(mse_ema)}
+
+
+def pair_rows(n: int) -> list[int]:
+  """Rows of the runs (not their twins) in a batch of n pairs."""
+  return list(range(0, 2 * n, 2))

@@ -1,0 +1,128 @@
+"""Issue 34, items 4-5: SURE along a fit from a twin run fitted to y + eps b (--stop=sure), and
+NAME_sure.png, the SURE blend of the fit with the x_bar candidates."""
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import NET, TINY_ARGS, smooth_image, write_png
+from test_cli import run_cli
+
+from idip_jax import config, data, fit, results, sure, sure_fit, train
+
+SIGMA = 25 / 255
+# lr 3e-3: batched and single fits agree to ~1e-6 over 10 steps (test_fit.py), so a pair's SURE can
+# be compared with the same SURE computed from two separate fits.
+CFG = fit.for_backend(
+  NET,
+  config.FitConfig(steps=10, chunk=5, seed=3, lr=3e-3, prelim_weight=0.0, eval_every=2, stop="sure"),
+  "cpu",
+)[1]
+
+
+def pair_batch(cfg, clean, y, y_twin, probe, eps):
+  keys = [train.run_keys(cfg.seed, 0)] * 2
+  batch = fit.make_batch(NET, cfg, keys, np.stack([y, y_twin]), clean_NxHxWxC=np.stack([clean, clean]))
+  extra = dict(
+    probe=jnp.asarray(np.stack([probe, probe])), sure_eps=jnp.full((2,), eps), sure_sigma=jnp.full((2,), SIGMA)
+  )
+  return batch.replace(**extra), keys
+
+
+@pytest.fixture(scope="module")
+def image():
+  clean = smooth_image(32, 32, 1, seed=4)
+  y = data.add_awgn(clean, 25.0, 0, "im")
+  return clean, y, sure_fit.probe_for("im", y.shape)
+
+
+def test_twin_without_perturbation_fits_the_same_run(image):
+  """A twin fitted to y itself repeats its run bit for bit, so the divergence is 0 and SURE is
+  |y - f|^2 / N - sigma^2 (a pair whose rows drift apart would show a nonzero divergence)."""
+  clean, y, b = image
+  batch, keys = pair_batch(CFG, clean, y, y, b, 0.1)
+  res = fit.fit(NET, CFG, batch, keys)
+  np.testing.assert_array_equal(res.history["loss"][:, 0], res.history["loss"][:, 1])
+  np.testing.assert_array_equal(res.last_NxHxWxC[0], res.last_NxHxWxC[1])
+  assert res.sure_N["div"][0] == 0.0
+  mse = float(np.mean((y - res.last_NxHxWxC[0]) ** 2)) - SIGMA**2
+  assert res.history["sure_psnr"][-1, 0] == pytest.approx(sure.psnr_of_mse(mse), abs=1e-3)
+
+
+@pytest.mark.parametrize("loop", ["host", "scan"])
+def test_pair_sure_equals_sure_from_two_separate_fits(image, loop):
+  """The in-device pair arithmetic (sure_fit.track) against sure.sure on the outputs of y and
+  y + eps b fitted alone; --stop=sure reports the output at the eval step of highest SURE PSNR."""
+  clean, y, b = image
+  cfg = dataclasses.replace(CFG, loop=loop)
+  eps = SIGMA  # the default --sure_eps=1 (a fraction of sigma)
+  batch, keys = pair_batch(cfg, clean, y, y + eps * b, b, eps)
+  res = fit.fit(NET, cfg, batch, keys)
+  alone = dataclasses.replace(cfg, stop="fixed")
+  f, f_twin = (
+    fit.fit(NET, alone, fit.make_batch(NET, alone, keys[:1], x[None]), keys[:1]).final_NxHxWxC[0]
+    for x in (y, y + eps * b)
+  )
+  expect = sure.sure(y, f, SIGMA, float(np.sum(b * (f_twin - f))) / eps)
+  got = res.history["sure_psnr"][-1]
+  assert got[0] == got[1]  # the twin's row carries its run's value
+  assert got[0] == pytest.approx(sure.psnr_of_mse(expect), abs=2e-3)
+  evals = np.flatnonzero(~np.isnan(res.history["sure_psnr"][:, 0]))
+  assert list(evals + 1) == list(range(2, 11, 2))
+  best = evals[np.argmax(res.history["sure_psnr"][evals, 0])]
+  assert res.stop_step_N[0] == best + 1
+  # The reported image is the output at that step: its PSNR is the history's there.
+  assert results.psnr(res.final_NxHxWxC[0], clean) == pytest.approx(res.history["psnr"][best, 0], abs=1e-4)
+  assert res.sure_N["mse"][0] == pytest.approx(10 ** (-res.history["sure_psnr"][best, 0] / 10), rel=1e-4)
+
+
+def test_stop_sure_end_to_end(tmp_path, capsys):
+  """--stop=sure through the CLI for DIP and IDIP: records for the images only (twins never reach a
+  file), SURE's step and images per run, and NAME_sure.png, the SURE blend of the output and the
+  EMA with the candidates, whose SURE is no worse than any of them (each is a blend)."""
+  pytest.importorskip("bm3d")
+  d = tmp_path / "in"
+  d.mkdir()
+  for i, name in enumerate("ab"):
+    write_png(str(d / f"{name}.png"), smooth_image(32, 32, 1, seed=20 + i))
+  wd = tmp_path / "out"
+  args = [f"--input={d}", "--sigma=25", "--method=dip,idip", "--prelim=bm3d", "--stop=sure"]
+  args += ["--sure_candidates=bm3d,noisy", "--steps=12", "--eval_every=3", f"--workdir={wd}"]
+  code, err = run_cli(args + TINY_ARGS, capsys)
+  assert code == 0, err
+  assert not [f for _, _, fs in os.walk(wd) for f in fs if sure_fit.TWIN_SUFFIX in f]
+  for method in ("dip", "idip"):
+    res = json.loads((wd / method / "results.json").read_text())
+    assert [r["name"] for r in res["images"]] == ["a", "b"]
+    for r in res["images"]:
+      hist = results.read_history(str(wd / method / "history" / f"{r['name']}.csv"))
+      evals = np.flatnonzero(~np.isnan(hist["sure_psnr"]))
+      best = evals[np.argmax(hist["sure_psnr"][evals])]
+      assert r["stop_step"] == best + 1 and r["psnr_final"] == pytest.approx(hist["psnr"][best], abs=1e-3)
+      assert r["sure_psnr_final"] == pytest.approx(hist["sure_psnr"][best], abs=1e-3)
+      est = r["fit_sure_psnr"]
+      assert set(r["fit_sure_weights"]) == {"fit", "fit_ema", "bm3d", "noisy"}
+      assert est["blend"] >= max(v for k, v in est.items() if k != "blend") - 1e-6, est
+      assert r["psnr_sure_blend"] > r["psnr_noisy"] and r["psnr_sure_xbar"] > r["psnr_noisy"]
+      assert os.path.isfile(wd / method / "images" / f"{r['name']}_sure.png")
+    assert {"psnr_sure_blend", "psnr_sure_xbar", "stop_step_ema"} <= set(res["mean"])
+
+
+def test_sure_follows_the_true_psnr_along_a_fit(tmp_path, capsys):
+  """At the default --sure_eps (sigma) SURE's PSNR estimate follows the true PSNR of the output
+  along a 64 px fit (mean |error| 0.73 dB measured; at eps = sigma/100, the classic choice for a
+  fixed denoiser, 20 dB: the fit's chaos, not its divergence)."""
+  d = tmp_path / "in"
+  d.mkdir()
+  write_png(str(d / "a.png"), smooth_image(64, 64, 1, seed=5))
+  args = [f"--input={d}", "--sigma=25", "--method=dip", "--stop=sure", "--sure_candidates=noisy", "--steps=200"]
+  args += ["--eval_every=10", f"--workdir={tmp_path / 'out'}", *TINY_ARGS, "--chunk=50"]
+  code, err = run_cli(args, capsys)
+  assert code == 0, err
+  h = results.read_history(str(tmp_path / "out" / "history" / "a.csv"))
+  keep = ~np.isnan(h["sure_psnr"]) & (h["step"] > 30)
+  assert np.mean(np.abs(h["sure_psnr"][keep] - h["psnr"][keep])) < 1.5
+  assert np.mean(np.abs(h["sure_psnr_ema"][keep] - h["psnr_ema"][keep])) < 1.0  # 0.25 measured
