@@ -173,6 +173,12 @@ class FitConfig:
   stop_window: int = option(100, "ES-WMV's window W of outputs (its buffer_size); ES-EMV's burn-in", lo=2)
   stop_patience: int = option(1000, "steps without a new lowest variance before a run stops (ES-WMV's P)", lo=1)
   stop_alpha: float = option(0.1, "ES-EMV's smoothing alpha", lo=0)
+  sure_diff: str = option(
+    "forward",
+    "--stop=sure's divergence: forward (one twin, y + eps b) | central (two, y +- eps b: no second-order "
+    "bias, 1.5x the rows)",
+    choices=("forward", "central"),
+  )
   sure_eps: float = option(
     1.0, "--stop=sure: the twin's finite-difference step, y + eps b, as a fraction of sigma", lo=1e-6, hi=10.0
   )

@@ -112,13 +112,14 @@ def _nan_like_eval(n: int, keys: tuple[str, ...]) -> dict:
   return {k: jnp.full((n,), jnp.nan, jnp.float32) for k in keys}
 
 
-def evaluate_runs(evaluate: Callable, states: FitState, batch: Batch, done: jax.Array) -> tuple:
+def evaluate_runs(evaluate: Callable, group: int, states: FitState, batch: Batch, done: jax.Array) -> tuple:
   """The eval of N runs after `done` steps -> (SureState or None, metrics and output): with
-  --stop=sure, the pairs' SURE and the lowest-SURE images kept (sure_fit.track)."""
+  --stop=sure, SURE of each group of rows (a run and its twins) and the lowest-SURE images kept
+  (sure_fit.track)."""
   ev = evaluate(states, batch)
   if states.sure is None:
     return None, ev
-  sure, m = sure_fit.track(states.sure, ev, states.ema, batch, done)
+  sure, m = sure_fit.track(states.sure, ev, states.ema, batch, done, group)
   return sure, ev | m
 
 
@@ -141,7 +142,7 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
         if names:
 
           def run_eval():
-            sure, ev = evaluate_runs(evaluate, s, batch, done + t + 1)
+            sure, ev = evaluate_runs(evaluate, sure_fit.rows_per_run(cfg), s, batch, done + t + 1)
             return sure, {k: ev[k] for k in names}
 
           # The predicate is the same for every run (not batched), so this stays a real
@@ -189,7 +190,9 @@ def _host_programs(net_cfg: NetConfig, cfg: FitConfig, n_dev: int) -> tuple[Call
   (2.5 s of XLA:CPU compile at 64 px, docs/performance.md)."""
   model = make_model(net_cfg, cfg)
   step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
-  evaluate = functools.partial(evaluate_runs, jax.vmap(functools.partial(eval_step, model, with_output=True)))
+  evaluate = functools.partial(
+    evaluate_runs, jax.vmap(functools.partial(eval_step, model, with_output=True)), sure_fit.rows_per_run(cfg)
+  )
   run_spec = PartitionSpec("runs")
   return (
     jax.jit(over_runs(step, n_dev), donate_argnums=0),
@@ -308,7 +311,7 @@ def fit(
   t0 = time.perf_counter()
   n_runs = len(keys)
   n_dev = jax.local_device_count() if cfg.shard else 1
-  unit = 2 if cfg.stop == "sure" else 1  # --stop=sure: pairs (run, twin) stay together on a device
+  unit = sure_fit.rows_per_run(cfg)  # --stop=sure: a run and its twins stay together on a device
   pad = (-n_runs) % (n_dev * unit)
   if pad:  # repeat the last run (pair) so the run axis splits evenly; its copies are dropped below
     rows = list(range(n_runs)) + [n_runs - unit + i % unit for i in range(pad)]
@@ -361,7 +364,7 @@ def fit(
     if "sure_psnr" in m:  # the runs' own rows (not the twins'), at the chunk's last eval step
       last = np.flatnonzero(~np.isnan(m["sure_psnr"][:, 0]))
       if last.size:
-        msg += f"  sure_psnr {np.mean(m['sure_psnr'][last[-1], 0:n_runs:2]):.2f}"
+        msg += f"  sure_psnr {np.mean(m['sure_psnr'][last[-1], 0:n_runs:unit]):.2f}"
     if "stopped" in m:
       stopped = m["stopped"][-1]
       msg += f"  stopped {int(np.sum(stopped))}/{n_runs}"

@@ -287,8 +287,8 @@ def plan_buckets(cfg: RunConfig, images: list[Image], done: set[str]) -> list[di
         batching.auto_batch_size(cfg.net, cfg.fit, ph, pw, len(runs), with_gt=has_gt) if runs else 1
       )
       bucket.update(batch_size=per_call, batch_strategy=cfg.fit.batch_strategy, batch_conv=cfg.net.batch_conv)
-    if cfg.fit.stop == "sure" and not cfg.batch_size:  # each run comes with its twin: two rows per run
-      bucket["batch_size"] = max(1, bucket["batch_size"] // 2)
+    if cfg.fit.stop == "sure" and not cfg.batch_size:  # each run comes with its twins: 2 or 3 rows per run
+      bucket["batch_size"] = max(1, bucket["batch_size"] // sure_fit.rows_per_run(cfg.fit))
     plan.append(bucket)
   return plan
 
@@ -304,26 +304,23 @@ def bucket_configs(cfg: RunConfig, bucket: dict) -> tuple:
 def make_call_batch(
   cfg: RunConfig, images: list[Image], prelims: list, part: list[tuple[int, int]], shape: list[int], twins=None
 ) -> tuple[Batch, list]:
-  """The batch of a call's runs; with twins (--stop=sure: sure_fit.twin of each image and its x_bar)
-  each run's row is followed by its twin's: same seed, y + eps b."""
+  """The batch of a call's runs; with twins (--stop=sure: per twin sign, sure_fit.twin of each image
+  and its x_bar) each run's row is followed by its twins' rows: same seed, y + eps b (and y - eps b)."""
   if twins is not None:
-    twin_images, twin_prelims = twins
-    part2 = [(i, k) for i, k in part for _ in (0, 1)]
-    rows = [
-      (images[i], prelims[i]) if r % 2 == 0 else (twin_images[i], twin_prelims[i]) for r, (i, _) in enumerate(part2)
-    ]
-    ims, pres = [im for im, _ in rows], [x for _, x in rows]
-    batch, keys = make_call_batch(cfg, ims, pres, [(r, k) for r, (_, k) in enumerate(part2)], shape)
+    group = 1 + len(twins)
+    rows = [(i, k, g) for i, k in part for g in range(group)]
+    ims = [images[i] if g == 0 else twins[g - 1][0][i] for i, _, g in rows]
+    pres = [prelims[i] if g == 0 else twins[g - 1][1][i] for i, _, g in rows]
+    batch, keys = make_call_batch(cfg, ims, pres, [(r, k) for r, (_, k, _) in enumerate(rows)], shape)
     ph, pw, _ = shape
     probe = [
-      data.pad_reflect(sure_fit.probe_for(images[i].name, images[i].noisy_HxWxC.shape), ph, pw) for i, _ in part2
+      data.pad_reflect(sure_fit.probe_for(images[i].name, images[i].noisy_HxWxC.shape), ph, pw) for i, _, _ in rows
     ]
-    s = np.full((len(part2),), cfg.sigma / 255.0, np.float32)
+    s = np.full((len(rows),), cfg.sigma / 255.0, np.float32)
     eps = np.full_like(s, cfg.fit.sure_eps * cfg.sigma / 255.0)
-    batch = batch.replace(
+    return batch.replace(
       probe=jnp.asarray(np.stack(probe) * batch.mask), sure_eps=jnp.asarray(eps), sure_sigma=jnp.asarray(s)
-    )
-    return batch, keys
+    ), keys
   ph, pw, _ = shape
   pad = lambda x: data.pad_reflect(x, ph, pw)
   keys = [run_keys(cfg.fit.seed, k) for _, k in part]
@@ -463,7 +460,7 @@ def run(
 
     for part, (ckpt, res) in batching.fit_in_calls(runs, bucket["batch_size"], fit_call, what):
       for j, (i, k) in enumerate(part):
-        row = 2 * j if twins else j  # --stop=sure: rows 2j + 1 are the twins
+        row = j * sure_fit.rows_per_run(cfg.fit)  # --stop=sure: the rows after a run's are its twins'.
         rec = results.run_record(
           cfg, images[i], k, res, row, img_dir, hist_dir, len(part), candidates and candidates[i]
         )
@@ -492,12 +489,16 @@ def run(
   return res_all
 
 
-def sure_inputs(cfg: RunConfig, images: list[Image], prelims: list) -> tuple[tuple, list[dict]]:
-  """--stop=sure: each image's twin (y + eps b) with its x_bar, and the x_bar candidates that
-  NAME_sure.png blends with the fit (per image: names, outputs, divergences from the same probe)."""
+def sure_inputs(cfg: RunConfig, images: list[Image], prelims: list) -> tuple[list, list[dict]]:
+  """--stop=sure: each image's twins (y + eps b; central: and y - eps b) with their x_bar, and the
+  x_bar candidates that NAME_sure.png blends with the fit (per image: names, outputs, divergences
+  from the same probe)."""
   t = time.perf_counter()
-  twin_images = [sure_fit.twin(im, cfg.fit.sure_eps * cfg.sigma / 255.0) for im in images]
-  twin_prelims = prelim.run(cfg, twin_images)[0] if prelims[0] is not None else [None] * len(images)
+  eps = cfg.fit.sure_eps * cfg.sigma / 255.0
+  twins = []
+  for sign in (1.0, -1.0)[: sure_fit.rows_per_run(cfg.fit) - 1]:
+    twin_images = [sure_fit.twin(im, sign * eps) for im in images]
+    twins.append((twin_images, prelim.run(cfg, twin_images)[0] if prelims[0] is not None else [None] * len(images)))
   names, outs, divs = prelim.candidate_outputs(cfg, images)
   candidates = [
     {"names": names, "outputs": [outs[c][i] for c in names], "divs": [divs[c][i] for c in names]}
@@ -509,7 +510,7 @@ def sure_inputs(cfg: RunConfig, images: list[Image], prelims: list) -> tuple[tup
     len(images),
     time.perf_counter() - t,
   )
-  return (twin_images, twin_prelims), candidates
+  return twins, candidates
 
 
 def _prelim_sigmas(cfg: RunConfig, images: list[Image]) -> dict[str, float]:

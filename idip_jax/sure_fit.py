@@ -1,8 +1,8 @@
 """SURE along a DIP/IDIP fit (issue 34, item 4): the fit is a function of y, so its MC-SURE needs
 the divergence of the whole fit with respect to y. Each run gets a twin fitted to y + eps b (same
 seed, so the same init, code z and per-step noise; for IDIP the x_bar of y + eps b too); at every
-eval step div ~ b . (f_twin - f) / eps. A batch holds the pairs side by side: rows 2j (the run)
-and 2j + 1 (its twin).
+eval step div ~ b . (f_twin - f) / eps. A batch holds each run's rows side by side: G j (the run),
+G j + 1 (its twin), and with --sure_diff=central G j + 2 (y - eps b), G = rows_per_run.
 
 --stop=sure keeps, per run, the output and the EMA at the eval step of lowest SURE (each its
 own), as ES-WMV keeps its step's; the twin's rows are dropped from every record.
@@ -57,10 +57,18 @@ def probe_for(name: str, shape: tuple[int, ...]) -> np.ndarray:
   return sure.probes(shape, zlib.crc32(name.encode()), 1)[0]
 
 
+def rows_per_run(cfg) -> int:
+  """Rows of a batch per run (FitConfig): the run and its twins (y + eps b; central: and y - eps b)."""
+  if cfg.stop != "sure":
+    return 1
+  return 2 if cfg.sure_diff == "forward" else 3
+
+
 def twin(im: Image, eps: float) -> Image:
-  """The image fitted by the run's twin: y + eps b."""
+  """The image fitted by a twin of the run: y + eps b (eps < 0: the central difference's other)."""
   b = probe_for(im.name, im.noisy_HxWxC.shape)
-  return dataclasses.replace(im, name=im.name + TWIN_SUFFIX, noisy_HxWxC=im.noisy_HxWxC + eps * b)
+  suffix = TWIN_SUFFIX + ("-" if eps < 0 else "")
+  return dataclasses.replace(im, name=im.name + suffix, noisy_HxWxC=im.noisy_HxWxC + eps * b)
 
 
 def eval_dots(out: jax.Array, ema: jax.Array, noisy: jax.Array, probe: jax.Array, mask: jax.Array) -> dict:
@@ -74,16 +82,19 @@ def eval_dots(out: jax.Array, ema: jax.Array, noisy: jax.Array, probe: jax.Array
   }
 
 
-def track(state: SureState, ev: dict, ema: jax.Array, batch, done: jax.Array) -> tuple[SureState, dict]:
-  """After `done` steps, over a batch of pairs (N even): SURE of each run's output (ev["out"]) and
-  EMA from the eval's DOT_KEYS, and the lowest-SURE images kept. Twins get their run's values."""
-  n_vals = jnp.sum(batch.mask, axis=(1, 2, 3)) * batch.noisy.shape[-1]
-  s2 = jnp.square(batch.sure_sigma)
+def track(state: SureState, ev: dict, ema: jax.Array, batch, done: jax.Array, group: int) -> tuple[SureState, dict]:
+  """After `done` steps, over a batch of groups of `group` rows (rows_per_run): SURE of each run's
+  output (ev["out"]) and EMA from the eval's DOT_KEYS, and the lowest-SURE images kept. Twins get
+  their run's values."""
+  n_vals = (jnp.sum(batch.mask, axis=(1, 2, 3)) * batch.noisy.shape[-1])[::group]
+  s2, eps = jnp.square(batch.sure_sigma)[::group], batch.sure_eps[::group]
 
   def estimate(dot, res):
-    div = (dot[1::2] - dot[0::2]) / batch.sure_eps[0::2]
-    mse = res[0::2] / n_vals[0::2] - s2[0::2] + 2.0 * s2[0::2] * div / n_vals[0::2]
-    return jnp.repeat(mse, 2), jnp.repeat(div, 2)
+    d = dot.reshape(-1, group)
+    # forward: b . (f(y + eps b) - f(y)) / eps; central: b . (f(y + eps b) - f(y - eps b)) / (2 eps)
+    div = (d[:, 1] - d[:, 0]) / eps if group == 2 else (d[:, 1] - d[:, 2]) / (2.0 * eps)
+    mse = res[::group] / n_vals - s2 + 2.0 * s2 * div / n_vals
+    return jnp.repeat(mse, group), jnp.repeat(div, group)
 
   mse, div = estimate(ev["sure_dot"], ev["sure_res"])
   mse_ema, div_ema = estimate(ev["sure_dot_ema"], ev["sure_res_ema"])
@@ -101,8 +112,3 @@ def track(state: SureState, ev: dict, ema: jax.Array, batch, done: jax.Array) ->
   )
   psnr = lambda m: -10.0 * jnp.log10(jnp.maximum(m, 1e-12))
   return state, {"sure_psnr": psnr(mse), "sure_psnr_ema": psnr(mse_ema)}
-
-
-def pair_rows(n: int) -> list[int]:
-  """Rows of the runs (not their twins) in a batch of n pairs."""
-  return list(range(0, 2 * n, 2))

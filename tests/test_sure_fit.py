@@ -23,12 +23,12 @@ CFG = fit.for_backend(
 )[1]
 
 
-def pair_batch(cfg, clean, y, y_twin, probe, eps):
-  keys = [train.run_keys(cfg.seed, 0)] * 2
-  batch = fit.make_batch(NET, cfg, keys, np.stack([y, y_twin]), clean_NxHxWxC=np.stack([clean, clean]))
-  extra = dict(
-    probe=jnp.asarray(np.stack([probe, probe])), sure_eps=jnp.full((2,), eps), sure_sigma=jnp.full((2,), SIGMA)
-  )
+def pair_batch(cfg, clean, ys, probe, eps):
+  """One run's rows: y and its twins (y + eps b, and for --sure_diff=central y - eps b)."""
+  n = len(ys)
+  keys = [train.run_keys(cfg.seed, 0)] * n
+  batch = fit.make_batch(NET, cfg, keys, np.stack(ys), clean_NxHxWxC=np.stack([clean] * n))
+  extra = dict(probe=jnp.asarray(np.stack([probe] * n)), sure_eps=jnp.full((n,), eps), sure_sigma=jnp.full((n,), SIGMA))
   return batch.replace(**extra), keys
 
 
@@ -43,7 +43,7 @@ def test_twin_without_perturbation_fits_the_same_run(image):
   """A twin fitted to y itself repeats its run bit for bit, so the divergence is 0 and SURE is
   |y - f|^2 / N - sigma^2 (a pair whose rows drift apart would show a nonzero divergence)."""
   clean, y, b = image
-  batch, keys = pair_batch(CFG, clean, y, y, b, 0.1)
+  batch, keys = pair_batch(CFG, clean, [y, y], b, 0.1)
   res = fit.fit(NET, CFG, batch, keys)
   np.testing.assert_array_equal(res.history["loss"][:, 0], res.history["loss"][:, 1])
   np.testing.assert_array_equal(res.last_NxHxWxC[0], res.last_NxHxWxC[1])
@@ -52,23 +52,28 @@ def test_twin_without_perturbation_fits_the_same_run(image):
   assert res.history["sure_psnr"][-1, 0] == pytest.approx(sure.psnr_of_mse(mse), abs=1e-3)
 
 
-@pytest.mark.parametrize("loop", ["host", "scan"])
-def test_pair_sure_equals_sure_from_two_separate_fits(image, loop):
-  """The in-device pair arithmetic (sure_fit.track) against sure.sure on the outputs of y and
-  y + eps b fitted alone; --stop=sure reports the output at the eval step of highest SURE PSNR."""
+@pytest.mark.parametrize("loop,diff", [("host", "forward"), ("scan", "forward"), ("host", "central")])
+def test_group_sure_equals_sure_from_separate_fits(image, loop, diff):
+  """The in-device arithmetic (sure_fit.track) against sure.sure on the outputs of y, y + eps b
+  (and y - eps b) fitted alone; --stop=sure reports the output at the eval step of highest SURE PSNR."""
   clean, y, b = image
-  cfg = dataclasses.replace(CFG, loop=loop)
+  cfg = dataclasses.replace(CFG, loop=loop, sure_diff=diff)
   eps = SIGMA  # the default --sure_eps=1 (a fraction of sigma)
-  batch, keys = pair_batch(cfg, clean, y, y + eps * b, b, eps)
+  ys = [y, y + eps * b] + ([y - eps * b] if diff == "central" else [])
+  batch, keys = pair_batch(cfg, clean, ys, b, eps)
   res = fit.fit(NET, cfg, batch, keys)
   alone = dataclasses.replace(cfg, stop="fixed")
-  f, f_twin = (
-    fit.fit(NET, alone, fit.make_batch(NET, alone, keys[:1], x[None]), keys[:1]).final_NxHxWxC[0]
-    for x in (y, y + eps * b)
+  f, *twins = (
+    fit.fit(NET, alone, fit.make_batch(NET, alone, keys[:1], x[None]), keys[:1]).final_NxHxWxC[0] for x in ys
   )
-  expect = sure.sure(y, f, SIGMA, float(np.sum(b * (f_twin - f))) / eps)
+  div = (
+    float(np.sum(b * (twins[0] - f))) / eps
+    if diff == "forward"
+    else float(np.sum(b * (twins[0] - twins[1]))) / (2 * eps)
+  )
+  expect = sure.sure(y, f, SIGMA, div)
   got = res.history["sure_psnr"][-1]
-  assert got[0] == got[1]  # the twin's row carries its run's value
+  assert np.all(got == got[0])  # the twins' rows carry their run's value
   assert got[0] == pytest.approx(sure.psnr_of_mse(expect), abs=2e-3)
   evals = np.flatnonzero(~np.isnan(res.history["sure_psnr"][:, 0]))
   assert list(evals + 1) == list(range(2, 11, 2))
