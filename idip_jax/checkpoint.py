@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import zipfile
 
 import jax
@@ -35,7 +34,6 @@ def save(path: str, done: int, states, history: dict[str, list[np.ndarray]]) -> 
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with outputs.atomic_open(path) as f:
     np.savez(f, done=np.int64(done), n_leaves=np.int64(len(leaves)), **arrays)
-  fault("checkpoint")
 
 
 def load(path: str, like_states):
@@ -52,11 +50,3 @@ def load(path: str, like_states):
     raise Damaged(f"checkpoint {path} does not match this fit")
   treedef = jax.tree_util.tree_structure(like_states)
   return done, jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]), history
-
-
-def fault(event: str) -> None:
-  """Fault injection for the resume tests: IDIP_FAULT=<event> kills this process (SIGKILL,
-  which no handler sees) right after `event` ("checkpoint": a checkpoint was written;
-  "image": an image's results were written)."""
-  if os.environ.get("IDIP_FAULT") == event:
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -475,7 +475,9 @@ def run(
       outputs.write_json(results_path, res_all)  # incremental
       if os.path.isfile(ckpt):
         os.remove(ckpt)  # the call's results are written: its checkpoint is spent
-      checkpoint.fault("image")
+  if res_all["complete"]:  # a run killed between writing a call's results and removing its checkpoint
+    for spent in glob.glob(os.path.join(glob.escape(ckpt_dir), "call-*.npz")):
+      os.remove(spent)
   if n_proc > 1:
     res_all = results.merge_processes(res_all, all_images, cfg, results_path, t_start)
   if proc == 0 and all(im.clean_HxWxC is not None for im in all_images) and res_all["images"]:

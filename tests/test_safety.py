@@ -155,13 +155,14 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     "--batch_size=1",
   ] + TINY_ARGS
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # A fault: tests/fault_run.py kills run.py right after the event (no hook in the package).
   go = lambda wd, *extra, fault=None: subprocess.run(
-    base + [f"--workdir={wd}", *extra],
+    (base if fault is None else [sys.executable, "tests/fault_run.py", fault] + base[2:]) + [f"--workdir={wd}", *extra],
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=300,
-    env=dict(env, IDIP_FAULT=fault) if fault else env,
+    env=env,
   )
   assert go(tmp_path / "full").returncode == 0
   full = json.loads((tmp_path / "full" / "results.json").read_text())
