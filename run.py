@@ -9,7 +9,7 @@ import sys
 
 from absl import flags
 
-from idip_jax import config, runner
+from idip_jax import cli, config
 from idip_jax.data import InputError
 
 config.define_flags(flags.FLAGS, config.JobConfig)
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  return runner.run_cli(job, flags.FLAGS.flags_into_string())
+  return cli.run_cli(job, flags.FLAGS.flags_into_string())
 
 
 if __name__ == "__main__":

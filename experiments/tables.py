@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, metrics, outputs, prelim, results, runner  # noqa: E402
+from idip_jax import config, data, metrics, outputs, prelim, results, resume, runner  # noqa: E402
 
 F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # every run setting, as in run.py (--crop, --noise, --workdir...)
@@ -252,7 +252,7 @@ def comparable(cfg: runner.RunConfig) -> dict:
   out = {}
   for path, f, _ in config.leaves(runner.RunConfig):
     key = ".".join(path)
-    if config.flag_name(f) is None or path[-1] in runner.RESUME_FREE + HOW:
+    if config.flag_name(f) is None or path[-1] in resume.RESUME_FREE + HOW:
       continue
     if key == "net.in_channels" and config.METHODS[cfg.method].prelim_input:
       continue
@@ -290,8 +290,8 @@ class Runner:
       return None
     # Per-call batch sizes change the grouping of runs, not the runs (batched == single fits);
     # the folder's location is not part of the job (a copied or moved folder is reused).
-    want, have = comparable(cfg), runner.read_stored(cfg_path)
-    res = runner.read_stored(res_path)
+    want, have = comparable(cfg), resume.read_stored(cfg_path)
+    res = resume.read_stored(res_path)
     if res.get("code_hash") != outputs.code_hash():
       if not F.allow_other_code:
         print(f"rerunning {cfg.workdir}: made by other code ({res.get('commit', '?')})", flush=True)
@@ -346,7 +346,7 @@ class Runner:
     if job.method != "prelim" and (done := self.finished(cfg)) is not None:
       self.done[job] = done
       return done
-    images = runner.load_and_check(cfg)
+    images = runner.load_inputs(cfg)
     if F.max_images or F.smoke:
       images = images[: F.max_images or 3]
     key = (job.dataset, job.sigma, job.prelim)

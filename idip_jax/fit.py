@@ -37,7 +37,7 @@ from idip_jax.train import (
   train_step,
 )
 
-# Set by the Ctrl-C watcher of runner.stop_on_ctrl_c (run.py); the fit loop raises KeyboardInterrupt at the
+# Set by the Ctrl-C watcher of cli.stop_on_ctrl_c (run.py); the fit loop raises KeyboardInterrupt at the
 # next chunk boundary. Python's own handler raises wherever the main thread is, and there JAX's gc
 # callback (_xla_gc_callback) can swallow it as "Exception ignored" (seen under pytest-xdist: the run
 # went on fitting).

@@ -153,7 +153,7 @@ def run_record(
   candidates: dict | None = None,
 ) -> dict:
   """Run j of a fit (its row in res); candidates (--stop=sure): the image's x_bar candidates
-  (runner.sure_inputs) that NAME_sure.png blends with the run's output and EMA."""
+  (sure_fit.inputs) that NAME_sure.png blends with the run's output and EMA."""
   h, w, _ = im.noisy_HxWxC.shape
   final, ema = res.final_NxHxWxC[j, :h, :w], res.ema_NxHxWxC[j, :h, :w]
   tag = im.name if cfg.fit.seeds == 1 else f"{im.name}_seed{k}"

@@ -7,8 +7,6 @@ import contextlib
 import dataclasses
 import datetime
 import glob
-import hashlib
-import json
 import logging as std_logging
 import os
 import signal
@@ -18,14 +16,12 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idip_jax import batching, checkpoint, config, data, fit, outputs, prelim, results, sure_fit, tasks
+from idip_jax import batching, buckets, checkpoint, config, data, fit, outputs, prelim, results, resume, sure_fit, tasks
 from idip_jax.config import DEFAULT_STEPS, METHODS, JobConfig, RunConfig
 from idip_jax.data import Image, InputError, OutputError
-from idip_jax.train import Batch, run_keys
 
 
 def validate(cfg: RunConfig) -> None:
@@ -111,7 +107,7 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
   net, fit_cfg = fit.for_backend(net, fit_cfg, backend)
   batch_size = cfg.batch_size
   if cfg.fit.batch_strategy == "auto":
-    # Chosen per bucket by timing the candidates on its shape (plan_buckets -> batching.choose),
+    # Chosen per bucket by timing the candidates on its shape (buckets.plan -> batching.choose),
     # not by the backend's default; config.json records the choice per bucket.
     fit_cfg = dataclasses.replace(fit_cfg, batch_strategy="auto")
     net = dataclasses.replace(net, batch_conv=cfg.net.batch_conv)
@@ -121,7 +117,7 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
 
 
 def load_inputs(cfg: RunConfig) -> list[Image]:
-  validate(cfg)
+  """The images of a validated config: y (and the ground truth where there is one) per task."""
   task = cfg.fit.task
   images = data.load_images(
     cfg.input,
@@ -145,206 +141,15 @@ def load_inputs(cfg: RunConfig) -> list[Image]:
       if h % side or w % side:
         raise InputError(f"{im.name}: {h}x{w} HR is not a multiple of 2^scales = {side} (use --sr_crop)")
   image_channels(images)
+  return images
+
+
+def check_xbar(cfg: RunConfig, images: list[Image]) -> None:
+  """x_bar's maker and --stop=sure's candidates can run on these images (weights, files, sizes)."""
   if cfg.prelim.name != "none":
     prelim.REGISTRY[cfg.prelim.name].check(cfg, images)
   if cfg.fit.stop == "sure":  # NAME_sure.png blends the fit with these
     prelim.check_candidates(cfg, images)
-  return images
-
-
-def paths_read(cfg: RunConfig) -> tuple[str, ...]:
-  """Every file and folder the run reads: --overwrite must not delete any of them."""
-  try:
-    reads = [p for p in data.list_inputs(cfg.input) if not p.startswith("skimage:")]
-  except InputError:  # images handed to run() by an experiment, cfg.input a label
-    reads = []
-  if cfg.prelim.name == "file":
-    reads.append(cfg.prelim.prelim_dir)
-  if cfg.prelim.name in ("ffdnet", "dncnn"):
-    reads += [p for p in (cfg.prelim.weights, cfg.prelim.weights_dir) if p]
-  if cfg.fit.task == "inpaint" and tasks.parse_keep(cfg.mask) is None:
-    reads.append(cfg.mask)
-  return tuple(reads)
-
-
-def input_digests(cfg: RunConfig, images: list[Image]) -> dict[str, str]:
-  """A checksum per image of what it fits (y, ground truth, mask) and of its x_bar file: a
-  --resume refuses a stored run whose inputs changed since (config.json records them)."""
-  out = {}
-  for im in images:
-    h = hashlib.sha1()
-    for a in (im.noisy_HxWxC, im.clean_HxWxC, im.observed_HxWx1, im.lr_HxWxC):
-      if a is not None:
-        h.update(np.ascontiguousarray(a, np.float32).tobytes())
-    if cfg.prelim.name == "file":
-      with open(prelim.file_for(cfg, im.name), "rb") as f:
-        h.update(f.read())
-    out[im.name] = h.hexdigest()[:16]
-  return out
-
-
-def read_stored(path: str) -> dict:
-  """A stored run's JSON file (config.json, results.json); one line if it is damaged."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise InputError(
-      f"--resume: {path} is damaged ({type(e).__name__}: {e}); restore it, or run again into a new --workdir"
-    ) from None
-
-
-def load_and_check(cfg: RunConfig) -> list[Image]:
-  images = load_inputs(cfg)
-  check_output_folder(cfg, images)
-  return images
-
-
-# Settings that may differ between a run and its --resume: where and how outputs are written.
-RESUME_FREE = (
-  "workdir",
-  "overwrite",
-  "resume",
-  "batch_size",
-  "batch_cache",
-  "checkpoint_every",
-  "save_images",
-  "save_float",
-  "buckets",
-  "inputs",  # compared by content (input_digests), below
-)
-# Output file names per image are NAME[_seedK]_KIND.png, written as .NAME..._KIND.png.XXXXXXXX.tmp first.
-OUTPUT_NAME_EXTRA = 40
-
-
-def check_output_names(images: list[Image]) -> None:
-  for im in images:
-    if len(im.name.encode()) + OUTPUT_NAME_EXTRA > 255:
-      raise InputError(f"{im.name}: the image's name is too long for the names of its output files")
-
-
-def check_output_folder(cfg: RunConfig, images: list[Image]) -> None:
-  """A new run needs an empty (or --overwrite-able) workdir; --resume needs the stored run's
-  folder and the same settings (one line naming the first that differs)."""
-  check_output_names(images)
-  if not cfg.resume:
-    outputs.check_workdir(cfg.workdir, cfg.overwrite, paths_read(cfg))
-    return
-  path = os.path.join(cfg.workdir, "config.json")
-  if not os.path.isfile(path):
-    raise InputError(f"--resume: no run to continue in --workdir={cfg.workdir} (no config.json)")
-  have = read_stored(path)
-  if os.path.isfile(os.path.join(cfg.workdir, "results.json")):
-    read_stored(os.path.join(cfg.workdir, "results.json"))
-  want = json.loads(json.dumps(dataclasses.asdict(resolve(cfg, image_channels(images)))))
-
-  def first_difference(a, b, where=""):
-    for k in sorted(set(a) | set(b)):
-      if k in RESUME_FREE and not where:
-        continue
-      if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-        d = first_difference(a[k], b[k], where + k + ".")
-        if d:
-          return d
-      elif a.get(k) != b.get(k):
-        return f"{where}{k} (stored {b.get(k)!r}, now {a.get(k)!r})"
-    return None
-
-  diff = first_difference(want, have)
-  if diff:
-    raise InputError(f"--resume: the settings differ from the stored run in {cfg.workdir}: {diff}")
-  stored = have.get("inputs")
-  if stored is None:
-    raise InputError(
-      f"--resume: the stored run in {cfg.workdir} records no input checksums (made before they were), so "
-      "its results cannot be checked against the inputs: run again into a new --workdir"
-    )
-  now = input_digests(cfg, images)
-  for name in sorted(set(stored) | set(now)):
-    if stored.get(name) != now.get(name):
-      what = "is new" if name not in stored else "is gone" if name not in now else "has changed (or its x_bar/mask)"
-      raise InputError(
-        f"--resume: input {name} {what} since the stored run in {cfg.workdir}; its results would not be of "
-        "these inputs: run again into a new --workdir"
-      )
-
-
-def plan_buckets(cfg: RunConfig, images: list[Image], done: set[str]) -> list[dict]:
-  """Same-shape buckets of the images (padded to a multiple of 2^scales), each with its runs
-  (image index, seed) still to fit and its runs per call."""
-  plan = []
-  for (ph, pw, c), idx in data.bucket_keys(images, cfg.net.scales).items():
-    runs = [(i, k) for i in idx for k in range(cfg.fit.seeds) if images[i].name not in done]
-    has_gt = images[idx[0]].clean_HxWxC is not None
-    bucket = {"shape": [ph, pw, c], "images": len(idx), "runs": runs}
-    if cfg.fit.batch_strategy == "auto":  # a bucket with no runs left (--resume) times nothing: one candidate
-      choice = batching.choose(
-        cfg.net, cfg.fit, (ph, pw, c), max(len(runs), 1), cfg.batch_size, has_gt, cfg.batch_cache
-      )
-      bucket.update({k: choice[k] for k in ("batch_size", "batch_strategy", "batch_conv")}, batch_choice=choice)
-    else:
-      per_call = cfg.batch_size or (
-        batching.auto_batch_size(cfg.net, cfg.fit, ph, pw, len(runs), with_gt=has_gt) if runs else 1
-      )
-      bucket.update(batch_size=per_call, batch_strategy=cfg.fit.batch_strategy, batch_conv=cfg.net.batch_conv)
-    if cfg.fit.stop == "sure" and not cfg.batch_size:  # each run comes with its twins: 2 or 3 rows per run
-      bucket["batch_size"] = max(1, bucket["batch_size"] // sure_fit.rows_per_run(cfg.fit))
-    plan.append(bucket)
-  return plan
-
-
-def bucket_configs(cfg: RunConfig, bucket: dict) -> tuple:
-  """The net and fit configs a bucket's calls run with: its batch strategy and lowering."""
-  return (
-    dataclasses.replace(cfg.net, batch_conv=bucket["batch_conv"]),
-    dataclasses.replace(cfg.fit, batch_strategy=bucket["batch_strategy"]),
-  )
-
-
-def make_call_batch(
-  cfg: RunConfig, images: list[Image], prelims: list, part: list[tuple[int, int]], shape: list[int], twins=None
-) -> tuple[Batch, list]:
-  """The batch of a call's runs; with twins (--stop=sure: per twin sign, sure_fit.twin of each image
-  and its x_bar) each run's row is followed by its twins' rows: same seed, y + eps b (and y - eps b)."""
-  if twins is not None:
-    group = 1 + len(twins)
-    rows = [(i, k, g) for i, k in part for g in range(group)]
-    ims = [images[i] if g == 0 else twins[g - 1][0][i] for i, _, g in rows]
-    pres = [prelims[i] if g == 0 else twins[g - 1][1][i] for i, _, g in rows]
-    batch, keys = make_call_batch(cfg, ims, pres, [(r, k) for r, (_, k, _) in enumerate(rows)], shape)
-    ph, pw, _ = shape
-    probe = [
-      data.pad_reflect(sure_fit.probe_for(images[i].name, images[i].noisy_HxWxC.shape), ph, pw) for i, _, _ in rows
-    ]
-    s = np.full((len(rows),), cfg.sigma / 255.0, np.float32)
-    eps = np.full_like(s, cfg.fit.sure_eps * cfg.sigma / 255.0)
-    return batch.replace(
-      probe=jnp.asarray(np.stack(probe) * batch.mask), sure_eps=jnp.asarray(eps), sure_sigma=jnp.asarray(s)
-    ), keys
-  ph, pw, _ = shape
-  pad = lambda x: data.pad_reflect(x, ph, pw)
-  keys = [run_keys(cfg.fit.seed, k) for _, k in part]
-  has_gt = images[part[0][0]].clean_HxWxC is not None
-  extent = np.stack([data.mask_for(*images[i].noisy_HxWxC.shape[:2], ph, pw) for i, _ in part])
-  # y and the loss's mask per task (tasks.py): the noisy image; the masked image and its
-  # observed pixels; the low-resolution image, all of it (SR images are never padded).
-  y, loss_mask = np.stack([pad(images[i].noisy_HxWxC) for i, _ in part]), None
-  if cfg.fit.task == "inpaint":
-    loss_mask = extent * np.stack([pad(images[i].observed_HxWx1) for i, _ in part])
-  if cfg.fit.task == "sr":
-    y = np.stack([images[i].lr_HxWxC for i, _ in part])
-    loss_mask = np.ones((*y.shape[:3], 1), np.float32)
-  batch = fit.make_batch(
-    cfg.net,
-    cfg.fit,
-    keys,
-    y,
-    prelim_NxHxWxC=np.stack([pad(prelims[i]) for i, _ in part]) if prelims[part[0][0]] is not None else None,
-    clean_NxHxWxC=np.stack([pad(images[i].clean_HxWxC) for i, _ in part]) if has_gt else None,
-    mask_NxHxWx1=extent,
-    loss_mask_NxHxWx1=loss_mask,
-  )
-  return batch, keys
 
 
 def run(
@@ -354,17 +159,30 @@ def run(
   prelim_images: dict[str, np.ndarray] | None = None,
   prelim_info: dict[str, dict] | None = None,
 ) -> dict:
-  """images / prelim_images: already loaded inputs and x_bar by name (tables reuse them);
-  prelim_info: what x_bar's maker reported per image (prelim.run)."""
+  """One method's job in a straight line: validate -> load -> check x_bar and the workdir ->
+  resolve (once) -> fit_and_record. images / prelim_images: already loaded inputs and x_bar by name
+  (tables reuse them); prelim_info: what x_bar's maker reported per image (prelim.run)."""
+  validate(cfg)
+  images = load_inputs(cfg) if images is None else images
+  if prelim_images is None:
+    check_xbar(cfg, images)
+  resolved = resolve(cfg, image_channels(images))
+  resume.check_output_folder(cfg, resolved, images)  # every input error surfaces by here, before compute
+  return fit_and_record(resolved, images, flags_text, prelim_images, prelim_info)
+
+
+def fit_and_record(
+  cfg: RunConfig,
+  images: list[Image],
+  flags_text: str = "",
+  prelim_images: dict[str, np.ndarray] | None = None,
+  prelim_info: dict[str, dict] | None = None,
+) -> dict:
+  """The checked and resolved run: x_bar, every bucket's fits in calls, results written as they come."""
   t_start = time.perf_counter()
-  if images is None:
-    images = load_and_check(cfg)  # every input error surfaces here, before compute
-  else:
-    validate(cfg)
-    check_output_folder(cfg, images)
   n_proc, proc = jax.process_count(), jax.process_index()
   if proc == 0 and not cfg.resume:
-    outputs.prepare_workdir(cfg.workdir, cfg.overwrite, paths_read(cfg))
+    outputs.prepare_workdir(cfg.workdir, cfg.overwrite, resume.paths_read(cfg))
   results.barrier("workdir", n_proc)
   img_dir, hist_dir = os.path.join(cfg.workdir, "images"), os.path.join(cfg.workdir, "history")
   os.makedirs(img_dir, exist_ok=True), os.makedirs(hist_dir, exist_ok=True)
@@ -378,11 +196,10 @@ def run(
   if flags_text and proc == 0 and not cfg.resume:
     with outputs.atomic_open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
       f.write(flags_text)
-  digests = input_digests(cfg, all_images)
-  cfg = resolve(cfg, image_channels(all_images))
+  digests = resume.input_digests(cfg, all_images)
   records: dict[str, dict] = {}
   if cfg.resume and os.path.isfile(results_path):
-    records = {r["name"]: r for r in read_stored(results_path)["images"]}
+    records = {r["name"]: r for r in resume.read_stored(results_path)["images"]}
     logging.info("resuming %s: %d of %d images finished", cfg.workdir, len(records), len(images))
 
   prelims: list[np.ndarray | None] = [None] * len(images)
@@ -397,8 +214,8 @@ def run(
   prelim_sigmas = _prelim_sigmas(cfg, images)
   twins, candidates = None, None
   if cfg.fit.stop == "sure" and images:
-    twins, candidates = sure_inputs(cfg, images, prelims)
-  plan = plan_buckets(cfg, images, set(records))
+    twins, candidates = sure_fit.inputs(cfg, images, prelims)
+  plan = buckets.plan(cfg, images, set(records))
   if proc == 0 and not cfg.resume:
     outputs.write_json(
       os.path.join(cfg.workdir, "config.json"),
@@ -451,11 +268,11 @@ def run(
     )
 
     def fit_call(part, b=b, shape=shape, runs=runs, what=what):  # bound: the calls run in this iteration
-      batch, keys = make_call_batch(cfg, images, prelims, part, shape, twins)
+      batch, keys = buckets.call_batch(cfg, images, prelims, part, shape, twins)
       start = runs.index(part[0])
       label = f"[bucket {b + 1}/{len(plan)} {what}, runs {start + 1}-{start + len(part)}/{len(runs)}] "
       ckpt = checkpoint.call_path(ckpt_dir, [f"{images[i].name}:{k}" for i, k in part])
-      net_b, fit_b = bucket_configs(cfg, plan[b])
+      net_b, fit_b = buckets.configs(cfg, plan[b])
       return ckpt, fit.fit(net_b, fit_b, batch, keys, label=label, ckpt_path=ckpt, ckpt_every=cfg.checkpoint_every)
 
     for part, (ckpt, res) in batching.fit_in_calls(runs, bucket["batch_size"], fit_call, what):
@@ -491,30 +308,6 @@ def run(
   return res_all
 
 
-def sure_inputs(cfg: RunConfig, images: list[Image], prelims: list) -> tuple[list, list[dict]]:
-  """--stop=sure: each image's twins (y + eps b; central: and y - eps b) with their x_bar, and the
-  x_bar candidates that NAME_sure.png blends with the fit (per image: names, outputs, divergences
-  from the same probe)."""
-  t = time.perf_counter()
-  eps = cfg.fit.sure_eps * cfg.sigma / 255.0
-  twins = []
-  for sign in (1.0, -1.0)[: sure_fit.rows_per_run(cfg.fit) - 1]:
-    twin_images = [sure_fit.twin(im, sign * eps) for im in images]
-    twins.append((twin_images, prelim.run(cfg, twin_images)[0] if prelims[0] is not None else [None] * len(images)))
-  names, outs, divs = prelim.candidate_outputs(cfg, images)
-  candidates = [
-    {"names": names, "outputs": [outs[c][i] for c in names], "divs": [divs[c][i] for c in names]}
-    for i in range(len(images))
-  ]
-  logging.info(
-    "--stop=sure: twins and x_bar candidates (%s) of %d images in %.1fs",
-    ",".join(names),
-    len(images),
-    time.perf_counter() - t,
-  )
-  return twins, candidates
-
-
 def _prelim_sigmas(cfg: RunConfig, images: list[Image]) -> dict[str, float]:
   """The noise level x_bar was made for, per image: --sigma, or the blind estimate (logged and
   recorded); warns when it lies outside what the denoiser was trained on."""
@@ -546,17 +339,24 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
   top = cfgs[0].workdir
   for c in cfgs:
     validate(c)
-  images = load_inputs(cfgs[0])  # every input error surfaces here, before compute
-  subs = [dataclasses.replace(c, workdir=os.path.join(top, c.method)) for c in cfgs]
+  images = load_inputs(cfgs[0])
+  uses = lambda c: METHODS[c.method].prelim_input or METHODS[c.method].prelim_loss
+  # Each method in its sub-folder; one without x_bar gets none (its fit never reads one).
+  subs = [
+    dataclasses.replace(c, workdir=os.path.join(top, c.method), prelim=c.prelim if uses(c) else no_prelim(c))
+    for c in cfgs
+  ]
+  for c in subs:
+    check_xbar(c, images)
+  resolved = [resolve(c, image_channels(images)) for c in subs]
   if cfgs[0].resume:
-    for c in subs:
-      check_output_folder(c, images)
+    for c, r in zip(subs, resolved):
+      resume.check_output_folder(c, r, images)
   else:
-    check_output_names(images)
-    outputs.check_workdir(top, cfgs[0].overwrite, paths_read(cfgs[0]))
-  needs_prelim = [c for c in subs if METHODS[c.method].prelim_input or METHODS[c.method].prelim_loss]
-  for c in needs_prelim:
-    prelim.REGISTRY[c.prelim.name].check(c, images)
+    resume.check_output_names(images)
+    outputs.check_workdir(top, cfgs[0].overwrite, resume.paths_read(cfgs[0]))
+  # every input error surfaces by here, before compute
+  needs_prelim = [c for c in subs if uses(c)]
   prelims, prelim_info = None, None
   if needs_prelim:
     t = time.perf_counter()
@@ -566,17 +366,14 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
     prelim_info = dict(zip([im.name for im in images], infos))
     logging.info("preliminary denoiser %s: %d images in %.1fs", c.prelim.name, len(images), time.perf_counter() - t)
   if not cfgs[0].resume:
-    outputs.prepare_workdir(top, cfgs[0].overwrite, paths_read(cfgs[0]))
+    outputs.prepare_workdir(top, cfgs[0].overwrite, resume.paths_read(cfgs[0]))
   res = {}
-  for c in subs:
+  for c, r in zip(subs, resolved):
     logging.info("=== %s", c.method)
-    uses = c in needs_prelim
-    res[c.method] = run(
-      c if uses else dataclasses.replace(c, prelim=no_prelim(c)),
-      flags_text,
-      images=images,
-      prelim_images=prelims if uses else None,
-      prelim_info=prelim_info if uses else None,
+    if not c.resume:  # the sub-folder: new, inside the top folder just prepared
+      resume.check_output_folder(c, r, images)
+    res[c.method] = fit_and_record(
+      r, images, flags_text, prelims if uses(c) else None, prelim_info if uses(c) else None
     )
   summary = {m: dict(r["mean"], steps=r["steps"], wall_seconds=r["wall_seconds"]) for m, r in res.items()}
   outputs.write_json(os.path.join(top, "summary.json"), summary)

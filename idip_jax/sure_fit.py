@@ -11,14 +11,16 @@ own), as ES-WMV keeps its step's; the twin's rows are dropped from every record.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from idip_jax import sure
+from idip_jax import prelim, sure
 from idip_jax.data import Image
 
 TWIN_SUFFIX = "~sure"  # the twin image's name (it never reaches a file or a record)
@@ -112,3 +114,27 @@ def track(state: SureState, ev: dict, ema: jax.Array, batch, done: jax.Array, gr
   )
   psnr = lambda m: -10.0 * jnp.log10(jnp.maximum(m, 1e-12))
   return state, {"sure_psnr": psnr(mse), "sure_psnr_ema": psnr(mse_ema)}
+
+
+def inputs(cfg, images: list[Image], prelims: list) -> tuple[list, list[dict]]:
+  """--stop=sure: each image's twins (y + eps b; central: and y - eps b) with their x_bar, and the
+  x_bar candidates that NAME_sure.png blends with the fit (per image: names, outputs, divergences
+  from the same probe)."""
+  t = time.perf_counter()
+  eps = cfg.fit.sure_eps * cfg.sigma / 255.0
+  twins = []
+  for sign in (1.0, -1.0)[: rows_per_run(cfg.fit) - 1]:
+    twin_images = [twin(im, sign * eps) for im in images]
+    twins.append((twin_images, prelim.run(cfg, twin_images)[0] if prelims[0] is not None else [None] * len(images)))
+  names, outs, divs = prelim.candidate_outputs(cfg, images)
+  candidates = [
+    {"names": names, "outputs": [outs[c][i] for c in names], "divs": [divs[c][i] for c in names]}
+    for i in range(len(images))
+  ]
+  logging.info(
+    "--stop=sure: twins and x_bar candidates (%s) of %d images in %.1fs",
+    ",".join(names),
+    len(images),
+    time.perf_counter() - t,
+  )
+  return twins, candidates

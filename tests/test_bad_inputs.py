@@ -370,7 +370,7 @@ def test_resume_of_a_finished_run_prints_its_results(case_dir, capsys):
 
 
 def test_resume_checksums_cover_xbar_files_and_masks(tmp_path):
-  from idip_jax import config, data, runner, tasks
+  from idip_jax import config, data, resume, tasks
 
   write_png(str(tmp_path / "a.png"), smooth_image(32, 32, 1, seed=1))
   (tmp_path / "xbar").mkdir()
@@ -378,13 +378,13 @@ def test_resume_checksums_cover_xbar_files_and_masks(tmp_path):
   xbar = config.PrelimConfig(name="file", prelim_dir=str(tmp_path / "xbar"))
   cfg = config.RunConfig(input=str(tmp_path / "a.png"), sigma=25, prelim=xbar)
   images = data.load_images(cfg.input, cfg.sigma)
-  first = runner.input_digests(cfg, images)
-  assert first == runner.input_digests(cfg, images)
+  first = resume.input_digests(cfg, images)
+  assert first == resume.input_digests(cfg, images)
   write_png(str(tmp_path / "xbar" / "a.png"), smooth_image(32, 32, 1, seed=3))
-  assert runner.input_digests(cfg, images) != first  # the x_bar file changed
+  assert resume.input_digests(cfg, images) != first  # the x_bar file changed
   clean = [dataclasses.replace(im, clean_HxWxC=im.noisy_HxWxC) for im in data.load_images(cfg.input, 0)]
   plain = dataclasses.replace(cfg, prelim=config.PrelimConfig())
-  masked = [runner.input_digests(plain, tasks.inpaint_images(clean, f"bernoulli:{p}", 0, 0)) for p in (0.5, 0.6)]
+  masked = [resume.input_digests(plain, tasks.inpaint_images(clean, f"bernoulli:{p}", 0, 0)) for p in (0.5, 0.6)]
   assert masked[0] != masked[1]  # the observed pixels are part of the checksum
 
 

@@ -149,7 +149,7 @@ def test_auto_strategy_picks_the_fastest_and_caches_it(tmp_path):
 
 def test_auto_strategy_times_real_steps_and_config_json_records_it(tmp_path):
   # The default timer on a real (tiny) bucket: every candidate gets a positive rate, and the run's
-  # config.json records the choice per bucket (runner.plan_buckets).
+  # config.json records the choice per bucket (buckets.plan).
   from conftest import write_png
 
   from idip_jax import runner
