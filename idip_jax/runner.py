@@ -3,25 +3,18 @@ fit every same-shape bucket in calls, write results incrementally."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import glob
-import logging as std_logging
 import os
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
 from absl import logging
 
 from idip_jax import batching, buckets, checkpoint, config, data, fit, outputs, prelim, results, resume, sure_fit, tasks
-from idip_jax.config import DEFAULT_STEPS, METHODS, JobConfig, RunConfig
-from idip_jax.data import Image, InputError, OutputError
+from idip_jax.config import DEFAULT_STEPS, METHODS, RunConfig
+from idip_jax.data import Image, InputError
 
 
 def validate(cfg: RunConfig) -> None:
@@ -402,113 +395,3 @@ def where_outputs_are(top: str, subs: list[str]) -> str:
   sub = "{" + ",".join(subs) + "}/" if subs != [""] else ""
   curve = os.path.isfile(os.path.join(top, subs[0], "psnr_curve.png"))
   return f"outputs in {top}/: images in {sub}images/" + (f", PSNR curves in {sub}psnr_curve.png" if curve else "")
-
-
-@contextlib.contextmanager
-def stop_on_ctrl_c(on_quit: Callable[[], None]):
-  """Ctrl-C stops the fit at its next chunk end, with a checkpoint (fit.INTERRUPTED), and says so
-  at once; a second Ctrl-C calls on_quit (which exits). The main thread may be inside XLA's
-  compiler for a minute, where no Python signal handler runs: so SIGINT is blocked in this thread
-  (and the threads it starts) and a watcher thread takes it with sigtimedwait."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-
-  def pressed():
-    if fit.INTERRUPTED.is_set():
-      on_quit()
-    fit.INTERRUPTED.set()
-    print(
-      "Ctrl-C: stopping at the end of the current chunk of steps (after compiling, if it is compiling), with a "
-      "checkpoint; press Ctrl-C again to quit at once",
-      file=sys.stderr,
-      flush=True,
-    )
-
-  stop = threading.Event()
-
-  def watch():
-    while not stop.is_set():
-      if signal.sigtimedwait({signal.SIGINT}, 0.2) is not None:
-        pressed()
-
-  # A thread that does not block SIGINT (started before this) may still take it: then Python's
-  # handler runs in the main thread, between bytecodes, as before.
-  previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed())
-  watcher = None
-  if hasattr(signal, "sigtimedwait"):  # not on macOS: there only the handler above
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    watcher = threading.Thread(target=watch, name="ctrl-c", daemon=True)
-    watcher.start()
-  try:
-    yield
-  finally:
-    if watcher is not None:
-      stop.set()
-      watcher.join()
-      signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    signal.signal(signal.SIGINT, previous)
-    fit.INTERRUPTED.clear()
-
-
-def interrupted_line(workdir: str) -> str:
-  """What a stopped run left and how to continue it."""
-  if not glob.glob(os.path.join(glob.escape(workdir), "**", "config.json"), recursive=True):
-    return f"interrupted before fitting began: nothing to resume in {workdir}"
-  finished = sorted(glob.glob(os.path.join(glob.escape(workdir), "**", "results.json"), recursive=True))
-  left = f"finished images are in {', '.join(finished)}" if finished else "no image had finished"
-  if glob.glob(os.path.join(glob.escape(workdir), "**", "checkpoints", "*.npz"), recursive=True):
-    left += "; the fit in progress is checkpointed"
-  return f"interrupted: {left}; run the same command with --workdir={workdir} --resume to continue"
-
-
-def run_cli(job: JobConfig, flags_text: str = "") -> int:
-  """The entry point behind run.py: an exit code, one error line for bad input (before any
-  compute) or for an output that cannot be written, progress through absl.logging, one line on
-  Ctrl-C saying how to resume."""
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  # JAX logs "Unable to initialize backend 'tpu'" at INFO on every machine without one (and it
-  # preceded every --resume refusal, which resolves the backend's settings).
-  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
-  workdir = job.run.workdir
-
-  def quit_now():
-    print(interrupted_line(workdir), file=sys.stderr, flush=True)
-    os._exit(130)  # from the watcher thread: the main thread may be inside XLA
-
-  try:
-    config.check(job)
-    if not job.methods or len(set(job.methods)) != len(job.methods):
-      raise InputError(f"--method needs distinct methods (got {','.join(job.methods)})")
-    workdir = workdir or f"runs/{'-'.join(job.methods)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    cfgs = [dataclasses.replace(job.run, method=m, workdir=workdir) for m in job.methods]
-    # Reruns skip XLA's compile (a 64 px, 5-step run: 66 s -> 14 s measured in issue 13).
-    cache = job.compile_cache or os.environ.get(
-      "IDIP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idip-jax", "jax")
-    )
-    if cache != "none":
-      jax.config.update("jax_compilation_cache_dir", cache)
-    if job.distributed:
-      init_distributed(job.coordinator, job.num_processes, job.process_id)
-    with stop_on_ctrl_c(quit_now):
-      run_methods(cfgs, flags_text=flags_text)
-  except (InputError, OutputError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2 if isinstance(e, InputError) else 1
-  except KeyboardInterrupt:
-    print(interrupted_line(workdir), file=sys.stderr)
-    return 130
-  return 0
-
-
-def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
-  """jax.distributed.initialize; empty/default arguments are auto-detected (SLURM, TPU pods...)."""
-  kw = {}
-  if coordinator:
-    kw.update(coordinator_address=coordinator)
-  if num_processes:
-    kw.update(num_processes=num_processes)
-  if process_id >= 0:
-    kw.update(process_id=process_id)
-  jax.distributed.initialize(**kw)
