@@ -72,7 +72,7 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def make_model(cfg: TrainConfig) -> DnCNN:
+def make_dncnn(cfg: TrainConfig) -> DnCNN:
   return DnCNN(depth=cfg.depth, width=cfg.width, channels=cfg.channels)
 
 
@@ -82,12 +82,12 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
   return optax.piecewise_constant_schedule(cfg.lr, {int(cfg.steps * cfg.lr_drop): 0.1})
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_dncnn_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   return optax.adam(lr_schedule(cfg))
 
 
 def create_train_state(cfg: TrainConfig, key: jax.Array) -> TrainState:
-  model, tx = make_model(cfg), make_optimizer(cfg)
+  model, tx = make_dncnn(cfg), make_dncnn_optimizer(cfg)
   variables = model.init(key, jnp.zeros((1, cfg.patch, cfg.patch, cfg.channels), jnp.float32), train=False)
   params = variables["params"]
   return TrainState(
@@ -121,7 +121,7 @@ def sample_batch(cfg: TrainConfig, images_NxHxWxC: jax.Array, key: jax.Array) ->
   return {"input": noisy, "target": target, "clean": clean}
 
 
-def train_step(
+def dncnn_step(
   model: DnCNN, tx: optax.GradientTransformation, cfg: TrainConfig, state: TrainState, images, key: jax.Array
 ) -> tuple[TrainState, dict]:
   """One Adam step on a fresh batch (drawn from fold_in(key, step)); loss = MSE(output, target)."""
@@ -229,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
   else:
     outputs.prepare_workdir(cfg.workdir, cfg.overwrite, tuple(p for p in (cfg.train_dir, cfg.val_dir) if p))
     outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
-  model, tx = make_model(cfg), make_optimizer(cfg)
+  model, tx = make_dncnn(cfg), make_dncnn_optimizer(cfg)
   key = jax.random.key(cfg.seed)
   state = create_train_state(cfg, jax.random.fold_in(key, 1))
   mngr = checkpoint_manager(cfg.workdir)
@@ -240,7 +240,7 @@ def train(cfg: TrainConfig) -> dict:
     with open(csv_path) as f:  # rows past the checkpoint are redone
       rows = [r for r in csv.DictReader(f) if int(r["step"]) <= int(state.step)]
     logging.info("resumed %s at step %d", cfg.workdir, int(state.step))
-  step_fn = jax.jit(functools.partial(train_step, model, tx, cfg), donate_argnums=0)
+  step_fn = jax.jit(functools.partial(dncnn_step, model, tx, cfg), donate_argnums=0)
   denoise = make_denoise(model)
   data_key = jax.random.fold_in(key, 2)
   t0, done0, start = time.perf_counter(), int(state.step), int(state.step)
@@ -323,5 +323,5 @@ def load_denoiser(workdir: str, channels: int):
   if cfg.channels != channels:
     raise InputError(f"--weights={workdir} is a DnCNN for {cfg.channels}-channel images, the input has {channels}")
   state = restore(workdir, create_train_state(cfg, jax.random.key(0)))
-  denoise = make_denoise(make_model(cfg))
+  denoise = make_denoise(make_dncnn(cfg))
   return lambda x: denoise(state.params, state.batch_stats, x)

@@ -37,7 +37,7 @@ def tiny(folder, workdir, **kw):
 def test_one_step_lowers_the_loss_on_its_batch(folder, tmp_path):
   cfg = tiny(folder, tmp_path / "w", batch=8)
   images = jnp.asarray(denoiser_train.load_training_images(cfg))
-  model, tx = denoiser_train.make_model(cfg), denoiser_train.make_optimizer(cfg)
+  model, tx = denoiser_train.make_dncnn(cfg), denoiser_train.make_dncnn_optimizer(cfg)
   key = jax.random.key(0)
   state0 = denoiser_train.create_train_state(cfg, key)
   batch = denoiser_train.sample_batch(cfg, images, jax.random.fold_in(key, 0))  # the batch of step 0
@@ -48,7 +48,7 @@ def test_one_step_lowers_the_loss_on_its_batch(folder, tmp_path):
     )
     return float(jnp.mean(jnp.square(out - batch["target"])))
 
-  state1, m = denoiser_train.train_step(model, tx, cfg, state0, images, key)
+  state1, m = denoiser_train.dncnn_step(model, tx, cfg, state0, images, key)
   assert float(m["loss"]) == pytest.approx(loss(state0), rel=1e-5)  # the step trained on that batch
   assert loss(state1) < 0.97 * loss(state0)  # 8% lower measured (lr 1e-2, batch 8)
   assert int(state1.step) == 1
@@ -100,7 +100,7 @@ def test_checkpoint_resumes_bit_identically_and_loads_as_x_bar(folder, tmp_path)
   # The trained net as x_bar: BatchNorm on its running statistics.
   fn = denoiser_train.load_denoiser(cfg.workdir, 1)
   noisy = data.add_awgn(smooth_image(32, 32, 1, seed=9), 25, 0, "x")[None]
-  want = denoiser_train.make_denoise(denoiser_train.make_model(cfg))(full.params, full.batch_stats, jnp.asarray(noisy))
+  want = denoiser_train.make_denoise(denoiser_train.make_dncnn(cfg))(full.params, full.batch_stats, jnp.asarray(noisy))
   np.testing.assert_allclose(np.asarray(fn(jnp.asarray(noisy))), np.asarray(want), atol=1e-6)
   with pytest.raises(data.InputError, match="for 1-channel images, the input has 3"):
     denoiser_train.load_denoiser(cfg.workdir, 3)
