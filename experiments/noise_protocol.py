@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, metrics, outputs, prelim  # noqa: E402
+from idip_jax import config, data, outputs, prelim  # noqa: E402
 
 F = flags.FLAGS
 config.define_flags(F, config.ExperimentConfig)
@@ -42,8 +42,7 @@ def main(_):
   for ds, sigma, den, paper, source, paper_per in CASES:
     for protocol in data.NOISE_PROTOCOLS:
       images = data.load_images(os.path.join(ddir, ds), sigma, 0, channels=1, noise=protocol)
-      outs = prelim.make(config.RunConfig(sigma=sigma, prelim=config.PrelimConfig(den)), images)
-      per = {im.name: float(metrics.psnr(o, im.clean_HxWxC)) for im, o in zip(images, outs)}
+      per = prelim.psnr_per_image(images, sigma, den)
       rows.append(
         {
           "set": ds,

@@ -11,7 +11,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, metrics, outputs, prelim  # noqa: E402
+from idip_jax import config, data, outputs, prelim  # noqa: E402
 
 F = flags.FLAGS
 config.define_flags(F, config.ExperimentConfig)
@@ -36,8 +36,7 @@ def main(_):
     images = data.load_images(
       os.path.join(F.data_dir or os.path.join(data.shared_dir(), "data"), name), sigma, 0, channels
     )
-    xbars = prelim.make(config.RunConfig(sigma=sigma, prelim=config.PrelimConfig(method)), images)
-    per = {im.name: float(metrics.psnr(o, im.clean_HxWxC)) for o, im in zip(xbars, images)}
+    per = prelim.psnr_per_image(images, sigma, method)
     rows.append(
       {
         "set": name,

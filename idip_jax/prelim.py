@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from idip_jax import data, denoisers, sure
-from idip_jax.config import RunConfig
+from idip_jax import data, denoisers, metrics, sure
+from idip_jax.config import PrelimConfig, RunConfig
 from idip_jax.data import Image, InputError
 from idip_jax.noise_level import estimate_sigma
 
@@ -294,6 +294,12 @@ def run(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dic
     return sure_blend(cfg, images)
   fn = _x8(REGISTRY[name].run) if cfg.prelim.x8 and name in ("ffdnet", "dncnn") else REGISTRY[name].run
   return fn(cfg, images), [{} for _ in images]
+
+
+def psnr_per_image(images: list[Image], sigma: float, denoiser: str) -> dict[str, float]:
+  """x_bar's PSNR per image for one denoiser of REGISTRY at the known sigma (default settings)."""
+  cfg = RunConfig(sigma=sigma, prelim=PrelimConfig(denoiser))
+  return {im.name: float(metrics.psnr(x, im.clean_HxWxC)) for im, x in zip(images, make(cfg, images))}
 
 
 def make(cfg: RunConfig, images: list[Image]) -> list[np.ndarray]:
