@@ -180,7 +180,7 @@ class FitConfig:
     choices=("forward", "central"),
   )
   sure_eps: float = option(
-    1.0, "--stop=sure: the twin's finite-difference step, y + eps b, as a fraction of sigma", lo=1e-6, hi=10.0
+    0.5, "--stop=sure: the twin's finite-difference step, y + eps b, as a fraction of sigma", lo=1e-6, hi=10.0
   )
   shard: bool = option(True, "split the runs of a call over all local devices")
   remat: bool = option(False, "recompute each conv block in the backward pass (less memory)")

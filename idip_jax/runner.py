@@ -174,6 +174,8 @@ def fit_and_record(
   """The checked and resolved run: x_bar, every bucket's fits in calls, results written as they come."""
   t_start = time.perf_counter()
   n_proc, proc = jax.process_count(), jax.process_index()
+  # Every process has checked the workdir before process 0 writes into it (--distributed).
+  results.barrier("checked", n_proc)
   if proc == 0 and not cfg.resume:
     outputs.prepare_workdir(cfg.workdir, cfg.overwrite, resume.paths_read(cfg))
   results.barrier("workdir", n_proc)

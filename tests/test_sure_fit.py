@@ -58,7 +58,7 @@ def test_group_sure_equals_sure_from_separate_fits(image, loop, diff):
   (and y - eps b) fitted alone; --stop=sure reports the output at the eval step of highest SURE PSNR."""
   clean, y, b = image
   cfg = dataclasses.replace(CFG, loop=loop, sure_diff=diff)
-  eps = SIGMA  # the default --sure_eps=1 (a fraction of sigma)
+  eps = SIGMA  # --sure_eps=1: the twins are far apart, the divergence large next to rounding
   ys = [y, y + eps * b] + ([y - eps * b] if diff == "central" else [])
   batch, keys = pair_batch(cfg, clean, ys, b, eps)
   res = fit.fit(NET, cfg, batch, keys)
@@ -117,9 +117,9 @@ def test_stop_sure_end_to_end(tmp_path, capsys):
 
 
 def test_sure_follows_the_true_psnr_along_a_fit(tmp_path, capsys):
-  """At the default --sure_eps (sigma) SURE's PSNR estimate follows the true PSNR of the output
-  along a 64 px fit (mean |error| 0.73 dB measured; at eps = sigma/100, the classic choice for a
-  fixed denoiser, 20 dB: the fit's chaos, not its divergence)."""
+  """At the default --sure_eps (0.5 sigma) SURE's PSNR estimate follows the true PSNR of the output
+  along a 64 px fit (mean |error| 0.40 dB measured, EMA 0.22; 0.73 at eps = sigma; at sigma/100, the
+  classic choice for a fixed denoiser, 20 dB: the fit's chaos, not its divergence)."""
   d = tmp_path / "in"
   d.mkdir()
   write_png(str(d / "a.png"), smooth_image(64, 64, 1, seed=5))
@@ -130,4 +130,4 @@ def test_sure_follows_the_true_psnr_along_a_fit(tmp_path, capsys):
   h = results.read_history(str(tmp_path / "out" / "history" / "a.csv"))
   keep = ~np.isnan(h["sure_psnr"]) & (h["step"] > 30)
   assert np.mean(np.abs(h["sure_psnr"][keep] - h["psnr"][keep])) < 1.5
-  assert np.mean(np.abs(h["sure_psnr_ema"][keep] - h["psnr_ema"][keep])) < 1.0  # 0.25 measured
+  assert np.mean(np.abs(h["sure_psnr_ema"][keep] - h["psnr_ema"][keep])) < 1.0  # 0.22 measured
