@@ -134,3 +134,34 @@ def test_sure_follows_the_true_psnr_along_a_fit(tmp_path, capsys):
   keep = ~np.isnan(h["sure_psnr"]) & (h["step"] > 30)
   assert np.mean(np.abs(h["sure_psnr"][keep] - h["psnr"][keep])) < 1.5
   assert np.mean(np.abs(h["sure_psnr_ema"][keep] - h["psnr_ema"][keep])) < 1.0  # 0.22 measured
+
+
+def test_sure_fits_experiment_writes_its_table(tmp_path, capsys):
+  """experiments/sure_fits.py on a toy --stop=sure run and its --stop=wmv twin: the table's steps and
+  PSNRs are the records', the gaps their means, the oracle columns no worse than the chosen ones."""
+  from conftest import import_experiment, parsed_flags
+
+  d = tmp_path / "in"
+  d.mkdir()
+  for i, name in enumerate("ab"):
+    write_png(str(d / f"{name}.png"), smooth_image(32, 32, 1, seed=30 + i))
+  base = [f"--input={d}", "--sigma=25", "--method=dip", "--sure_candidates=noisy", "--steps=20", "--eval_every=5"]
+  for stop in ("sure", "wmv"):
+    extra = ["--stop_window=4"] if stop == "wmv" else []
+    code, err = run_cli(base + [f"--stop={stop}", f"--workdir={tmp_path / stop}", *extra, *TINY_ARGS], capsys)
+    assert code == 0, err
+  exp = import_experiment("sure_fits")
+  args = ["sure_fits.py", "--sf_name=toy", f"--sf_sure={tmp_path / 'sure'}", f"--sf_wmv={tmp_path / 'wmv'}"]
+  with parsed_flags(args + [f"--sf_results={tmp_path / 'out'}", "--sf_burn_in=0"]):
+    exp.main(args)
+  doc = json.loads((tmp_path / "out" / "fits_toy.json").read_text())
+  recs = {r["name"]: r for r in json.loads((tmp_path / "sure" / "results.json").read_text())["images"]}
+  assert [r["image"] for r in doc["rows"]] == ["a", "b"] and doc["commit"] and doc["sure_eps"] == 0.5
+  for r in doc["rows"]:
+    assert r["sure_step"] == recs[r["image"]]["stop_step"] and r["psnr_sure_step"] == recs[r["image"]]["psnr_final"]
+    # (the history's CSV keeps 6 significant digits: equal values may differ by rounding)
+    assert r["psnr_oracle_step"] >= r["psnr_sure_step"] - 1e-3
+    assert r["psnr_ema_oracle_step"] >= r["psnr_ema_sure_step"] - 1e-3
+  gap = np.mean([r["psnr_sure_step"] - r["psnr_oracle_step"] for r in doc["rows"]])
+  assert doc["mean"]["gap_sure"] == pytest.approx(gap) and "gap_wmv" in doc["mean"]
+  assert "| **mean** |" in (tmp_path / "out" / "fits_toy.md").read_text()
