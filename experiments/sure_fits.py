@@ -12,7 +12,6 @@ FFDNet and the oracle blend.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -29,11 +28,6 @@ flags.DEFINE_string("sf_wmv", "", "--workdir of the same fits with --stop=wmv (o
 flags.DEFINE_string("sf_command", "", "the commands that made the runs (recorded in the table)")
 flags.DEFINE_string("sf_results", "", "output folder (default experiments/results/sure)")
 flags.DEFINE_integer("sf_burn_in", 50, "SURE's estimate error is averaged over eval steps after this one")
-
-
-def read(workdir: str) -> dict:
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
 
 
 def estimate_error(h: dict, burn_in: int) -> dict:
@@ -142,10 +136,10 @@ def summarize(rows: list[dict]) -> dict:
 
 def main(argv):
   del argv
-  run = read(F.sf_sure)
-  with open(os.path.join(F.sf_sure, "config.json")) as f:
-    cfg = json.load(f)
-  rows = table(run, read(F.sf_wmv) if F.sf_wmv else None, F.sf_sure, F.sf_burn_in)
+  run = outputs.read_json(os.path.join(F.sf_sure, "results.json"))
+  cfg = outputs.read_json(os.path.join(F.sf_sure, "config.json"))
+  wmv = outputs.read_json(os.path.join(F.sf_wmv, "results.json")) if F.sf_wmv else None
+  rows = table(run, wmv, F.sf_sure, F.sf_burn_in)
   errs = [r["estimate_error"] for r in rows]
   doc = {
     "name": F.sf_name,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
-import zlib
 from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
@@ -229,7 +228,7 @@ def candidate_outputs(cfg: RunConfig, images: list[Image]) -> tuple[list[str], d
   probes are seeded by the image's name, so nothing depends on the batch."""
   s, names = cfg.sigma / 255.0, sure_candidates(cfg)
   eps = sure.eps_for(s)
-  probes = [sure.probes(im.noisy_HxWxC.shape, zlib.crc32(im.name.encode()), cfg.prelim.sure_probes) for im in images]
+  probes = [sure.probes_for(im.name, im.noisy_HxWxC.shape, cfg.prelim.sure_probes) for im in images]
   outs, divs = {}, {}
   for c in names:
     run = CANDIDATES[c].run

@@ -10,6 +10,7 @@ Images are float arrays in [0, 1] (sigma on that scale: sigma_255 / 255).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -21,6 +22,11 @@ def probes(shape: tuple[int, ...], seed: int, n: int) -> list[np.ndarray]:
   """n seeded N(0, I) probe images (the same for every denoiser given the same seed)."""
   rng = np.random.default_rng([seed, 0x5E7E])
   return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
+
+
+def probes_for(name: str, shape: tuple[int, ...], n: int) -> list[np.ndarray]:
+  """An image's probes, seeded by its name: the same for every denoiser and every fit of it."""
+  return probes(shape, zlib.crc32(name.encode()), n)
 
 
 def eps_for(sigma: float) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import zlib
 
 import flax
 import jax
@@ -56,7 +55,7 @@ def init_state(out_shape: tuple[int, ...]) -> SureState:
 def probe_for(name: str, shape: tuple[int, ...]) -> np.ndarray:
   """The image's probe b: the first of prelim.candidate_outputs' probes (seeded by the name), so
   the fit's divergence and the x_bar candidates' come from the same b."""
-  return sure.probes(shape, zlib.crc32(name.encode()), 1)[0]
+  return sure.probes_for(name, shape, 1)[0]
 
 
 def rows_per_run(cfg) -> int:
