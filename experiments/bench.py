@@ -265,8 +265,7 @@ def main(_):
   if have_torch:
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from torch_reference import time_fit
+    from experiments.torch_reference import time_fit
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":

@@ -14,11 +14,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.cpu_probes import median_ms  # noqa: E402
 from idip_jax import fit, train  # noqa: E402
 from idip_jax.config import FitConfig, NetConfig  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_probes import median_ms  # noqa: E402
 
 ms = functools.partial(median_ms, n=5)  # median of 5 calls after a warm-up, in ms
 

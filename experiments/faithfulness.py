@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, outputs, prelim, results, runner  # noqa: E402
+from idip_jax import config, data, outputs, prelim, results, resume, runner  # noqa: E402
 
 F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # the default IDIP run: --sigma, --noise, --crop, --steps, ...
@@ -93,7 +93,7 @@ def main(argv):
       xbars[cfg.noise] = (images, dict(zip([im.name for im in images], prelim.make(cfg, images))))
     images, xbar = xbars[cfg.noise]
     clean = {im.name: im.clean_HxWxC for im in images}
-    res = finished(cfg, [im.name for im in images]) if F.reuse_finished else None
+    res = finished(cfg, images) if F.reuse_finished else None
     if res is None and F.reuse_finished and os.path.isfile(os.path.join(cfg.workdir, "config.json")):
       # An interrupted variant goes on from its last checkpoint (a full-size fit takes ~30 min on the CPU).
       print(f"resuming {cfg.workdir}", flush=True)
@@ -181,18 +181,19 @@ def write_merged(paths: list[str], out: str | None, overwrite: bool) -> None:
   write_study({**meta, "merged_from": paths, **merged}, out)
 
 
-def finished(cfg: config.RunConfig, names: list[str]) -> dict | None:
-  """The stored results of these images in cfg.workdir (written incrementally by the runner), if all are there."""
-  path = os.path.join(cfg.workdir, "results.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    res = json.load(f)
-  recs = {r["name"]: r for r in res["images"]}
-  if not all(n in recs for n in names) or res["steps"] != cfg.fit.steps:
-    return None
-  print(f"reusing {path} ({res['commit']})", flush=True)
-  return dict(res, images=[recs[n] for n in names])
+def finished(cfg: config.RunConfig, images: list[data.Image]) -> dict | None:
+  """The stored results of these images in cfg.workdir (written incrementally by the runner), if all are
+  there and the folder holds the same job (resume.finished_job: sigma, crop, noise, x_bar, steps, code...)."""
+  channels = images[0].noisy_HxWxC.shape[-1]
+  res, why = resume.finished_job(runner.resolve(cfg, channels), F.allow_other_code)
+  if res is not None:
+    recs = {r["name"]: r for r in res["images"]}
+    if all(im.name in recs for im in images):
+      print(f"{why} ({res['commit']})", flush=True)
+      return dict(res, images=[recs[im.name] for im in images])
+    why = f"{cfg.workdir} holds {len(recs)} of the {len(images)} images"
+  print(f"not reusing: {why}", flush=True)
+  return None
 
 
 def plot_curves(meta: dict, path: str) -> None:

@@ -16,8 +16,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tables  # noqa: E402  (its flags: --crop, --noise, --workdir, --results_dir, --ensemble_runs, --data_dir)
-
+from experiments import tables  # noqa: E402  (its flags: --crop, --noise, --workdir, --results_dir, --ensemble_runs, --data_dir)
 from idip_jax import data, outputs, results  # noqa: E402
 
 F = flags.FLAGS

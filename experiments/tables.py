@@ -8,7 +8,6 @@ Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -41,12 +40,6 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list("rows", [], "run only these row labels of each table (default: all)")
 flags.DEFINE_bool("smoke", False, "32 px crops, config.TINY_NET, 4 steps, 3 images: checks the plumbing only")
-flags.DEFINE_bool(
-  "allow_other_code",
-  False,
-  "reuse finished jobs made by other code (e.g. stored GPU "
-  "runs); each table row records the commit and code hash of its job",
-)
 flags.DEFINE_bool("dry_run", False, "parse flags, list the jobs, run nothing")
 flags.DEFINE_integer("ensemble_runs", 4, "K: runs per image of the IDIPplus tables' jobs (IDIP-xK)", lower_bound=2)
 DEFAULT_WORKDIR = "runs/tables"
@@ -238,69 +231,22 @@ def with_histories(res: dict, cfg: runner.RunConfig) -> dict:
   return res
 
 
-# Renamed in issue 14; stored jobs (e.g. the GPU runs in experiments/results/gpu_h100/jobs) keep
-# the old names.
-LEGACY_KEYS = {"channels": "image_channels", "net.channels": "net.width"}
-# How a job runs, not what it computes: a job stored by a GPU run is reused on a CPU.
-HOW = ("weights_dir", "loop", "conv", "shard", "remat", "batch_strategy", "batch_conv", "hybrid_side")
-
-
-def comparable(cfg: runner.RunConfig) -> dict:
-  """The settings that make a job: every flag-set field of the resolved config except where and
-  how outputs are written; net.in_channels only where z is the input (else the image's)."""
-  resolved = runner.resolve(cfg, cfg.image_channels)
-  out = {}
-  for path, f, _ in config.leaves(runner.RunConfig):
-    key = ".".join(path)
-    if config.flag_name(f) is None or path[-1] in resume.RESUME_FREE + HOW:
-      continue
-    if key == "net.in_channels" and config.METHODS[cfg.method].prelim_input:
-      continue
-    v = resolved
-    for p in path:
-      v = getattr(v, p)
-    out[key] = v
-  # Where the data lives is not part of the job (the same set copied to a GPU machine).
-  out["input"] = os.path.basename(os.path.normpath(out["input"]))
-  return json.loads(json.dumps(out))
-
-
-def same_config(want: dict, have: dict) -> bool:
-  """Equal on every setting both record; a stored "auto" (older code recorded it unresolved)
-  matches anything."""
-  flat = {}
-  for k, v in have.items():  # config.json nests one level: prelim, net, fit
-    for kk, vv in v.items() if isinstance(v, dict) else [("", v)]:
-      key = f"{k}.{kk}" if kk else k
-      flat[LEGACY_KEYS.get(key, key)] = vv
-  if "input" in flat:
-    flat["input"] = os.path.basename(os.path.normpath(flat["input"]))
-  return all(flat[k] in (v, "auto") for k, v in want.items() if k in flat)
-
-
 class Runner:
   def __init__(self, steps: dict[str, int]):
     self.steps, self.done, self.prelims = steps, {}, {}
 
   @staticmethod
   def finished(cfg: runner.RunConfig) -> dict | None:
-    """A job folder whose run completed with exactly this config is reused, not rerun."""
-    res_path, cfg_path = (os.path.join(cfg.workdir, f) for f in ("results.json", "config.json"))
-    if not (os.path.isfile(res_path) and os.path.isfile(cfg_path)):
+    """A job folder whose run completed with exactly this job (resume.finished_job) is reused, not rerun."""
+    res, why = resume.finished_job(runner.resolve(cfg, cfg.image_channels), F.allow_other_code)
+    if res is None:
+      if "other code" in why or "another job" in why:
+        print(f"rerunning: {why}", flush=True)
       return None
-    # Per-call batch sizes change the grouping of runs, not the runs (batched == single fits);
-    # the folder's location is not part of the job (a copied or moved folder is reused).
-    want, have = comparable(cfg), resume.read_stored(cfg_path)
-    res = resume.read_stored(res_path)
-    if res.get("code_hash") != outputs.code_hash():
-      if not F.allow_other_code:
-        print(f"rerunning {cfg.workdir}: made by other code ({res.get('commit', '?')})", flush=True)
-        return None
-      print(f"reusing {cfg.workdir} from other code ({res.get('commit', '?')}, --allow_other_code)", flush=True)
     n = F.max_images or (3 if F.smoke else None)
-    if not same_config(want, have) or (n is None and len(res["images"]) < len(data.list_inputs(cfg.input))):
+    if n is None and len(res["images"]) < len(data.list_inputs(cfg.input)):
       return None
-    print(f"reusing finished job {cfg.workdir}", flush=True)
+    print(why, flush=True)
     if n is not None and len(res["images"]) > n:  # same images as the table's other rows
       res["images"] = res["images"][:n]
       res["mean"] = results.summarize(res["images"])

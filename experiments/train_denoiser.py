@@ -1,7 +1,7 @@
 """Train a DnCNN preliminary denoiser in JAX: supervised (clean targets) or Noise2Noise (issue 17).
 
 python experiments/train_denoiser.py --flagfile=experiments/train/dncnn_s25.flags
-Writes --workdir: checkpoints/ (orbax), progress.csv and progress.png (loss, patches/s, validation
+Writes --workdir: checkpoints/train.npz, progress.csv and progress.png (loss, patches/s, validation
 PSNR), summary.json. Use the result as x_bar: python run.py --prelim=dncnn --weights=<workdir> ...
 """
 
@@ -13,7 +13,7 @@ import sys
 from absl import flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, denoiser_train  # noqa: E402
+from idip_jax import cli, config, denoiser_train  # noqa: E402
 from idip_jax.data import InputError  # noqa: E402
 
 # Its own flag set: the training settings share names (sigma, steps, lr...) with run.py's.
@@ -30,10 +30,14 @@ def main(argv: list[str]) -> int:
   try:
     cfg = config.parse(FV, argv, config.TrainConfig)
     config.check(cfg)
-    summary = denoiser_train.train(cfg)
+    with cli.stop_on_ctrl_c(lambda: os._exit(130)):
+      summary = denoiser_train.train(cfg)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"interrupted: checkpointed in {cfg.workdir}; the same command with --resume continues", file=sys.stderr)
+    return 130
   print(f"{cfg.workdir}: validation PSNR {summary['val_psnr']:.2f} dB after {summary['steps']} steps")
   return 0
 

@@ -17,14 +17,14 @@ from collections.abc import Callable
 import jax
 from absl import logging
 
-from idip_jax import config, fit, runner
+from idip_jax import config, loop, runner
 from idip_jax.config import JobConfig
 from idip_jax.data import InputError, OutputError
 
 
 @contextlib.contextmanager
 def stop_on_ctrl_c(on_quit: Callable[[], None]):
-  """Ctrl-C stops the fit at its next chunk end, with a checkpoint (fit.INTERRUPTED), and says so
+  """Ctrl-C stops the fit at its next chunk end, with a checkpoint (loop.INTERRUPTED), and says so
   at once; a second Ctrl-C calls on_quit (which exits). The main thread may be inside XLA's
   compiler for a minute, where no Python signal handler runs: so SIGINT is blocked in this thread
   (and the threads it starts) and a watcher thread takes it with sigtimedwait."""
@@ -33,9 +33,9 @@ def stop_on_ctrl_c(on_quit: Callable[[], None]):
     return
 
   def pressed():
-    if fit.INTERRUPTED.is_set():
+    if loop.INTERRUPTED.is_set():
       on_quit()
-    fit.INTERRUPTED.set()
+    loop.INTERRUPTED.set()
     print(
       "Ctrl-C: stopping at the end of the current chunk of steps (after compiling, if it is compiling), with a "
       "checkpoint; press Ctrl-C again to quit at once",
@@ -66,7 +66,7 @@ def stop_on_ctrl_c(on_quit: Callable[[], None]):
       watcher.join()
       signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     signal.signal(signal.SIGINT, previous)
-    fit.INTERRUPTED.clear()
+    loop.INTERRUPTED.clear()
 
 
 def interrupted_line(workdir: str) -> str:

@@ -1,5 +1,6 @@
 """Every setting of a job in one place: frozen dataclasses (name, type, default, help, allowed
-values), from which the absl flags of run.py and of every experiment script are generated.
+values), from which the absl flags of run.py and of every experiment script are generated
+(config_flags.py: the generation, parsing, checks and usage, re-exported here).
 
 The dataclasses are also the compile-cache keys (fit.make_fit_chunk is cached on NetConfig and
 FitConfig), so a setting that changes the compiled program must live in one of them.
@@ -8,34 +9,20 @@ FitConfig), so a setting that changes the compiled program must live in one of t
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import sys
 import types
-import typing
-from typing import Any
 
-from absl import flags
-
-from idip_jax.data import NOISE_PROTOCOLS, InputError
-
-
-def option(
-  default: Any,
-  help: str,
-  *,
-  choices: tuple = (),
-  lo: float | None = None,
-  hi: float | None = None,
-  flag: str | None = "",
-  path: bool = False,
-) -> Any:
-  """A config field. flag: the flag's name ("" = the field's name, None = set by the library,
-  not a flag); lo, hi: smallest and largest allowed values; path: '~' is expanded."""
-  return dataclasses.field(
-    default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "flag": flag, "path": path}
-  )
-
+from idip_jax.config_flags import (  # noqa: F401  (re-exported: config.parse, config.check, ...)
+  HELP_ARGS,
+  check,
+  define_flags,
+  flag_name,
+  from_flags,
+  leaves,
+  option,
+  parse,
+  usage,
+)
+from idip_jax.data import NOISE_PROTOCOLS
 
 SEED_MAX = 2**32 - 1  # numpy's default_rng takes no negative seed; JAX's keys hold 32 bits per word
 
@@ -292,6 +279,11 @@ class ExperimentConfig:
   out: str = option("", "results path without extension (default: the script's)", path=True)
   data_dir: str = option("", "folder holding the test sets (default $IDIP_SHARED/data or ../shared/data)", path=True)
   max_images: int = option(0, "first N images of each set (0 = all)", lo=0)
+  allow_other_code: bool = option(
+    False,
+    "tables.py, faithfulness.py: reuse finished jobs made by other code (e.g. stored GPU runs); each table row "
+    "records the commit and code hash of its job",
+  )
   lowerings: tuple[str, ...] = option(
     ("loop", "im2col", "hybrid", "grouped"),
     "bench.py, batch_equality.py: the --batch_conv lowerings of vmapped calls to compare (grouped: plain vmap, "
@@ -337,112 +329,6 @@ class TrainConfig:
 # The smallest net that exercises every code path (2 scales, complex connection included):
 # tests, the smoke tables and CPU plumbing checks use it, nothing else.
 TINY_NET = NetConfig(in_channels=4, scales=2, width=8, skip_channels=2, cc_features=4)
-
-
-def leaves(cls: type, prefix: tuple[str, ...] = ()):
-  """(path, field, type) of every non-dataclass field of cls, nested dataclasses flattened."""
-  hints = typing.get_type_hints(cls)
-  for f in dataclasses.fields(cls):
-    t = hints[f.name]
-    if dataclasses.is_dataclass(t):
-      yield from leaves(t, prefix + (f.name,))
-    else:
-      yield prefix + (f.name,), f, t
-
-
-def flag_name(f: dataclasses.Field) -> str | None:
-  return f.name if f.metadata.get("flag") == "" else f.metadata.get("flag")
-
-
-def define_flags(fv: flags.FlagValues, cls: type) -> None:
-  """One flag per field of cls (nested dataclasses flattened); names must be unique. Defining the
-  same fields again (two scripts in one process) is a no-op."""
-  for _, f, t in leaves(cls):
-    name = flag_name(f)
-    if name is None:
-      continue
-    if name in fv:
-      if getattr(fv[name], "config_field", None) is f:
-        continue
-      raise ValueError(f"flag --{name} is defined twice")
-    kw = dict(name=name, default=f.default, help=f.metadata["help"], flag_values=fv)
-    if t is bool:
-      flags.DEFINE_bool(**kw)
-    elif t is int:
-      flags.DEFINE_integer(**kw)
-    elif t is float:
-      flags.DEFINE_float(**kw)
-    elif t is str and f.metadata["choices"]:
-      flags.DEFINE_enum(enum_values=list(f.metadata["choices"]), **kw)
-    elif t is str:
-      flags.DEFINE_string(**kw)
-    elif typing.get_origin(t) is tuple:
-      flags.DEFINE_list(**dict(kw, default=list(f.default)))
-    else:
-      raise TypeError(f"no flag type for {f.name}: {t}")
-    fv[name].config_field = f
-
-
-def from_flags(fv: flags.FlagValues, cls: type):
-  """The parsed flags as a cls instance (nested dataclasses built from their own fields)."""
-  hints = typing.get_type_hints(cls)
-  kw = {}
-  for f in dataclasses.fields(cls):
-    if dataclasses.is_dataclass(hints[f.name]):
-      kw[f.name] = from_flags(fv, hints[f.name])
-    elif (name := flag_name(f)) is not None:
-      v = fv[name].value
-      kw[f.name] = tuple(v) if isinstance(v, list) else os.path.expanduser(v) if f.metadata["path"] else v
-  return cls(**kw)
-
-
-HELP_ARGS = frozenset({"-h", "--help", "-help", "--helpfull", "-?"})
-
-
-def parse(fv: flags.FlagValues, argv: list[str], cls: type):
-  """argv -> a cls instance; a bad flag or a stray argument raises InputError (one line)."""
-  try:
-    rest = fv(argv)
-  except flags.Error as e:
-    raise InputError(str(e)) from None
-  if len(rest) > 1:
-    raise InputError(f"unexpected arguments: {' '.join(rest[1:])}")
-  return from_flags(fv, cls)
-
-
-def usage(doc: str, fv: flags.FlagValues, cls: type) -> str:
-  names = {flag_name(f) for _, f, _ in leaves(cls)} - {None}
-  lines = [
-    doc.strip(),
-    "",
-    f"usage: python {os.path.basename(sys.argv[0])} --flagfile=FILE [--name=value ...]",
-    "",
-    "  --flagfile: read flags from FILE (one --name=value per line, '#' comments; files may include others)",
-  ]
-  for name in sorted(names):
-    fl = fv[name]
-    shown = f"[no]{name}" if fl.boolean else name
-    lines.append(f"  --{shown}: {fl.help} (default: {fl.default_as_str or repr('')})")
-  return "\n".join(lines)
-
-
-def check(cfg) -> None:
-  """Per-field rules of any config dataclass: finite numbers, allowed values, lower bounds."""
-  for path, f, _ in leaves(type(cfg)):
-    v = cfg
-    for p in path:
-      v = getattr(v, p)
-    name = flag_name(f) or ".".join(path)
-    if isinstance(v, float) and not math.isfinite(v):  # --sigma=inf or --lr=nan would fit NaN everywhere
-      raise InputError(f"--{name} must be finite (got {v})")
-    choices = f.metadata["choices"]
-    for item in v if isinstance(v, tuple) else (v,):
-      if choices and item not in choices:
-        raise InputError(f"unknown --{name}={item}; choose one of {', '.join(map(str, choices))}")
-    if f.metadata["lo"] is not None and v < f.metadata["lo"]:
-      raise InputError(f"--{name} must be >= {f.metadata['lo']:g} (got {v})")
-    if f.metadata.get("hi") is not None and v > f.metadata["hi"]:
-      raise InputError(f"--{name} must be <= {f.metadata['hi']} (got {v})")
 
 
 def flags_markdown() -> str:

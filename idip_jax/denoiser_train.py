@@ -5,12 +5,12 @@ draw of the same patch, no clean image in the loss).
 
 The whole pipeline runs on the device: Train400 is one array there; each step draws its patches,
 dihedral augmentations, noise levels and noise from fold_in(seed key, step), so a run resumed from
-a checkpoint takes exactly the steps an uninterrupted one would. Checkpoints are orbax's.
+a checkpoint takes exactly the steps an uninterrupted one would. The loop (loop.run) and the
+checkpoints (checkpoint.py, one .npz) are the DIP fits' own; the net is denoisers.DnCNN.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import functools
@@ -19,49 +19,18 @@ import os
 import time
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 
-from idip_jax import data, metrics, outputs
+from idip_jax import checkpoint, data, loop, metrics, outputs
 from idip_jax.config import TrainConfig
 from idip_jax.data import InputError
+from idip_jax.denoisers import DnCNN
 
 CSV_COLUMNS = ("step", "loss", "train_psnr", "val_psnr", "lr", "patches_per_s", "seconds")
-
-
-# The official init (DnCNN_init_model_64_25_Res_Bnorm_Adam.m): every conv N(0, 2/(9*64)), biases 0;
-# BatchNorm scales drawn the same way with magnitudes clipped up to 0.025 (its `clipping`), so the
-# first residual is small and the untrained net returns about its input.
-HE_STD = (2.0 / (9 * 64)) ** 0.5
-
-
-def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-  g = HE_STD * jax.random.normal(key, shape, dtype)
-  return jnp.where(g >= 0, jnp.maximum(g, 0.025), jnp.minimum(g, -0.025))
-
-
-class DnCNN(nn.Module):
-  """The training-time DnCNN: conv+ReLU, (depth-2) x (conv+BN+ReLU), conv; output x - net(x)
-  (the net predicts the noise: residual learning, the paper's Sec. III)."""
-
-  depth: int = 17
-  width: int = 64
-  channels: int = 1
-
-  @nn.compact
-  def __call__(self, x_NxHxWxC: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1, kernel_init=nn.initializers.normal(HE_STD))
-    h = nn.relu(conv(self.width)(x_NxHxWxC))
-    for _ in range(self.depth - 2):
-      h = conv(self.width, use_bias=False)(h)
-      # PyTorch's momentum 0.1 (KAIR's DnCNN) is Flax's 0.9.
-      bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=bn_scale_init)
-      h = nn.relu(bn(h))
-    return x_NxHxWxC - conv(self.channels)(h)
 
 
 @flax.struct.dataclass
@@ -73,7 +42,8 @@ class TrainState:
 
 
 def make_dncnn(cfg: TrainConfig) -> DnCNN:
-  return DnCNN(depth=cfg.depth, width=cfg.width, channels=cfg.channels)
+  """The training-time DnCNN: depth convs of width channels (the last back to the image's), BatchNorm."""
+  return DnCNN((cfg.width,) * (cfg.depth - 1) + (cfg.channels,), batch_norm=True)
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -173,46 +143,19 @@ def load_validation(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
   return noisy.astype(np.float32), clean.astype(np.float32)
 
 
-@contextlib.contextmanager
-def quiet():
-  """orbax logs a dozen INFO lines per save; the progress lines are ours."""
-  level = logging.get_verbosity()
-  logging.set_verbosity(logging.WARNING)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(level)
+def checkpoint_path(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints", "train.npz")
 
 
-def checkpoint_manager(workdir: str, create: bool = True):
-  import orbax.checkpoint as ocp
-
-  # Synchronous saves: a checkpoint is complete when save() returns (simpler to reason about
-  # than a background thread, and a save is small next to 500 training steps).
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create, enable_async_checkpointing=False)
-  if create:
-    outputs.note_written(os.path.join(workdir, "checkpoints") + "/")  # orbax's folder: all of it is ours
-  with quiet():
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
-
-
-def save(mngr, state: TrainState) -> None:
-  import orbax.checkpoint as ocp
-
-  with quiet():
-    mngr.save(int(state.step), args=ocp.args.StandardSave(state))
-
-
-def restore(workdir: str, like: TrainState, step: int | None = None) -> TrainState:
-  import orbax.checkpoint as ocp
-
-  mngr = checkpoint_manager(workdir, create=False)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+def restore(workdir: str, like: TrainState) -> TrainState:
+  """The last checkpoint of a training run (checkpoint.py's, as a fit's), shaped like `like`."""
+  path = checkpoint_path(workdir)
+  if not os.path.isfile(path):
     raise InputError(f"{workdir}: no checkpoint to load")
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-  with quiet():
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  try:
+    return checkpoint.load(path, like)[1]
+  except checkpoint.Damaged as e:
+    raise InputError(str(e)) from None
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -232,10 +175,9 @@ def train(cfg: TrainConfig) -> dict:
   model, tx = make_dncnn(cfg), make_dncnn_optimizer(cfg)
   key = jax.random.key(cfg.seed)
   state = create_train_state(cfg, jax.random.fold_in(key, 1))
-  mngr = checkpoint_manager(cfg.workdir)
   rows = []
   csv_path = os.path.join(cfg.workdir, "progress.csv")
-  if cfg.resume and mngr.latest_step() is not None:
+  if cfg.resume and os.path.isfile(checkpoint_path(cfg.workdir)):
     state = restore(cfg.workdir, state)
     with open(csv_path) as f:  # rows past the checkpoint are redone
       rows = [r for r in csv.DictReader(f) if int(r["step"]) <= int(state.step)]
@@ -243,46 +185,52 @@ def train(cfg: TrainConfig) -> dict:
   step_fn = jax.jit(functools.partial(dncnn_step, model, tx, cfg), donate_argnums=0)
   denoise = make_denoise(model)
   data_key = jax.random.fold_in(key, 2)
-  t0, done0, start = time.perf_counter(), int(state.step), int(state.step)
+  start = int(state.step)
   val_psnr = float("nan")
-  while int(state.step) < cfg.steps:
-    n = min(cfg.log_every, cfg.steps - int(state.step))
-    t = time.perf_counter()
-    ms = []
-    for _ in range(n):
+
+  def chunk(state, done, length):
+    t, ms = time.perf_counter(), []
+    for _ in range(length):
       state, m = step_fn(state, images, data_key)
       ms.append(m)
     ms = jax.device_get(ms)  # one transfer per log interval
-    step = int(state.step)
-    rate = n * cfg.batch / (time.perf_counter() - t)
+    return state, {"steps": ms, "patches_per_s": length * cfg.batch / (time.perf_counter() - t)}
+
+  def after_chunk(state, step, m):
+    nonlocal val_psnr
     evaluated = step % cfg.eval_every == 0 or step == cfg.steps
     if evaluated:
       out = denoise(state.params, state.batch_stats, val_noisy)
       val_psnr = float(jnp.mean(jax.vmap(metrics.psnr)(out, val_clean)))
     row = {
       "step": step,
-      "loss": float(np.mean([m["loss"] for m in ms])),
-      "train_psnr": float(np.mean([m["train_psnr"] for m in ms])),
+      "loss": float(np.mean([s["loss"] for s in m["steps"]])),
+      "train_psnr": float(np.mean([s["train_psnr"] for s in m["steps"]])),
       "val_psnr": val_psnr if evaluated else "",
       "lr": float(lr_schedule(cfg)(step - 1)),
-      "patches_per_s": rate,
-      "seconds": time.perf_counter() - t0,
+      "patches_per_s": m["patches_per_s"],
+      "seconds": time.perf_counter() - timing.start,
     }
     rows.append(row)
     write_progress(cfg.workdir, rows, plot=evaluated)
-    eta = (cfg.steps - step) * cfg.batch / rate
-    logging.info(
-      "step %d/%d  loss %.5f  train psnr %.2f  val psnr %.2f  %.0f patches/s  ETA %.0fs",
-      step,
-      cfg.steps,
-      row["loss"],
-      row["train_psnr"],
-      val_psnr,
-      rate,
-      eta,
-    )
-    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-      save(mngr, state)
+    return f"loss {row['loss']:.5f}  train psnr {row['train_psnr']:.2f}  val psnr {val_psnr:.2f}", False
+
+  timing = loop.Timing()
+  save = lambda state, done: checkpoint.save(checkpoint_path(cfg.workdir), done, state, {})
+  progress = loop.Progress("", cfg.batch, "patches")
+  state, _, _ = loop.run(
+    chunk,
+    state,
+    start,
+    cfg.steps,
+    cfg.log_every,
+    progress,
+    after_chunk,
+    save,
+    cfg.checkpoint_every,
+    save_last=True,
+    timing=timing,
+  )
   summary = {
     **outputs.provenance(),
     "target": cfg.target,
@@ -290,9 +238,9 @@ def train(cfg: TrainConfig) -> dict:
     "steps": cfg.steps,
     "val_psnr": val_psnr,
     "val_sigma": cfg.val_sigma,
-    "train_seconds": time.perf_counter() - t0,
+    "train_seconds": time.perf_counter() - timing.start,
     "steps_this_call": int(state.step) - start,
-    "resumed_from": done0 if cfg.resume else None,
+    "resumed_from": start if cfg.resume else None,
   }
   outputs.write_json(os.path.join(cfg.workdir, "summary.json"), summary)
   return summary

@@ -20,7 +20,7 @@ DNCNN_SIGMAS = (15, 25, 50)
 
 
 class ConvStack(nn.Module):
-  """conv (+ReLU) x (n-1), conv; 3x3, zero padding 1, as in the MatConvNet nets."""
+  """conv (+ReLU) x (n-1), conv; 3x3, zero padding 1, as in the MatConvNet FFDNet."""
 
   features: tuple[int, ...]  # output channels of each conv
 
@@ -69,18 +69,43 @@ class FFDNet(nn.Module):
     return pixel_shuffle(y)
 
 
-class DnCNN(nn.Module):
-  """Residual learning: the net predicts the noise, the output is x - net(x)."""
+# The official training init (DnCNN_init_model_64_25_Res_Bnorm_Adam.m): every conv N(0, 2/(9*64)),
+# biases 0; BatchNorm scales drawn the same way with magnitudes clipped up to 0.025 (its `clipping`),
+# so the first residual is small and the untrained net returns about its input.
+HE_STD = (2.0 / (9 * 64)) ** 0.5
 
-  features: tuple[int, ...]
+
+def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  g = HE_STD * jax.random.normal(key, shape, dtype)
+  return jnp.where(g >= 0, jnp.maximum(g, 0.025), jnp.minimum(g, -0.025))
+
+
+class DnCNN(nn.Module):
+  """Residual learning (the paper's Sec. III): the net predicts the noise, the output is x - net(x).
+  conv+ReLU, (n-2) x (conv [+BN] + ReLU), conv; 3x3, zero padding 1. The official MatConvNet
+  weights have BatchNorm folded into the convs (batch_norm=False); denoiser_train trains it with
+  BatchNorm (batch_norm=True: the middle convs without bias, as KAIR's and the official code)."""
+
+  features: tuple[int, ...]  # output channels of each conv
+  batch_norm: bool = False
 
   @nn.compact
-  def __call__(self, x_NxHxWxC):
-    return x_NxHxWxC - ConvStack(self.features, name="body")(x_NxHxWxC)
+  def __call__(self, x_NxHxWxC: jax.Array, train: bool = False) -> jax.Array:
+    h, last = x_NxHxWxC, len(self.features) - 1
+    for i, f in enumerate(self.features):
+      norm = self.batch_norm and 0 < i < last
+      h = nn.Conv(f, (3, 3), padding=1, use_bias=not norm, kernel_init=nn.initializers.normal(HE_STD))(h)
+      if norm:
+        # PyTorch's momentum 0.1 (KAIR's DnCNN) is Flax's 0.9.
+        h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=bn_scale_init)(h)
+      if i < last:
+        h = nn.relu(h)
+    return x_NxHxWxC - h
 
 
-def _params(convs) -> dict:
-  return {"body": {f"conv{i}": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)} for i, (w, b) in enumerate(convs)}}
+def _params(convs, name: str) -> dict:
+  """MatConvNet convs as Flax params: FFDNet's ConvStack names them conv{i}, DnCNN's loop Conv_{i}."""
+  return {f"{name}{i}": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)} for i, (w, b) in enumerate(convs)}
 
 
 def default_weights_dir() -> str:
@@ -107,7 +132,7 @@ def load_ffdnet(path: str, channels: int):
   if convs[-1][0].shape[3] != 4 * channels or in_ch <= 4 * channels:
     raise InputError(f"{path} is an FFDNet for {convs[-1][0].shape[3] // 4}-channel images, the input has {channels}")
   model = FFDNet(tuple(w.shape[3] for w, _ in convs), noise_channels=in_ch - 4 * channels)
-  return jax.jit(lambda x, s: model.apply({"params": _params(convs)}, x, s))
+  return jax.jit(lambda x, s: model.apply({"params": {"body": _params(convs, "conv")}}, x, s))
 
 
 @functools.lru_cache(maxsize=8)
@@ -124,7 +149,7 @@ def load_dncnn(path: str, channels: int):
       f"{channels} (the official DnCNN-S weights are gray; use ffdnet or bm3d)"
     )
   model = DnCNN(tuple(w.shape[3] for w, _ in convs))
-  return jax.jit(lambda x: model.apply({"params": _params(convs)}, x))
+  return jax.jit(lambda x: model.apply({"params": _params(convs, "Conv_")}, x))
 
 
 def ffdnet_denoise(fn, noisy_NxHxWxC: np.ndarray, sigma_N: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import threading
 import time
 import types
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from idip_jax import checkpoint, convs, sure_fit
+from idip_jax import checkpoint, convs, loop, sure_fit
 from idip_jax.config import FitConfig, NetConfig
 from idip_jax.train import (
   EVAL_KEYS,
@@ -36,12 +35,6 @@ from idip_jax.train import (
   random_input,
   train_step,
 )
-
-# Set by the Ctrl-C watcher of cli.stop_on_ctrl_c (run.py); the fit loop raises KeyboardInterrupt at the
-# next chunk boundary. Python's own handler raises wherever the main thread is, and there JAX's gc
-# callback (_xla_gc_callback) can swallow it as "Exception ignored" (seen under pytest-xdist: the run
-# went on fitting).
-INTERRUPTED = threading.Event()
 
 
 def for_backend(net_cfg: NetConfig, cfg: FitConfig, backend: str) -> tuple[NetConfig, FitConfig]:
@@ -294,6 +287,24 @@ def make_batch(
   )
 
 
+def progress_fields(m: dict, n_runs: int, unit: int) -> tuple[str, bool]:
+  """A chunk's progress-line fields (means over the runs at its last step, or its last eval step)
+  and whether every run's stopping criterion has stopped it (their states no longer change)."""
+  msg = f"loss {np.mean(m['loss'][-1]):.5f}  psnr(out,y) {np.mean(m['psnr_y'][-1]):.2f}"
+  if "psnr" in m:
+    last = np.flatnonzero(~np.isnan(m["psnr"][:, 0]))
+    if last.size:
+      msg += f"  psnr {np.mean(m['psnr'][last[-1]]):.2f}  psnr_ema {np.mean(m['psnr_ema'][last[-1]]):.2f}"
+  if "sure_psnr" in m:  # the runs' own rows (not the twins')
+    last = np.flatnonzero(~np.isnan(m["sure_psnr"][:, 0]))
+    if last.size:
+      msg += f"  sure_psnr {np.mean(m['sure_psnr'][last[-1], 0:n_runs:unit]):.2f}"
+  if "stopped" not in m:
+    return msg, False
+  stopped = m["stopped"][-1]
+  return msg + f"  stopped {int(np.sum(stopped))}/{n_runs}", bool(np.all(stopped))
+
+
 def fit(
   net_cfg: NetConfig,
   cfg: FitConfig,
@@ -308,7 +319,7 @@ def fit(
   saves one every ckpt_every steps and on Ctrl-C.
   Progress (rate, ETA, PSNR) is logged once per chunk."""
   _check_resolved(net_cfg, cfg)
-  t0 = time.perf_counter()
+  timing = loop.Timing()  # from here: the init and the programs compiled in the first chunk count
   n_runs = len(keys)
   n_dev = jax.local_device_count() if cfg.shard else 1
   unit = sure_fit.rows_per_run(cfg)  # --stop=sure: a run and its twins stay together on a device
@@ -322,7 +333,7 @@ def fit(
     runs = NamedSharding(runs_mesh(n_dev), PartitionSpec("runs"))
     states, batch, noise_keys = jax.device_put((states, batch, noise_keys), runs)
   history: dict[str, list[np.ndarray]] = {}
-  done, first, steady = 0, None, [0, 0.0]  # first chunk (compiles): (steps, s); later: [steps, s]
+  done = 0
   if ckpt_path and os.path.isfile(ckpt_path):
     try:
       done, states, history = checkpoint.load(ckpt_path, states)
@@ -332,49 +343,21 @@ def fit(
       if n_dev > 1:
         states = jax.device_put(states, NamedSharding(runs_mesh(n_dev), PartitionSpec("runs")))
       logging.info("%sresumed at step %d from %s", label, done, ckpt_path)
-  while done < cfg.steps:
-    length = min(cfg.chunk, cfg.steps - done)
-    t_chunk = time.perf_counter()
+
+  def chunk(states, done, length):
     states, m = make_fit_chunk(net_cfg, cfg, length, n_dev)(states, batch, noise_keys, done)
-    m = jax.device_get(m)  # the one host transfer per chunk
-    dt = time.perf_counter() - t_chunk
-    if first is None:  # from the fit's start: the init and the programs compiled beside it count
-      first = (length, time.perf_counter() - t0)
-    else:
-      steady[0] += length
-      steady[1] += dt
+    return states, jax.device_get(m)  # the one host transfer per chunk
+
+  def after_chunk(states, done, m):
     for k, v in m.items():
       history.setdefault(k, []).append(np.asarray(v)[:, :n_runs])
-    done += length
-    # Every ckpt_every steps (at the first chunk end past each multiple), and on Ctrl-C.
-    due = ckpt_every and done // ckpt_every > (done - length) // ckpt_every
-    if ckpt_path and done < cfg.steps and (due or INTERRUPTED.is_set()):
-      checkpoint.save(ckpt_path, done, states, history)
-    # Rate and ETA from the chunks after the first, which also compiles.
-    rate = steady[0] / steady[1] if steady[0] else first[0] / first[1]
-    msg = (
-      f"{label}step {done}/{cfg.steps}  {rate:.2f} steps/s  {rate * n_runs:.1f} image-steps/s  "
-      f"ETA {(cfg.steps - done) / rate:.0f}s  loss {np.mean(m['loss'][-1]):.5f}  "
-      f"psnr(out,y) {np.mean(m['psnr_y'][-1]):.2f}"
-    )
-    if "psnr" in m:  # the last evaluated step of the chunk
-      last = np.flatnonzero(~np.isnan(m["psnr"][:, 0]))
-      if last.size:
-        msg += f"  psnr {np.mean(m['psnr'][last[-1]]):.2f}  psnr_ema {np.mean(m['psnr_ema'][last[-1]]):.2f}"
-    if "sure_psnr" in m:  # the runs' own rows (not the twins'), at the chunk's last eval step
-      last = np.flatnonzero(~np.isnan(m["sure_psnr"][:, 0]))
-      if last.size:
-        msg += f"  sure_psnr {np.mean(m['sure_psnr'][last[-1], 0:n_runs:unit]):.2f}"
-    if "stopped" in m:
-      stopped = m["stopped"][-1]
-      msg += f"  stopped {int(np.sum(stopped))}/{n_runs}"
-    logging.info(msg)
-    if INTERRUPTED.is_set():
-      raise KeyboardInterrupt
-    if "stopped" in m and np.all(stopped):
-      break  # every run's criterion has stopped it: their states no longer change
-  # The first chunk's time beyond what its steps take at the steady rate: compilation.
-  compile_s = max(0.0, first[1] - first[0] * steady[1] / steady[0]) if steady[0] else None
+    return progress_fields(m, n_runs, unit)
+
+  save = None if not ckpt_path else lambda states, done: checkpoint.save(ckpt_path, done, states, history)
+  progress = loop.Progress(label, n_runs, "image-steps")
+  states, _, _ = loop.run(
+    chunk, states, done, cfg.steps, cfg.chunk, progress, after_chunk, save, ckpt_every, timing=timing
+  )
   stop, sure = states.stop, states.sure
   if cfg.loop == "host" and eval_keys(batch):
     last = np.asarray(_host_programs(net_cfg, cfg, n_dev)[1](states, batch, cfg.steps)[1]["out"])[:n_runs]
@@ -404,6 +387,6 @@ def fit(
     last_NxHxWxC=last if watched else None,
     last_ema_NxHxWxC=host(states.ema) if watched else None,
     history={k: np.concatenate(v, axis=0) for k, v in history.items()},
-    seconds=time.perf_counter() - t0,
-    compile_seconds=compile_s,
+    seconds=time.perf_counter() - timing.start,
+    compile_seconds=timing.compile_seconds,
   )

@@ -1,5 +1,6 @@
 """A job's workdir before any compute: what --overwrite may not delete (paths the run reads), the
-names of its outputs, and --resume's one rule for "same settings and same inputs" as a stored run."""
+names of its outputs, --resume's rule for "same settings and same inputs" as a stored run, and
+the experiments' rule for reusing a finished job folder (job_settings, finished_job)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import types
 
 import numpy as np
 
-from idip_jax import data, outputs, prelim, tasks
+from idip_jax import config, data, outputs, prelim, tasks
 from idip_jax.config import RunConfig
 from idip_jax.data import Image, InputError
 
@@ -95,20 +97,7 @@ def check_output_folder(cfg: RunConfig, resolved: RunConfig, images: list[Image]
   if os.path.isfile(os.path.join(cfg.workdir, "results.json")):
     read_stored(os.path.join(cfg.workdir, "results.json"))
   want = json.loads(json.dumps(dataclasses.asdict(resolved)))
-
-  def first_difference(a, b, where=""):
-    for k in sorted(set(a) | set(b)):
-      if k in RESUME_FREE and not where:
-        continue
-      if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-        d = first_difference(a[k], b[k], where + k + ".")
-        if d:
-          return d
-      elif a.get(k) != b.get(k):
-        return f"{where}{k} (stored {b.get(k)!r}, now {a.get(k)!r})"
-    return None
-
-  diff = first_difference(want, have)
+  diff = settings_difference(want, have, skip_top=RESUME_FREE)
   if diff:
     raise InputError(f"--resume: the settings differ from the stored run in {cfg.workdir}: {diff}")
   stored = have.get("inputs")
@@ -125,3 +114,72 @@ def check_output_folder(cfg: RunConfig, resolved: RunConfig, images: list[Image]
         f"--resume: input {name} {what} since the stored run in {cfg.workdir}; its results would not be of "
         "these inputs: run again into a new --workdir"
       )
+
+
+# How a job runs, not what it computes: a job stored by a GPU run is reused on a CPU.
+HOW = ("weights_dir", "loop", "conv", "shard", "remat", "batch_strategy", "batch_conv", "hybrid_side")
+# Renamed in issue 14; stored jobs (e.g. the GPU runs in experiments/results/gpu_h100/jobs) keep the old names.
+LEGACY_KEYS = types.MappingProxyType({"channels": "image_channels", "net.channels": "net.width"})
+
+
+def job_settings(resolved: RunConfig) -> dict:
+  """What a job computes: every flag-set field of the resolved config except where and how outputs
+  are written (RESUME_FREE) and how it runs (HOW); net.in_channels only where z is the input (else
+  the image's); the input set by its folder's name (the same set copied to another machine)."""
+  out = {}
+  for path, f, _ in config.leaves(RunConfig):
+    key = ".".join(path)
+    if config.flag_name(f) is None or path[-1] in RESUME_FREE + HOW:
+      continue
+    if key == "net.in_channels" and config.METHODS[resolved.method].prelim_input:
+      continue
+    v = resolved
+    for p in path:
+      v = getattr(v, p)
+    out[key] = v
+  out["input"] = os.path.basename(os.path.normpath(out["input"]))
+  return json.loads(json.dumps(out))
+
+
+def _dotted(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+  return out
+
+
+def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), lenient: bool = False) -> str | None:
+  """The one rule for "same settings as a stored run": the first setting, in sorted dotted names,
+  in which a stored config.json (`have`) differs from `want` (nested, or with dotted names), as "name (stored
+  X, now Y)", or None. --resume compares every setting but those named in skip_top (RESUME_FREE).
+  lenient (experiments reusing a finished job, `want` = job_settings): only `want`'s settings, and one
+  the stored run does not record (older code; LEGACY_KEYS renamed) or recorded as "auto" (older code
+  recorded it unresolved) matches; the input set is compared by its folder's name."""
+  a, b = _dotted(want), _dotted(have)
+  if lenient:
+    b = {LEGACY_KEYS.get(k, k): v for k, v in b.items()}
+    if "input" in b:
+      b["input"] = os.path.basename(os.path.normpath(b["input"]))
+  for k in sorted(a if lenient else set(a) | set(b)):
+    if k.split(".")[0] in skip_top or (lenient and (k not in b or b[k] == "auto")):
+      continue
+    if a.get(k) != b.get(k):
+      return f"{k} (stored {b.get(k)!r}, now {a.get(k)!r})"
+  return None
+
+
+def finished_job(resolved: RunConfig, allow_other_code: bool = False) -> tuple[dict | None, str]:
+  """(results.json of resolved.workdir, why) when that folder holds a finished run of the same job
+  (job_difference) made by this code (or any code with allow_other_code); else (None, why not)."""
+  res_path, cfg_path = (os.path.join(resolved.workdir, f) for f in ("results.json", "config.json"))
+  if not (os.path.isfile(res_path) and os.path.isfile(cfg_path)):
+    return None, f"no finished run in {resolved.workdir}"
+  res = read_stored(res_path)
+  diff = settings_difference(job_settings(resolved), read_stored(cfg_path), lenient=True)
+  if diff:
+    return None, f"{resolved.workdir} is another job: {diff}"
+  if res.get("code_hash") != outputs.code_hash():
+    if not allow_other_code:
+      return None, f"{resolved.workdir} was made by other code ({res.get('commit', '?')})"
+    return res, f"reusing {resolved.workdir} from other code ({res.get('commit', '?')}, --allow_other_code)"
+  return res, f"reusing finished job {resolved.workdir}"

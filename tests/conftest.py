@@ -84,11 +84,10 @@ def parsed_flags(argv: list[str]):
 
 
 def import_experiment(name: str):
-  """An experiments/ script as a module, in this process."""
+  """An experiments/ script as a module (experiments.NAME), in this process."""
   import importlib
 
-  sys.path.insert(0, os.path.join(ROOT, "experiments")) if os.path.join(ROOT, "experiments") not in sys.path else None
-  return importlib.import_module(name)
+  return importlib.import_module(f"experiments.{name}")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,8 +1,8 @@
-"""Issue 17: training DnCNN (supervised) and Noise2Noise in JAX, orbax checkpoints, use as x_bar."""
+"""Issue 17: training DnCNN (supervised) and Noise2Noise in JAX, checkpoints, use as x_bar; issue 33: on the
+fits' loop (loop.run) and checkpoints (checkpoint.py), with denoisers.DnCNN."""
 
 import dataclasses
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, smooth_image, write_png
 
-from idip_jax import config, data, denoiser_train
-
-pytest.importorskip("orbax.checkpoint")
+from idip_jax import config, data, denoiser_train, loop
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,7 @@ def test_blind_training_draws_a_level_per_patch(folder, tmp_path):
   assert per_patch.min() < 15 and per_patch.max() > 40 and per_patch.max() < 60
 
 
-def test_checkpoint_resumes_bit_identically_and_loads_as_x_bar(folder, tmp_path):
+def test_checkpoint_resumes_bit_identically_and_loads_as_x_bar(folder, tmp_path, monkeypatch):
   cfg = tiny(folder, tmp_path / "run")
   summary = denoiser_train.train(cfg)
   assert summary["steps"] == 6 and np.isfinite(summary["val_psnr"])
@@ -88,14 +86,30 @@ def test_checkpoint_resumes_bit_identically_and_loads_as_x_bar(folder, tmp_path)
   assert int(full.step) == 6
   rows = open(os.path.join(cfg.workdir, "progress.csv")).read().splitlines()
   assert rows[0].split(",")[:3] == ["step", "loss", "train_psnr"] and len(rows) == 4
-  # Interrupted after step 4: drop the last checkpoint, resume, and get the same bits.
-  shutil.rmtree(os.path.join(cfg.workdir, "checkpoints", "6"))
-  assert int(denoiser_train.restore(cfg.workdir, like).step) == 4
-  denoiser_train.train(dataclasses.replace(cfg, resume=True))
-  again = denoiser_train.restore(cfg.workdir, like)
+  # Ctrl-C (loop.INTERRUPTED, as run.py's watcher sets it) during steps 3-4: the loop checkpoints at step 4
+  # (checkpoint_every is 2, so step 4 is also due) and stops; --resume redoes nothing before it.
+  cut = dataclasses.replace(cfg, workdir=str(tmp_path / "cut"), checkpoint_every=6)
+  write = denoiser_train.write_progress
+
+  def press_at_4(workdir, rows, plot):
+    write(workdir, rows, plot)
+    if rows[-1]["step"] == 4:
+      loop.INTERRUPTED.set()
+
+  monkeypatch.setattr(denoiser_train, "write_progress", press_at_4)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      denoiser_train.train(cut)
+  finally:
+    loop.INTERRUPTED.clear()
+  monkeypatch.setattr(denoiser_train, "write_progress", write)
+  assert int(denoiser_train.restore(cut.workdir, like).step) == 4  # saved on Ctrl-C (no multiple of 6 yet)
+  resumed = denoiser_train.train(dataclasses.replace(cut, resume=True))
+  assert resumed["resumed_from"] == 4 and resumed["steps_this_call"] == 2
+  again = denoiser_train.restore(cut.workdir, like)
   for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert len(open(os.path.join(cfg.workdir, "progress.csv")).read().splitlines()) == 4  # rows 5-6 redone once
+  assert len(open(os.path.join(cut.workdir, "progress.csv")).read().splitlines()) == 4  # rows 5-6 once
   assert os.path.getsize(os.path.join(cfg.workdir, "progress.png")) > 1000
   # The trained net as x_bar: BatchNorm on its running statistics.
   fn = denoiser_train.load_denoiser(cfg.workdir, 1)

@@ -32,11 +32,18 @@ def test_ffdnet_scalar_sigma_equals_constant_map():
   assert a.shape == x.shape
 
 
-def test_dncnn_is_residual():
-  model = denoisers.DnCNN((8, 1))
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_dncnn_is_residual(batch_norm):
+  """One DnCNN for the official weights (BatchNorm folded: every conv has a bias) and for training
+  (denoiser_train: BatchNorm after the middle convs, which then have no bias)."""
+  model = denoisers.DnCNN((8, 8, 8, 1), batch_norm=batch_norm)
   x = jax.random.uniform(jax.random.key(1), (1, 8, 8, 1))
-  params = model.init(jax.random.key(2), x)
-  zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+  variables = model.init(jax.random.key(2), x)
+  params = variables["params"]
+  norms = ["BatchNorm_0", "BatchNorm_1"] if batch_norm else []
+  assert sorted(params) == norms + ["Conv_0", "Conv_1", "Conv_2", "Conv_3"]
+  assert ("bias" in params["Conv_1"]) != batch_norm and "bias" in params["Conv_0"] and "bias" in params["Conv_3"]
+  zero = {**variables, "params": jax.tree_util.tree_map(jnp.zeros_like, params)}
   np.testing.assert_array_equal(np.asarray(model.apply(zero, x)), np.asarray(x))
 
 

@@ -14,7 +14,7 @@ from conftest import NET, ROOT, TINY_ARGS, import_experiment, parsed_flags, smoo
 from test_cli import run_cli
 from test_fit import CFG, make_batch, states_and_step
 
-from idip_jax import config, data, fit, metrics, outputs, results, runner, train
+from idip_jax import config, data, fit, metrics, outputs, results, resume, runner, train
 
 
 @pytest.fixture(scope="module")
@@ -242,10 +242,43 @@ def test_tables_reuse_jobs_stored_by_older_code(tmp_path):
   old["fit"]["loop"] = "auto"
   old["prelim"].update(sigma=30, crop=0, batch_size=0)
   del old["net"]["conv"]
-  want = tables.comparable(cfg)
-  assert tables.same_config(want, old)
+  want = resume.job_settings(runner.resolve(cfg, 1))
+  assert resume.settings_difference(want, old, lenient=True) is None
   old["fit"]["steps"] = 999
-  assert not tables.same_config(want, old)
+  assert resume.settings_difference(want, old, lenient=True) == "fit.steps (stored 999, now 1500)"
+
+
+@pytest.mark.parametrize("change", ["sigma", "crop", "noise", "x_bar", "code"])
+def test_one_same_settings_rule_refuses_another_job(tmp_path, change):
+  """Issue 33: one rule (resume.settings_difference) says whether a stored run has the same settings,
+  for --resume (every setting) and for reusing a finished job (experiments/tables.py and faithfulness.py
+  through resume.finished_job): another sigma, crop, noise protocol or x_bar source is refused by both;
+  other code by the job reuse (unless --allow_other_code)."""
+  tables = import_experiment("tables")
+  with parsed_flags(["tables.py", "--noise=clip"]):
+    cfg = tables.Runner({"idip": 3}).config(tables.Job("classic10", 30, "idip", "ffdnet"), str(tmp_path / "job"))
+  os.makedirs(cfg.workdir)
+  outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(runner.resolve(cfg, 1)))
+  res = {"images": [], "mean": {}, "steps": 3, "commit": "abc", "code_hash": outputs.code_hash()}
+  outputs.write_json(os.path.join(cfg.workdir, "results.json"), res)
+  assert resume.finished_job(runner.resolve(cfg, 1))[0] is not None  # the same job: reused
+  changed = {
+    "sigma": dataclasses.replace(cfg, sigma=25.0),
+    "crop": dataclasses.replace(cfg, crop=32),
+    "noise": dataclasses.replace(cfg, noise="uint8"),
+    "x_bar": dataclasses.replace(cfg, prelim=dataclasses.replace(cfg.prelim, name="bm3d")),
+    "code": cfg,
+  }[change]
+  if change == "code":
+    outputs.write_json(os.path.join(cfg.workdir, "results.json"), dict(res, code_hash="0" * 12))
+    assert resume.finished_job(runner.resolve(cfg, 1))[1].endswith("was made by other code (abc)")
+    assert resume.finished_job(runner.resolve(cfg, 1), allow_other_code=True)[0] is not None
+    return
+  name = {"x_bar": "prelim.name"}.get(change, change)
+  res_or_none, why = resume.finished_job(runner.resolve(changed, 1))
+  assert res_or_none is None and f"is another job: {name} (stored " in why
+  with pytest.raises(data.InputError, match=f"settings differ from the stored run in .*: {name} \\(stored "):
+    resume.check_output_folder(dataclasses.replace(changed, resume=True), runner.resolve(changed, 1), [])
 
 
 def test_tables_read_a_shorter_step_count_from_the_history():

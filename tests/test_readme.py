@@ -91,3 +91,16 @@ def test_readme_links_resolve():
   for target in re.findall(r"\]\(([^)#]+)\)", text):
     if not target.startswith("http"):
       assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def test_layout_names_every_module_and_none_is_over_400_lines():
+  """Issue 33: the README's Layout gives every module of the package its one concern, and no module
+  grows past 400 lines (split it by concern instead)."""
+  layout = open(README).read().split("## Layout")[1].split("\n## ")[0]
+  package = os.path.join(ROOT, "idip_jax")
+  for name in sorted(os.listdir(package)):
+    if not name.endswith(".py") or name == "__init__.py":
+      continue
+    assert f"`{name}`" in layout or f"`idip_jax/{name}`" in layout, f"README Layout does not name {name}"
+    n = len(open(os.path.join(package, name)).read().splitlines())
+    assert n <= 400, f"idip_jax/{name} has {n} lines"

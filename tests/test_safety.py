@@ -252,7 +252,7 @@ def test_checkpoints_every_n_steps_on_ctrl_c_and_past_damage(tmp_path, monkeypat
   before stopping; a damaged checkpoint is ignored with a warning and the call starts over."""
   from test_fit import CFG, NET, make_batch
 
-  from idip_jax import checkpoint, fit
+  from idip_jax import checkpoint, fit, loop
 
   batch, keys = make_batch([smooth_image(32, 32, 1, seed=5)])
   cfg = dataclasses.replace(CFG, steps=20, chunk=3)
@@ -272,14 +272,14 @@ def test_checkpoints_every_n_steps_on_ctrl_c_and_past_damage(tmp_path, monkeypat
     np.testing.assert_array_equal(again.history["loss"], full.history["loss"])
     with open(ckpt, "wb") as f:
       f.write(good)
-  # Ctrl-C (run.py's handler sets fit.INTERRUPTED): a checkpoint at the chunk end, then it stops.
+  # Ctrl-C (run.py's handler sets loop.INTERRUPTED): a checkpoint at the chunk end, then it stops.
   saved.clear()
-  fit.INTERRUPTED.set()
+  loop.INTERRUPTED.set()
   try:
     with pytest.raises(KeyboardInterrupt):
       fit.fit(NET, cfg, batch, keys, ckpt_path=str(tmp_path / "i.npz"), ckpt_every=0)
   finally:
-    fit.INTERRUPTED.clear()
+    loop.INTERRUPTED.clear()
   assert saved == [3]
   resumed = fit.fit(NET, cfg, batch, keys, ckpt_path=str(tmp_path / "i.npz"), ckpt_every=0)
   np.testing.assert_array_equal(resumed.history["loss"], full.history["loss"])

@@ -131,6 +131,12 @@ def test_faithfulness_study_plumbing(tmp_path, capsys):
   again = json.loads((tmp_path / "again.json").read_text())["variants"]["idip"]["images"]["cameraman"]
   assert again["peak"] == cam["peak"] and again["curve"] == cam["curve"]
   assert "reusing" in capsys.readouterr().out
+  # ... but only the same job (resume.finished_job): at another sigma the stored fit is not read back, and the
+  # same workdir is refused by --resume's rule (it used to be reused: only the names and steps were checked).
+  with parsed_flags(args[:-1] + ["--variants=idip", "--reuse_finished", "--sigma=15", f"--out={tmp_path / 'no'}"]):
+    with pytest.raises(data.InputError, match="settings differ from the stored run .*: sigma"):
+      study.main([])
+  assert "not reusing: " in capsys.readouterr().out and not (tmp_path / "no.json").exists()
   # An unfinished variant (no results yet) continues in its workdir: the same deterministic fit.
   os.remove(tmp_path / "runs" / "dip" / "results.json")
   with parsed_flags(args[:-1] + ["--variants=dip", "--reuse_finished", f"--out={tmp_path / 'resumed'}"]):
