@@ -30,8 +30,8 @@ flags.DEFINE_list("images", ["classic10/cameraman", "holdout9/baboon", "holdout9
 flags.DEFINE_bool(
   "reuse_finished",
   False,
-  "a variant whose workdir's results.json already holds every --images image (e.g. an interrupted run's) is read, "
-  "not refitted; an unfinished one continues from its last checkpoint",
+  "a variant whose workdir holds the same job (resume.finished_job: same settings and code) with every --images "
+  "image is read, not refitted; an unfinished one continues from its last checkpoint (--resume's rule)",
 )
 flags.DEFINE_list(
   "merge_studies",

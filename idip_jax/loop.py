@@ -77,8 +77,8 @@ def run(
 
   chunk(state, done, length) -> (state, metrics on the host): `length` steps.
   after_chunk(state, done, metrics) -> (the progress line's own fields, stop now).
-  save(state, done): every save_every steps (at the first chunk end past each multiple) and on
-  Ctrl-C (then KeyboardInterrupt) before the end; after the last step (or a stop) only when save_last.
+  save(state, done): before the last step, every save_every steps (at the first chunk end past each
+  multiple) and on Ctrl-C (then KeyboardInterrupt); after the last step (or a stop) when save_last.
   """
   timing = timing or Timing()
   while done < total:
@@ -89,8 +89,8 @@ def run(
     done += length
     fields, stop = after_chunk(state, done, metrics)
     due = save_every and done // save_every > (done - length) // save_every
-    last = done == total or stop
-    if save is not None and ((save_last and last) or (not last and (due or INTERRUPTED.is_set()))):
+    final = done == total
+    if save is not None and ((save_last and (final or stop)) or (not final and (due or INTERRUPTED.is_set()))):
       save(state, done)
     rate = timing.rate
     logging.info(

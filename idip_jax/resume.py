@@ -170,7 +170,7 @@ def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), 
 
 def finished_job(resolved: RunConfig, allow_other_code: bool = False) -> tuple[dict | None, str]:
   """(results.json of resolved.workdir, why) when that folder holds a finished run of the same job
-  (job_difference) made by this code (or any code with allow_other_code); else (None, why not)."""
+  (settings_difference, lenient) made by this code (or any code with allow_other_code); else (None, why not)."""
   res_path, cfg_path = (os.path.join(resolved.workdir, f) for f in ("results.json", "config.json"))
   if not (os.path.isfile(res_path) and os.path.isfile(cfg_path)):
     return None, f"no finished run in {resolved.workdir}"
