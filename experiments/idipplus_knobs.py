@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import tables  # noqa: E402  (its flags: --crop, --noise, --workdir, --results_dir, --ensemble_runs, --data_dir)
+from experiments import jobs, tables  # noqa: E402  (its flags: --crop, --noise, --workdir, --results_dir, --ensemble_runs, --data_dir)
 from idip_jax import data, outputs, results  # noqa: E402
 
 F = flags.FLAGS
@@ -27,7 +27,7 @@ SIGMAS = (15, 25, 50)
 
 def job_dirs(workdir: str, dataset: str, sigma: int, noise: str, k: int) -> tuple[str, dict[str, str]]:
   """The watched job's folder and each knob's ({name: folder}), as tables.py names them."""
-  job = lambda **kw: tables.job_dir(tables.Job(dataset, sigma, "idip", "ffdnet", **kw), workdir, noise)
+  job = lambda **kw: jobs.job_dir(jobs.Job(dataset, sigma, "idip", "ffdnet", **kw), workdir, noise)
   return job(seeds=k, fit=tables.WATCHED), {name: job(fit=fit) for name, fit in tables.KNOBS}
 
 

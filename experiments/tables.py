@@ -2,7 +2,9 @@
 
 python experiments/tables.py --flagfile=experiments/tables/t2.flags
 Writes <results_dir>/<table>.md, <table>.json and <table>_curves.png (PSNR vs step).
-Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per process.
+Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per process. This file
+is the catalogue of tables (table_jobs) and their numbers (make_table); experiments/jobs.py runs the
+jobs (the one job runner) and experiments/report.py writes the markdown and curves.
 """
 
 from __future__ import annotations
@@ -15,7 +17,18 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, metrics, outputs, prelim, results, resume, runner  # noqa: E402
+from experiments.jobs import (  # noqa: E402
+  EMA_OF,
+  REPORT,
+  Job,
+  Runner,
+  Settings,
+  at_step,
+  blend_psnrs,
+  mean_curve_peak,
+)
+from experiments.report import plot_curves, write_markdown  # noqa: E402
+from idip_jax import config, outputs, runner  # noqa: E402
 
 F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # every run setting, as in run.py (--crop, --noise, --workdir...)
@@ -78,35 +91,6 @@ INPAINT_FIT = (("task", "inpaint"), ("reg_noise_std", 0.03))
 SR_FIT = (("task", "sr"), ("sr_factor", 4), ("reg_noise_std", 0.03))
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-  dataset: str
-  sigma: float
-  method: str  # dip | idip1 | idip2 | idip, or "prelim": the x_bar alone, no fit
-  prelim: str = "none"
-  seeds: int = 1
-  channels: int = 1
-  fit: tuple[tuple[str, float | str], ...] = ()  # FitConfig overrides of this row (a variant)
-  net: tuple[tuple[str, float | str], ...] = ()  # NetConfig overrides (the inpainting net)
-  report: str = "final"  # which of the job's numbers the row reports (REPORT); not part of the job
-
-
-# Row reports -> result keys: the output on the unperturbed input (final; at the criterion's step
-# under --stop), its EMA, the K runs' mean image (ensemble), the last state under --stop (the
-# fixed-step result), and the per-image best step (oracle: uses the ground truth).
-REPORT = {
-  "final": "psnr_final",
-  "ema": "psnr_ema",
-  "ensemble": "psnr_avg_final",
-  "ensemble_ema": "psnr_avg_ema",
-  "last": "psnr_last",
-  "last_ema": "psnr_last_ema",
-  "ensemble_last": "psnr_avg_last",
-  "ensemble_last_ema": "psnr_avg_last_ema",
-  "oracle": "oracle_best_psnr",
-  "input": "psnr_noisy",  # the input image as fitted: SR's bicubic upsampling (tasks.sr_images)
-}
-EMA_OF = {"final": "ema", "ensemble": "ensemble_ema", "last": "last_ema", "ensemble_last": "ensemble_last_ema"}
 # Issue 16's jobs: K runs per image with ES-WMV (Wang et al.) watching them; patience as long as
 # the run, so no run freezes early and one job gives the fixed-step result (its last state), the
 # criterion's choice, their K-run ensembles and the oracle.
@@ -116,26 +100,6 @@ WATCHED = (("stop", "wmv"), ("stop_patience", 100000))
 # unperturbed x_bar worse than 1 and 1/30 on the holdout images; weight 2 follows that trend (a
 # stronger perturbation, 1/15, was left out for CPU time: ~20 min of this study).
 KNOBS = (("w2", (("prelim_weight", 2.0),)),)
-# A report "blend:A:BASE" is A * (the BASE image) + (1 - A) * x_bar, read from the job's float images
-# (--save_float): a fixed mix of IDIP's output and its input, no ground truth per image.
-BLEND_IMAGES = {"ensemble_last": "last", "ensemble_last_ema": "last_ema"}  # the K-run mean images
-
-
-def blend_psnrs(res: dict, report: str) -> dict[str, float]:
-  _, a, base = report.split(":")
-  cfg, a = res["cfg"], float(a)
-  out = {}
-  for r in res["images"]:
-    paths = [os.path.join(cfg.workdir, "images", f"{r['name']}_{t}.npy") for t in (BLEND_IMAGES[base], "prelim")]
-    if not all(os.path.isfile(p) for p in paths):
-      raise ValueError(f"report {report} needs the job's float images (--save_float): {paths[0]} is missing")
-    img, xbar = (np.load(p) for p in paths)
-    gt = data.read_image(data.find_image(cfg.input, r["name"]), cfg.image_channels)
-    gt = data.center_crop(gt, cfg.crop) if cfg.crop else gt
-    out[r["name"]] = results.psnr(a * img + (1 - a) * xbar, gt)
-  return out
-
-
 # "IDIP-best": the combination of settings and report chosen on holdout9 (IDIPplus_holdout9) and
 # used unchanged on the other sets (None: the rows are left out). Chosen as the highest mean over sigma
 # 15/25/50 of PSNR - x_bar's in experiments/results/idipplus_crop96/knobs_holdout9.md (96 px, 300 steps,
@@ -143,18 +107,6 @@ def blend_psnrs(res: dict, report: str) -> dict[str, float]:
 # IDIP output alone, the ensemble's last state, is -0.19 (-0.45/-0.14/+0.02), its EMA -0.92 (it lags at
 # 300 steps), ES-WMV's step -0.38, x_bar weight 2 as weight 1.
 IDIP_BEST: tuple[tuple[tuple[str, float | str], ...], str] | None = (WATCHED, "blend:0.25:ensemble_last")
-
-
-def fitted(job: Job) -> Job:
-  """The job a row reads: rows differing only in what they report share one fit."""
-  return dataclasses.replace(job, report="final")
-
-
-def job_dir(job: Job, workdir: str, noise: str) -> str:
-  name = f"{job.dataset}_s{job.sigma:g}_{noise}_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
-    f"_{k}{v:g}" if isinstance(v, float | int) else f"_{k}{v}" for k, v in job.fit + job.net
-  )
-  return os.path.join(workdir, name)
 
 
 def table_jobs(table: str) -> list[tuple[str, Job]]:
@@ -219,134 +171,21 @@ def table_jobs(table: str) -> list[tuple[str, Job]]:
   raise ValueError(f"unknown table {table}")
 
 
-def with_histories(res: dict, cfg: runner.RunConfig) -> dict:
-  """Adds each image's per-step history (the first seed's) read from the job folder, and the
-  job's config (where its images and inputs are: blend reports read them)."""
-  res["cfg"] = cfg
-  suffix = "_seed0" if cfg.fit.seeds > 1 else ""
-  res["histories"] = {
-    r["name"]: results.read_history(os.path.join(cfg.workdir, "history", r["name"] + suffix + ".csv"))
-    for r in res["images"]
-  }
-  return res
-
-
-class Runner:
-  def __init__(self, steps: dict[str, int]):
-    self.steps, self.done, self.prelims = steps, {}, {}
-
-  @staticmethod
-  def finished(cfg: runner.RunConfig) -> dict | None:
-    """A job folder whose run completed with exactly this job (resume.finished_job) is reused, not rerun."""
-    res, why = resume.finished_job(runner.resolve(cfg, cfg.image_channels), F.allow_other_code)
-    if res is None:
-      if "other code" in why or "another job" in why:
-        print(f"rerunning: {why}", flush=True)
-      return None
-    n = F.max_images or (3 if F.smoke else None)
-    if n is None and len(res["images"]) < len(data.list_inputs(cfg.input)):
-      return None
-    print(why, flush=True)
-    if n is not None and len(res["images"]) > n:  # same images as the table's other rows
-      res["images"] = res["images"][:n]
-      res["mean"] = results.summarize(res["images"])
-    return with_histories(res, cfg)
-
-  def config(self, job: Job, workdir: str) -> runner.RunConfig:
-    """The job's RunConfig: the flags' settings (shared with run.py), the job's set, sigma,
-    method, x_bar and variant; --smoke shrinks everything to config.TINY_NET scale."""
-    base = config.from_flags(F, runner.RunConfig)
-    ddir = F.data_dir or os.path.join(data.shared_dir(), "data")
-    fit_cfg = dataclasses.replace(
-      base.fit, steps=self.steps.get(job.method, base.fit.steps), seeds=job.seeds, **dict(job.fit)
-    )
-    cfg = dataclasses.replace(
-      base,
-      net=dataclasses.replace(base.net, **dict(job.net)),
-      input=os.path.join(ddir, job.dataset),
-      workdir=workdir,
-      sigma=job.sigma,
-      method=job.method,
-      image_channels=job.channels,
-      prelim=dataclasses.replace(base.prelim, name=job.prelim),
-      fit=fit_cfg,
-    )
-    if F.smoke:
-      cfg = dataclasses.replace(
-        cfg,
-        crop=32,
-        save_images=F.save_float,  # float images only where asked (blend reports read them)
-        net=config.TINY_NET,
-        fit=dataclasses.replace(fit_cfg, steps=4, chunk=4, eval_every=2, stop_window=2),
-      )
-    return cfg
-
-  def run(self, job: Job) -> dict:
-    job = fitted(job)
-    if job in self.done:
-      return self.done[job]
-    cfg = self.config(
-      dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
-      job_dir(job, F.workdir or DEFAULT_WORKDIR, F.noise),
-    )
-    if job.method != "prelim" and (done := self.finished(cfg)) is not None:
-      self.done[job] = done
-      return done
-    images = runner.load_inputs(cfg)
-    if F.max_images or F.smoke:
-      images = images[: F.max_images or 3]
-    key = (job.dataset, job.sigma, job.prelim)
-    if job.prelim != "none" and key not in self.prelims:
-      self.prelims[key] = dict(zip([im.name for im in images], prelim.make(cfg, images)))
-    if job.method == "prelim":
-      recs = [
-        {"name": im.name, "psnr_prelim": float(metrics.psnr(self.prelims[key][im.name], im.clean_HxWxC))}
-        for im in images
-      ]
-      self.done[job] = {"images": recs, "mean": {"psnr_prelim": float(np.mean([r["psnr_prelim"] for r in recs]))}}
-      return self.done[job]
-    res = with_histories(runner.run(cfg, images=images, prelim_images=self.prelims.get(key)), cfg)
-    self.done[job] = res
-    return res
-
-
 def selected_rows(table: str) -> list[tuple[str, Job]]:
   return [(label, job) for label, job in table_jobs(table) if not F.rows or label in F.rows]
 
 
-def at_step(res: dict, n: int) -> dict:
-  """The job's results as a run stopped after n steps would report them: the clean-input
-  output and the EMA at step n, read from each image's history (n must be an eval step)."""
-  if n >= res["steps"]:
-    return res
-  images = []
-  for r in res["images"]:
-    h = res["histories"][r["name"]]
-    if np.isnan(h["psnr"][n - 1]):
-      raise ValueError(f"step {n} was not evaluated in the stored history (eval_every)")
-    images.append(
-      dict(
-        r,
-        psnr_final=float(h["psnr"][n - 1]),
-        psnr_ema=float(h["psnr_ema"][n - 1]),
-        ssim_final=float(h["ssim"][n - 1]),
-        ssim_ema=float(h["ssim_ema"][n - 1]),
-      )
-    )
-  return dict(res, images=images, mean=results.summarize(images), steps=n, run_steps=res["steps"])
-
-
-def mean_curve_peak(res: dict, steps: int) -> dict:
-  """Peak of the images' mean PSNR curve (clean-input output, and EMA) over steps 1..steps: on
-  HOLDOUT this picks each method's default step count; on a table's own images it is an oracle."""
-  out = {}
-  for key, name in (("psnr", "curve_peak"), ("psnr_ema", "curve_peak_ema")):
-    curve = np.mean([h[key][:steps] for h in res["histories"].values()], axis=0)
-    if np.all(np.isnan(curve)):
-      continue
-    i = int(np.nanargmax(curve))
-    out[name] = {"step": i + 1, "psnr": float(curve[i])}
-  return out
+def make_runner(steps: dict[str, int] | None = None) -> Runner:
+  """The job runner of these flags (read here once: jobs.Runner reads none)."""
+  settings = Settings(
+    base=config.from_flags(F, runner.RunConfig),
+    workdir=F.workdir or DEFAULT_WORKDIR,
+    data_dir=F.data_dir,
+    smoke=F.smoke,
+    max_images=F.max_images,
+    allow_other_code=F.allow_other_code,
+  )
+  return Runner(settings, steps)
 
 
 def make_table(table: str, jobs: Runner, commit: str) -> dict:
@@ -448,149 +287,6 @@ def fit_speed(dip: dict, idip: dict) -> dict:
   }
 
 
-NOISE_TEXT = {
-  "float": "x + n, unclipped",
-  "clip": "x + n clipped to [0, 1] (DIP's get_noisy_image)",
-  "uint8": "x + n clipped and rounded to 8 bits",
-}
-
-
-TASK_TEXT = {
-  "inpaint": "Task: inpainting, 50% of the pixels missing (a Bernoulli mask seeded by the image name, --mask="
-  "bernoulli:0.5), the loss on the observed pixels only; the net of DIP's inpainting notebook (128-channel skips, "
-  "nearest upsampling); PSNR over the whole image.",
-  "SR4": "Task: 4x super-resolution: HR center-cropped to a multiple of 32 (DIP's enforse_div32), LR by PIL's "
-  "Lanczos resize, the loss through DIP's Lanczos2 downsampler; bicubic = PIL's bicubic upsampling of LR; PSNR on "
-  "the RGB HR crop (DIP's notebook; not the Y channel).",
-}
-
-
-def protocol_lines(t: dict) -> list[str]:
-  """The FFDNet row of this table's set and sigma under every noise protocol, beside the paper's
-  (experiments/noise_protocol.py), so the table says why its protocol was chosen."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "noise_protocol.json")
-  sets = {m["dataset"] for m in t["methods"].values()}
-  if not os.path.isfile(path):
-    return []
-  rows = [r for r in outputs.read_json(path)["rows"] if r["set"] in sets and r["sigma"] in t["sigma"]]
-  if not rows:
-    return []
-  names = list(rows[0]["per_image"])
-  paper = rows[0]["paper_per_image"]
-  lines = [
-    "",
-    f"Noise protocol: FFDNet on {rows[0]['set']} at sigma {rows[0]['sigma']} under each protocol "
-    f"(experiments/results/noise_protocol.md), paper: {rows[0]['paper_source']}:",
-    "",
-    "| protocol | " + " | ".join(names) + " | mean |",
-    "|" + "---|" * (len(names) + 2),
-  ]
-  for r in rows:
-    lines.append(
-      f"| {r['protocol']} | " + " | ".join(f"{r['per_image'][n]:.2f}" for n in names) + f" | {r['mean']:.2f} |"
-    )
-  lines.append("| paper | " + " | ".join(str(paper.get(n, "-")) for n in names) + f" | {rows[0]['paper_mean']} |")
-  return lines
-
-
-def write_markdown(t: dict, path: str) -> None:
-  fitted = {k: m for k, m in t["methods"].items() if m["steps"]}
-  provenance = sorted({(m["device"], m["commit"]) for m in fitted.values()})
-  noise = next(iter(t["methods"].values()))["noise"]
-  lines = [
-    f"# {t['table']}" + (" (SMOKE: plumbing check only)" if t["smoke"] else ""),
-    "",
-    f"Fits run on {'; '.join(f'{d} at commit {c}' for d, c in provenance) or t['device']}; table "
-    f"made {t['date']} by commit {t['commit']}. Crop: {t['crop'] or 'full images'}. "
-    + TASK_TEXT.get(t["table"].split("_")[0], f"Noise: {NOISE_TEXT[noise]} (--noise={noise}).")
-    + " Steps reported: "
-    + ", ".join(
-      f"{k} {m['steps']}"
-      + (f" (run {m['run_steps']}, PSNR read from its history)" if m["run_steps"] != m["steps"] else "")
-      for k, m in fitted.items()
-    )
-    + ". PSNR (dB) of the output on the unperturbed input at that step; columns marked oracle "
-    "use the ground truth.",
-    "",
-  ]
-  methods = t["methods"]
-  names = list(next(iter(methods.values()))["per_image"])
-  paper_im = t.get("paper_per_image", {})
-  head = ["image"] + list(methods) + (["paper (DIP)"] if paper_im else [])
-  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for n in names:
-    cells = [n] + [f"{m['per_image'].get(n, float('nan')):.2f}" for m in methods.values()]
-    lines.append("| " + " | ".join(cells + ([str(paper_im.get(n, "-"))] if paper_im else [])) + " |")
-  fmt = lambda vals: f"{np.mean(vals):.2f} ± {np.std(vals):.2f}"
-  lines.append("| **mean ± std** | " + " | ".join(fmt(list(m["per_image"].values())) for m in methods.values()) + " |")
-  lines.append("| paper | " + " | ".join(str(t["paper"].get(k, "-")) for k in methods) + " |")
-
-  def summary_row(title: str, has: str, cell) -> None:
-    lines.append(f"| {title} | " + " | ".join(cell(m) if has in m else "-" for m in methods.values()) + " |")
-
-  summary_row("EMA", "mean_psnr_ema", lambda m: f"{m['mean_psnr_ema']:.2f}")
-  if any("mean_psnr_prelim" in m for m in methods.values()):
-    summary_row("its x_bar alone", "mean_psnr_prelim", lambda m: f"{m['mean_psnr_prelim']:.2f}")
-  for title, key in (
-    ("peak of the mean curve (step)", "curve_peak"),
-    ("EMA: peak of the mean curve (step)", "curve_peak_ema"),
-  ):
-    summary_row(title, key, lambda m, key=key: f"{m[key]['psnr']:.2f} ({m[key]['step']})")
-  summary_row(
-    "oracle best per image, mean (step)",
-    "oracle_mean_best_psnr",
-    lambda m: f"{m['oracle_mean_best_psnr']:.2f} ({m['oracle_mean_best_step']:.0f})",
-  )
-  if any("mean_stop_step" in m for m in methods.values()):
-    summary_row(
-      "ES-WMV step, mean (PSNR below the oracle's)",
-      "mean_stop_step",
-      lambda m: f"{m['mean_stop_step']:.0f} ({m['mean_stop_gap_db']:.2f} dB)",
-    )
-  if t["paper"] and not set(t["paper"]) & set(methods):
-    lines.append("\nPaper: " + ", ".join(f"{k} {v}" for k, v in t["paper"].items()))
-  for k, m in methods.items():
-    if "mean_psnr_avg_runs_ema" in m and not t["table"].startswith("IDIPplus"):  # there: IDIP-xK
-      lines.append(
-        f"\n{k}: average of 2 runs: final {m['mean_psnr_avg_runs_final']:.2f}, EMA {m['mean_psnr_avg_runs_ema']:.2f}"
-      )
-  if "fit_speed" in t:
-    fs = t["fit_speed"]
-    lines += [
-      "",
-      "Fit speed (oracle: DIP's best PSNR per image, first step each method reaches it):",
-      "",
-      "| image | DIP best (oracle) | DIP steps | IDIP steps | DIP s | IDIP s |",
-      "|---|---|---|---|---|---|",
-    ]
-    for n, r in fs["per_image"].items():
-      idip_s = "-" if r["idip_seconds"] is None else f"{r['idip_seconds']:.1f}"
-      lines.append(
-        f"| {n} | {r['dip_best_psnr']:.2f} | {r['dip_steps']} | {r['idip_steps'] or 'not reached'} | "
-        f"{r['dip_seconds']:.1f} | {idip_s} |"
-      )
-    red = fs["mean_step_reduction_pct"]
-    sec = fs["mean_seconds_reduction_pct"]
-    lines.append(
-      f"\nMean step reduction over the {fs['reached']}/{fs['images']} images IDIP reaches: "
-      f"{'-' if red is None else f'{red:.1f}%'} (paper: about 80%); in seconds: "
-      f"{'-' if sec is None else f'{sec:.1f}%'} (median s/step of one image's fit: DIP "
-      f"{fs['seconds_per_step']['dip']:.3f}, IDIP {fs['seconds_per_step']['idip']:.3f}; making x_bar is not counted)."
-    )
-  lines += protocol_lines(t)
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-
-
-def plot_curves(table: str, jobs: Runner, path: str) -> None:
-  series, drawn = {}, set()
-  for label, job in selected_rows(table):
-    if job.method != "prelim" and fitted(job) not in drawn:  # rows reading one job (IDIPplus) draw it once
-      drawn.add(fitted(job))
-      series[label] = list(jobs.run(job)["histories"].values())
-  outputs.plot_psnr_curves(path, f"{table}: mean PSNR vs step", series)
-
-
 def main(argv):
   del argv
   commit = outputs.git_commit()  # the code that runs, even if HEAD moves meanwhile
@@ -609,13 +305,13 @@ def main(argv):
   if not F.save_float and any(j.report.startswith("blend:") for n in names for _, j in selected_rows(n)):
     sys.exit("error: the IDIP-best rows (a blend report) read the jobs' float images: add --save_float")
   os.makedirs(F.results_dir, exist_ok=True)
-  jobs = Runner(steps)
+  jobs = make_runner(steps)
   for name in names:
     t = make_table(name, jobs, commit)
     base = os.path.join(F.results_dir, name)
     outputs.write_json(base + ".json", t)
     write_markdown(t, base + ".md")
-    plot_curves(name, jobs, base + "_curves.png")
+    plot_curves(name, selected_rows(name), jobs.run, base + "_curves.png")
     print(f"wrote {base}.md", flush=True)
 
 

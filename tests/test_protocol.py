@@ -208,7 +208,8 @@ def test_code_hash_changes_with_the_source(tmp_path):
 def test_finished_jobs_are_keyed_by_code(tmp_path, capsys):
   tables = import_experiment("tables")
   with parsed_flags(["tables.py", "--max_images=1"]) as fv:
-    cfg = tables.Runner({"dip": 3}).config(tables.Job("classic10", 30, "dip"), str(tmp_path / "job"))
+    jobs = tables.make_runner({"dip": 3})
+    cfg = jobs.config(tables.Job("classic10", 30, "dip"), str(tmp_path / "job"))
     os.makedirs(os.path.join(cfg.workdir, "history"))
     outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(runner.resolve(cfg, 1)))
     results.write_history(
@@ -218,14 +219,14 @@ def test_finished_jobs_are_keyed_by_code(tmp_path, capsys):
     rec = {"name": "a", "psnr_final": 21.0, "psnr_ema": 20.0, "seconds": 1.0, "steps": 3}
     res = {"images": [rec], "mean": {}, "steps": 3, "commit": "abc", "code_hash": outputs.code_hash()}
     outputs.write_json(os.path.join(cfg.workdir, "results.json"), res)
-    assert tables.Runner.finished(cfg) is not None  # same config, same code: reused
-    assert tables.Runner.finished(dataclasses.replace(cfg, sigma=25)) is None  # another job
+    assert jobs.finished(cfg) is not None  # same config, same code: reused
+    assert jobs.finished(dataclasses.replace(cfg, sigma=25)) is None  # another job
     res["code_hash"] = "0" * 12
     outputs.write_json(os.path.join(cfg.workdir, "results.json"), res)
-    assert tables.Runner.finished(cfg) is None  # other code: rerun
+    assert jobs.finished(cfg) is None  # other code: rerun
     assert "made by other code (abc)" in capsys.readouterr().out
     fv.allow_other_code = True
-    got = tables.Runner.finished(cfg)
+    got = tables.make_runner().finished(cfg)
     assert got is not None and np.isnan(got["histories"]["a"]["psnr"][0]) and got["histories"]["a"]["psnr"][2] == 21
     assert "--allow_other_code" in capsys.readouterr().out
 
@@ -235,7 +236,7 @@ def test_tables_reuse_jobs_stored_by_older_code(tmp_path):
   matches the same job, so stored GPU runs rebuild their tables."""
   tables = import_experiment("tables")
   with parsed_flags(["tables.py", "--noise=clip"]):
-    cfg = tables.Runner({}).config(tables.Job("classic10", 30, "idip", "ffdnet"), str(tmp_path / "job"))
+    cfg = tables.make_runner().config(tables.Job("classic10", 30, "idip", "ffdnet"), str(tmp_path / "job"))
   old = json.loads(json.dumps(dataclasses.asdict(runner.resolve(cfg, 1))))
   old["channels"] = old.pop("image_channels")
   old["net"].update(channels=old["net"].pop("width"), in_channels=32, out_channels=3, complex_connection=False)
@@ -256,7 +257,7 @@ def test_one_same_settings_rule_refuses_another_job(tmp_path, change):
   other code by the job reuse (unless --allow_other_code)."""
   tables = import_experiment("tables")
   with parsed_flags(["tables.py", "--noise=clip"]):
-    cfg = tables.Runner({"idip": 3}).config(tables.Job("classic10", 30, "idip", "ffdnet"), str(tmp_path / "job"))
+    cfg = tables.make_runner({"idip": 3}).config(tables.Job("classic10", 30, "idip", "ffdnet"), str(tmp_path / "job"))
   os.makedirs(cfg.workdir)
   outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(runner.resolve(cfg, 1)))
   res = {"images": [], "mean": {}, "steps": 3, "commit": "abc", "code_hash": outputs.code_hash()}

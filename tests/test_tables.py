@@ -236,7 +236,7 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
   oracle, the last four read from one job of K watched runs per image."""
   need_path(os.path.join(DATA, "holdout9"))
   need_path(WEIGHTS)
-  tables = import_experiment("tables")
+  tables, jobs = import_experiment("tables"), import_experiment("jobs")
   out = tmp_path / "results"
   args = ["tables.py", "--flagfile=experiments/tables/smoke.flags", "--tables=IDIPplus_holdout9"]
   args += ["--ensemble_runs=2", f"--results_dir={out}", f"--workdir={tmp_path / 'work'}", "--save_float"]
@@ -257,7 +257,7 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
   for r in res["images"]:
     n = r["name"]
     # IDIP-best: a fixed mix of the chosen output and x_bar, scored against the clean crop.
-    img, xbar = (np.load(watched / "images" / f"{n}_{tag}.npy") for tag in (tables.BLEND_IMAGES[base], "prelim"))
+    img, xbar = (np.load(watched / "images" / f"{n}_{tag}.npy") for tag in (jobs.BLEND_IMAGES[base], "prelim"))
     clean = data.center_crop(data.read_image(data.find_image(os.path.join(DATA, "holdout9"), n), 1), 32)
     want_best = results.psnr(float(a) * img + (1 - float(a)) * xbar, clean)
     assert m["IDIP-best@25"]["per_image"][n] == pytest.approx(want_best, abs=1e-6)

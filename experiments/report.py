@@ -1,0 +1,157 @@
+"""The tables' report writer: a table's markdown (per-image rows, means, the paper's numbers,
+provenance, the noise protocol's FFDNet row) and its PSNR curves, from the table dict that
+tables.make_table builds (and <table>.json stores)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from idip_jax import outputs
+
+NOISE_TEXT = {
+  "float": "x + n, unclipped",
+  "clip": "x + n clipped to [0, 1] (DIP's get_noisy_image)",
+  "uint8": "x + n clipped and rounded to 8 bits",
+}
+
+
+TASK_TEXT = {
+  "inpaint": "Task: inpainting, 50% of the pixels missing (a Bernoulli mask seeded by the image name, --mask="
+  "bernoulli:0.5), the loss on the observed pixels only; the net of DIP's inpainting notebook (128-channel skips, "
+  "nearest upsampling); PSNR over the whole image.",
+  "SR4": "Task: 4x super-resolution: HR center-cropped to a multiple of 32 (DIP's enforse_div32), LR by PIL's "
+  "Lanczos resize, the loss through DIP's Lanczos2 downsampler; bicubic = PIL's bicubic upsampling of LR; PSNR on "
+  "the RGB HR crop (DIP's notebook; not the Y channel).",
+}
+
+
+def protocol_lines(t: dict) -> list[str]:
+  """The FFDNet row of this table's set and sigma under every noise protocol, beside the paper's
+  (experiments/noise_protocol.py), so the table says why its protocol was chosen."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "noise_protocol.json")
+  sets = {m["dataset"] for m in t["methods"].values()}
+  if not os.path.isfile(path):
+    return []
+  rows = [r for r in outputs.read_json(path)["rows"] if r["set"] in sets and r["sigma"] in t["sigma"]]
+  if not rows:
+    return []
+  names = list(rows[0]["per_image"])
+  paper = rows[0]["paper_per_image"]
+  lines = [
+    "",
+    f"Noise protocol: FFDNet on {rows[0]['set']} at sigma {rows[0]['sigma']} under each protocol "
+    f"(experiments/results/noise_protocol.md), paper: {rows[0]['paper_source']}:",
+    "",
+    "| protocol | " + " | ".join(names) + " | mean |",
+    "|" + "---|" * (len(names) + 2),
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['protocol']} | " + " | ".join(f"{r['per_image'][n]:.2f}" for n in names) + f" | {r['mean']:.2f} |"
+    )
+  lines.append("| paper | " + " | ".join(str(paper.get(n, "-")) for n in names) + f" | {rows[0]['paper_mean']} |")
+  return lines
+
+
+def write_markdown(t: dict, path: str) -> None:
+  fitted = {k: m for k, m in t["methods"].items() if m["steps"]}
+  provenance = sorted({(m["device"], m["commit"]) for m in fitted.values()})
+  noise = next(iter(t["methods"].values()))["noise"]
+  lines = [
+    f"# {t['table']}" + (" (SMOKE: plumbing check only)" if t["smoke"] else ""),
+    "",
+    f"Fits run on {'; '.join(f'{d} at commit {c}' for d, c in provenance) or t['device']}; table "
+    f"made {t['date']} by commit {t['commit']}. Crop: {t['crop'] or 'full images'}. "
+    + TASK_TEXT.get(t["table"].split("_")[0], f"Noise: {NOISE_TEXT[noise]} (--noise={noise}).")
+    + " Steps reported: "
+    + ", ".join(
+      f"{k} {m['steps']}"
+      + (f" (run {m['run_steps']}, PSNR read from its history)" if m["run_steps"] != m["steps"] else "")
+      for k, m in fitted.items()
+    )
+    + ". PSNR (dB) of the output on the unperturbed input at that step; columns marked oracle "
+    "use the ground truth.",
+    "",
+  ]
+  methods = t["methods"]
+  names = list(next(iter(methods.values()))["per_image"])
+  paper_im = t.get("paper_per_image", {})
+  head = ["image"] + list(methods) + (["paper (DIP)"] if paper_im else [])
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for n in names:
+    cells = [n] + [f"{m['per_image'].get(n, float('nan')):.2f}" for m in methods.values()]
+    lines.append("| " + " | ".join(cells + ([str(paper_im.get(n, "-"))] if paper_im else [])) + " |")
+  fmt = lambda vals: f"{np.mean(vals):.2f} ± {np.std(vals):.2f}"
+  lines.append("| **mean ± std** | " + " | ".join(fmt(list(m["per_image"].values())) for m in methods.values()) + " |")
+  lines.append("| paper | " + " | ".join(str(t["paper"].get(k, "-")) for k in methods) + " |")
+
+  def summary_row(title: str, has: str, cell) -> None:
+    lines.append(f"| {title} | " + " | ".join(cell(m) if has in m else "-" for m in methods.values()) + " |")
+
+  summary_row("EMA", "mean_psnr_ema", lambda m: f"{m['mean_psnr_ema']:.2f}")
+  if any("mean_psnr_prelim" in m for m in methods.values()):
+    summary_row("its x_bar alone", "mean_psnr_prelim", lambda m: f"{m['mean_psnr_prelim']:.2f}")
+  for title, key in (
+    ("peak of the mean curve (step)", "curve_peak"),
+    ("EMA: peak of the mean curve (step)", "curve_peak_ema"),
+  ):
+    summary_row(title, key, lambda m, key=key: f"{m[key]['psnr']:.2f} ({m[key]['step']})")
+  summary_row(
+    "oracle best per image, mean (step)",
+    "oracle_mean_best_psnr",
+    lambda m: f"{m['oracle_mean_best_psnr']:.2f} ({m['oracle_mean_best_step']:.0f})",
+  )
+  if any("mean_stop_step" in m for m in methods.values()):
+    summary_row(
+      "ES-WMV step, mean (PSNR below the oracle's)",
+      "mean_stop_step",
+      lambda m: f"{m['mean_stop_step']:.0f} ({m['mean_stop_gap_db']:.2f} dB)",
+    )
+  if t["paper"] and not set(t["paper"]) & set(methods):
+    lines.append("\nPaper: " + ", ".join(f"{k} {v}" for k, v in t["paper"].items()))
+  for k, m in methods.items():
+    if "mean_psnr_avg_runs_ema" in m and not t["table"].startswith("IDIPplus"):  # there: IDIP-xK
+      lines.append(
+        f"\n{k}: average of 2 runs: final {m['mean_psnr_avg_runs_final']:.2f}, EMA {m['mean_psnr_avg_runs_ema']:.2f}"
+      )
+  if "fit_speed" in t:
+    fs = t["fit_speed"]
+    lines += [
+      "",
+      "Fit speed (oracle: DIP's best PSNR per image, first step each method reaches it):",
+      "",
+      "| image | DIP best (oracle) | DIP steps | IDIP steps | DIP s | IDIP s |",
+      "|---|---|---|---|---|---|",
+    ]
+    for n, r in fs["per_image"].items():
+      idip_s = "-" if r["idip_seconds"] is None else f"{r['idip_seconds']:.1f}"
+      lines.append(
+        f"| {n} | {r['dip_best_psnr']:.2f} | {r['dip_steps']} | {r['idip_steps'] or 'not reached'} | "
+        f"{r['dip_seconds']:.1f} | {idip_s} |"
+      )
+    red = fs["mean_step_reduction_pct"]
+    sec = fs["mean_seconds_reduction_pct"]
+    lines.append(
+      f"\nMean step reduction over the {fs['reached']}/{fs['images']} images IDIP reaches: "
+      f"{'-' if red is None else f'{red:.1f}%'} (paper: about 80%); in seconds: "
+      f"{'-' if sec is None else f'{sec:.1f}%'} (median s/step of one image's fit: DIP "
+      f"{fs['seconds_per_step']['dip']:.3f}, IDIP {fs['seconds_per_step']['idip']:.3f}; making x_bar is not counted)."
+    )
+  lines += protocol_lines(t)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot_curves(table: str, rows: list, run: Callable[[Any], dict], path: str) -> None:
+  """Mean PSNR vs step of each fitted row; rows reading one job (IDIPplus) draw it once."""
+  series, drawn = {}, set()
+  for label, job in rows:
+    if job.method != "prelim" and dataclasses.replace(job, report="final") not in drawn:
+      drawn.add(dataclasses.replace(job, report="final"))
+      series[label] = list(run(job)["histories"].values())
+  outputs.plot_psnr_curves(path, f"{table}: mean PSNR vs step", series)
