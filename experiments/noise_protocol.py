@@ -57,26 +57,30 @@ def main(_):
         }
       )
       print(ds, sigma, den, protocol, f"{rows[-1]['mean']:.3f} (paper {paper})", flush=True)
-  meta = outputs.provenance()
-  outputs.write_json(out + ".json", dict(meta, rows=rows))
-  with open(out + ".md", "w") as f:
-    f.write(
-      f"# Noise protocol vs the papers' baseline rows\n\n{meta['device']}, commit {meta['commit']}, "
-      f"{meta['date']}. `python experiments/noise_protocol.py`. PSNR (dB) of the preliminary "
-      "denoiser's clipped output; noisy image: float = x + n, clip = clipped to [0, 1], "
-      "uint8 = clipped and rounded to 8 bits; same AWGN draw for all three.\n\n"
-      "| set | sigma | denoiser | protocol | mean | paper | per image (paper) |\n|---|---|---|---|---|---|---|\n"
-    )
-    for r in rows:
-      per = ", ".join(
-        f"{n} {v:.2f}" + (f" ({r['paper_per_image'][n]})" if n in r["paper_per_image"] else "")
-        for n, v in r["per_image"].items()
-      )
-      f.write(
-        f"| {r['set']} | {r['sigma']} | {r['denoiser']} | {r['protocol']} | {r['mean']:.2f} | "
-        f"{r['paper_mean']} | {per} |\n"
-      )
+  doc = dict(outputs.provenance(), rows=rows)
+  outputs.write_table(os.path.dirname(out) or ".", os.path.basename(out), doc, markdown(doc))
   print("wrote", out + ".md")
+
+
+def markdown(doc: dict) -> str:
+  """The .md of a stored .json (tests: the committed table rebuilds from its JSON byte for byte)."""
+  lines = [
+    f"# Noise protocol vs the papers' baseline rows\n\n{doc['device']}, commit {doc['commit']}, "
+    f"{doc['date']}. `python experiments/noise_protocol.py`. PSNR (dB) of the preliminary "
+    "denoiser's clipped output; noisy image: float = x + n, clip = clipped to [0, 1], "
+    "uint8 = clipped and rounded to 8 bits; same AWGN draw for all three.\n\n"
+    "| set | sigma | denoiser | protocol | mean | paper | per image (paper) |\n|---|---|---|---|---|---|---|\n"
+  ]
+  for r in doc["rows"]:
+    per = ", ".join(
+      f"{n} {v:.2f}" + (f" ({r['paper_per_image'][n]})" if n in r["paper_per_image"] else "")
+      for n, v in r["per_image"].items()
+    )
+    lines.append(
+      f"| {r['set']} | {r['sigma']} | {r['denoiser']} | {r['protocol']} | {r['mean']:.2f} | "
+      f"{r['paper_mean']} | {per} |\n"
+    )
+  return "".join(lines)
 
 
 if __name__ == "__main__":

@@ -48,24 +48,27 @@ def main(_):
       }
     )
     print(f"{name:10s} {method:7s} sigma={sigma:2d}  {rows[-1]['mean_psnr']:.2f}  (published {ref})", flush=True)
-  meta = outputs.provenance()
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  outputs.write_json(out + ".json", dict(meta, rows=rows))
-  with open(out + ".md", "w") as f:
-    f.write(
-      f"# Preliminary denoisers: mean PSNR (dB)\n\nDevice {meta['device']}, commit {meta['commit']}, "
-      f"{meta['date']}. Command: `python experiments/prelim_psnr.py`. AWGN on [0,1] images seeded by "
-      "(0, image name); PSNR of the clipped output. Published: FFDNet/DnCNN papers (Set12) and the "
-      "IDIP paper's FFDNet row (classic10, sigma 30).\n\n"
+  doc = dict(outputs.provenance(), rows=rows)
+  outputs.write_table(os.path.dirname(out) or ".", os.path.basename(out), doc, markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+  """The .md of a stored .json (tests: the committed table rebuilds from its JSON byte for byte)."""
+  lines = [
+    f"# Preliminary denoisers: mean PSNR (dB)\n\nDevice {doc['device']}, commit {doc['commit']}, "
+    f"{doc['date']}. Command: `python experiments/prelim_psnr.py`. AWGN on [0,1] images seeded by "
+    "(0, image name); PSNR of the clipped output. Published: FFDNet/DnCNN papers (Set12) and the "
+    "IDIP paper's FFDNet row (classic10, sigma 30).\n\n",
+    "| set | denoiser | sigma | ours | published | diff |\n|---|---|---|---|---|---|\n",
+  ]
+  for r in doc["rows"]:
+    ref = r["published"]
+    lines.append(
+      f"| {r['set']} | {r['method']} | {r['sigma']} | {r['mean_psnr']:.2f} | "
+      f"{ref if ref is not None else '-'} | "
+      f"{'%+.2f' % (r['mean_psnr'] - ref) if ref is not None else '-'} |\n"
     )
-    f.write("| set | denoiser | sigma | ours | published | diff |\n|---|---|---|---|---|---|\n")
-    for r in rows:
-      ref = r["published"]
-      f.write(
-        f"| {r['set']} | {r['method']} | {r['sigma']} | {r['mean_psnr']:.2f} | "
-        f"{ref if ref is not None else '-'} | "
-        f"{'%+.2f' % (r['mean_psnr'] - ref) if ref is not None else '-'} |\n"
-      )
+  return "".join(lines)
 
 
 if __name__ == "__main__":

@@ -280,3 +280,12 @@ def test_blend_rows_without_float_images_are_refused_before_compute(tmp_path):
   p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode != 0 and "add --save_float" in p.stderr.strip().splitlines()[-1]
   assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("script", ["noise_protocol", "prelim_psnr"])
+def test_stored_study_tables_rebuild_from_their_json(script):
+  """Issue 33: a study's markdown is a pure function of its stored JSON (written together through
+  outputs.write_table), so the committed table rebuilds byte for byte without refitting."""
+  study = import_experiment(script)
+  base = os.path.join(ROOT, "experiments", "results", script)
+  assert study.markdown(json.loads(open(base + ".json").read())) == open(base + ".md").read()
