@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 from absl import app, flags
@@ -109,70 +110,86 @@ KNOBS = (("w2", (("prelim_weight", 2.0),)),)
 IDIP_BEST: tuple[tuple[tuple[str, float | str], ...], str] | None = (WATCHED, "blend:0.25:ensemble_last")
 
 
-def table_jobs(table: str) -> list[tuple[str, Job]]:
-  """(row label, job) pairs of a table; a prelim-only row is the job's x_bar PSNR."""
-  c10 = "classic10"
-  if table == "T1":
-    return [("DIP", Job(c10, 30, "dip")), ("IDIP-1", Job(c10, 30, "idip1"))]
-  if table == "T2":
-    return [
-      ("DIP", Job(c10, 30, "dip")),
-      ("FFDNet", Job(c10, 30, "prelim", "ffdnet")),
-      ("IDIP-2", Job(c10, 30, "idip2", "ffdnet")),
-      ("IDIP", Job(c10, 30, "idip", "ffdnet")),
+C10 = "classic10"
+
+
+def _t4(ds: str, k: int) -> list[tuple[str, Job]]:
+  rows = []
+  for s in (15, 25, 50):
+    rows += [
+      (f"BM3D@{s}", Job(ds, s, "prelim", "bm3d")),
+      (f"DnCNN@{s}", Job(ds, s, "prelim", "dncnn")),
+      (f"FFDNet@{s}", Job(ds, s, "prelim", "ffdnet")),
+      # The official notebook: "reg_noise_std = 1./30. # set to 1./20. for sigma=50".
+      (f"DIP@{s}", Job(ds, s, "dip", fit=(("reg_noise_std", 1 / 20),) if s == 50 else ())),
+      (f"IDIP@{s}", Job(ds, s, "idip", "ffdnet")),
     ]
-  if table == "T3":
-    return [(f"IDIP+{p}", Job(c10, 30, "idip", p.lower())) for p in ("DnCNN", "BM3D", "FFDNet")]
-  if table.startswith("T4_"):
-    ds = table[3:]
-    rows = []
-    for s in (15, 25, 50):
-      rows += [
-        (f"BM3D@{s}", Job(ds, s, "prelim", "bm3d")),
-        (f"DnCNN@{s}", Job(ds, s, "prelim", "dncnn")),
-        (f"FFDNet@{s}", Job(ds, s, "prelim", "ffdnet")),
-        # The official notebook: "reg_noise_std = 1./30. # set to 1./20. for sigma=50".
-        (f"DIP@{s}", Job(ds, s, "dip", fit=(("reg_noise_std", 1 / 20),) if s == 50 else ())),
-        (f"IDIP@{s}", Job(ds, s, "idip", "ffdnet")),
-      ]
-    return rows
-  if table == "T6":
-    return [("DIP", Job(c10, 40, "dip")), ("IDIP", Job(c10, 40, "idip", "ffdnet"))]
-  if table == "HOLDOUT":  # step counts and settings are chosen here, on images no table reports
-    return [
-      ("DIP", Job("holdout9", 25, "dip")),
-      ("IDIP", Job("holdout9", 25, "idip", "ffdnet")),
-      ("IDIP x_bar unperturbed", Job("holdout9", 25, "idip", "ffdnet", fit=(("xbar_noise_std", 0.0),))),
+  return rows
+
+
+def _sr4(ds: str, k: int) -> list[tuple[str, Job]]:
+  dip = Job(ds, 0, "dip", channels=3, fit=SR_FIT)
+  return [("bicubic", dataclasses.replace(dip, report="input")), ("DIP", dip)]
+
+
+def _idipplus(ds: str, k: int) -> list[tuple[str, Job]]:
+  rows = []
+  for s in (15, 25, 50):
+    watched = Job(ds, s, "idip", "ffdnet", seeds=k, fit=WATCHED)
+    rows += [
+      (f"x_bar@{s}", Job(ds, s, "prelim", "ffdnet")),
+      (f"IDIP@{s}", dataclasses.replace(watched, report="last")),  # paper settings: the mean single run
+      (f"IDIP-auto@{s}", watched),  # at the step ES-WMV chose, per run
+      (f"IDIP-x{k}@{s}", dataclasses.replace(watched, report="ensemble_last")),
+      (f"IDIP-oracle@{s}", dataclasses.replace(watched, report="oracle")),
     ]
-  if table == "inpaint_heide11":
-    return [("DIP", Job("heide11", 0, "dip", fit=INPAINT_FIT, net=INPAINT_NET))]
-  if table.startswith("SR4_"):
-    dip = Job(table[4:], 0, "dip", channels=3, fit=SR_FIT)
-    return [("bicubic", dataclasses.replace(dip, report="input")), ("DIP", dip)]
-  if table.startswith("IDIPplus_"):
-    ds, k = table[len("IDIPplus_") :], F.ensemble_runs
-    rows = []
-    for s in (15, 25, 50):
-      watched = Job(ds, s, "idip", "ffdnet", seeds=k, fit=WATCHED)
-      rows += [
-        (f"x_bar@{s}", Job(ds, s, "prelim", "ffdnet")),
-        (f"IDIP@{s}", dataclasses.replace(watched, report="last")),  # paper settings: the mean single run
-        (f"IDIP-auto@{s}", watched),  # at the step ES-WMV chose, per run
-        (f"IDIP-x{k}@{s}", dataclasses.replace(watched, report="ensemble_last")),
-        (f"IDIP-oracle@{s}", dataclasses.replace(watched, report="oracle")),
-      ]
-      if ds == "holdout9":  # the fit knobs, one change each, a single run (tuning only: not on the other sets)
-        rows += [(f"IDIP-{name}@{s}", Job(ds, s, "idip", "ffdnet", fit=fit)) for name, fit in KNOBS]
-      if IDIP_BEST is not None:
-        rows.append((f"IDIP-best@{s}", Job(ds, s, "idip", "ffdnet", seeds=k, fit=IDIP_BEST[0], report=IDIP_BEST[1])))
-    return rows
-  if table == "DIPcolor":
-    return [("DIP", Job("cbm3d9", 25, "dip", seeds=2, channels=3))]
+    if ds == "holdout9":  # the fit knobs, one change each, a single run (tuning only: not on the other sets)
+      rows += [(f"IDIP-{name}@{s}", Job(ds, s, "idip", "ffdnet", fit=fit)) for name, fit in KNOBS]
+    if IDIP_BEST is not None:
+      rows.append((f"IDIP-best@{s}", Job(ds, s, "idip", "ffdnet", seeds=k, fit=IDIP_BEST[0], report=IDIP_BEST[1])))
+  return rows
+
+
+# The catalogue: table name -> its (row label, job) pairs. A prelim-only row is the job's x_bar PSNR.
+TABLES: dict[str, Callable[[int], list[tuple[str, Job]]]] = {
+  "T1": lambda k: [("DIP", Job(C10, 30, "dip")), ("IDIP-1", Job(C10, 30, "idip1"))],
+  "T2": lambda k: [
+    ("DIP", Job(C10, 30, "dip")),
+    ("FFDNet", Job(C10, 30, "prelim", "ffdnet")),
+    ("IDIP-2", Job(C10, 30, "idip2", "ffdnet")),
+    ("IDIP", Job(C10, 30, "idip", "ffdnet")),
+  ],
+  "T3": lambda k: [(f"IDIP+{p}", Job(C10, 30, "idip", p.lower())) for p in ("DnCNN", "BM3D", "FFDNet")],
+  "T6": lambda k: [("DIP", Job(C10, 40, "dip")), ("IDIP", Job(C10, 40, "idip", "ffdnet"))],
+  # Step counts and settings are chosen here, on images no table reports.
+  "HOLDOUT": lambda k: [
+    ("DIP", Job("holdout9", 25, "dip")),
+    ("IDIP", Job("holdout9", 25, "idip", "ffdnet")),
+    ("IDIP x_bar unperturbed", Job("holdout9", 25, "idip", "ffdnet", fit=(("xbar_noise_std", 0.0),))),
+  ],
+  "inpaint_heide11": lambda k: [("DIP", Job("heide11", 0, "dip", fit=INPAINT_FIT, net=INPAINT_NET))],
+  "DIPcolor": lambda k: [("DIP", Job("cbm3d9", 25, "dip", seeds=2, channels=3))],
+}
+# Tables named <prefix><set>: prefix -> the rows of that set.
+TABLES_PER_SET: dict[str, Callable[[str, int], list[tuple[str, Job]]]] = {
+  "T4_": _t4,
+  "SR4_": _sr4,
+  "IDIPplus_": _idipplus,
+}
+
+
+def table_jobs(table: str, ensemble_runs: int = 4) -> list[tuple[str, Job]]:
+  """(row label, job) pairs of a table; ensemble_runs: K, the runs per image of the IDIPplus jobs."""
+  if table in TABLES:
+    return TABLES[table](ensemble_runs)
+  for prefix, rows in TABLES_PER_SET.items():
+    if table.startswith(prefix):
+      return rows(table[len(prefix) :], ensemble_runs)
   raise ValueError(f"unknown table {table}")
 
 
 def selected_rows(table: str) -> list[tuple[str, Job]]:
-  return [(label, job) for label, job in table_jobs(table) if not F.rows or label in F.rows]
+  return [(label, job) for label, job in table_jobs(table, F.ensemble_runs) if not F.rows or label in F.rows]
 
 
 def make_runner(steps: dict[str, int] | None = None) -> Runner:
@@ -300,7 +317,7 @@ def main(argv):
   )
   if F.dry_run:
     for name in names:
-      print(name, [(label, dataclasses.astuple(job)) for label, job in table_jobs(name)])
+      print(name, [(label, dataclasses.astuple(job)) for label, job in table_jobs(name, F.ensemble_runs)])
     return
   if not F.save_float and any(j.report.startswith("blend:") for n in names for _, j in selected_rows(n)):
     sys.exit("error: the IDIP-best rows (a blend report) read the jobs' float images: add --save_float")

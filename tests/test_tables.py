@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import DATA, ROOT, TINY_ARGS, WEIGHTS, import_experiment, need_path, parsed_flags
 
-from idip_jax import data, results
+from idip_jax import config, data, results
 
 SCRIPT = os.path.join(ROOT, "experiments", "tables.py")
 
@@ -27,6 +27,25 @@ def test_table_flagfiles_parse(capsys):
       tables.main([])
     out = capsys.readouterr().out
     assert "Job(" not in out and out.strip(), f
+
+
+def test_every_table_of_the_catalogue_lists_its_jobs():
+  """Issue 33: the catalogue (tables.TABLES, TABLES_PER_SET) gives each table its rows without fitting: distinct
+  labels, methods and x_bar sources the runner knows, K runs per image where asked, and an unknown table refused."""
+  tables = import_experiment("tables")
+  names = list(tables.TABLES) + ["T4_Set12", "SR4_Set5", "IDIPplus_holdout9", "IDIPplus_Set12"]
+  for name in names:
+    rows = tables.table_jobs(name, ensemble_runs=3)
+    labels = [label for label, _ in rows]
+    assert rows and len(set(labels)) == len(labels), name
+    for label, job in rows:
+      assert job.method in (*config.METHODS, "prelim") and job.prelim in config.PRELIMS, (name, label)
+      assert job.report in tables.REPORT or job.report.startswith("blend:"), (name, label)
+  plus = dict(tables.table_jobs("IDIPplus_Set12", ensemble_runs=3))
+  assert plus["IDIP-x3@25"].seeds == 3 and plus["IDIP-x3@25"].report == "ensemble_last"
+  assert "IDIP-w2@25" not in plus and "IDIP-w2@25" in dict(tables.table_jobs("IDIPplus_holdout9"))  # knobs: holdout9
+  with pytest.raises(ValueError, match="unknown table T5"):
+    tables.table_jobs("T5")
 
 
 def test_smoke_tables_are_well_formed(tmp_path):
