@@ -184,15 +184,15 @@ def write_merged(paths: list[str], out: str | None, overwrite: bool) -> None:
 def finished(cfg: config.RunConfig, images: list[data.Image]) -> dict | None:
   """The stored results of these images in cfg.workdir (written incrementally by the runner), if all are
   there and the folder holds the same job (resume.finished_job: sigma, crop, noise, x_bar, steps, code...)."""
-  channels = images[0].noisy_HxWxC.shape[-1]
-  res, why = resume.finished_job(runner.resolve(cfg, channels), F.allow_other_code)
+  res, why = resume.finished_job(runner.resolve(cfg, runner.image_channels(images)), F.allow_other_code)
   if res is not None:
     recs = {r["name"]: r for r in res["images"]}
     if all(im.name in recs for im in images):
       print(f"{why} ({res['commit']})", flush=True)
       return dict(res, images=[recs[im.name] for im in images])
     why = f"{cfg.workdir} holds {len(recs)} of the {len(images)} images"
-  print(f"not reusing: {why}", flush=True)
+  if why:
+    print(f"not reusing: {why}", flush=True)
   return None
 
 

@@ -112,7 +112,7 @@ class Runner:
     s = self.settings
     res, why = resume.finished_job(runner.resolve(cfg, cfg.image_channels), s.allow_other_code)
     if res is None:
-      if "other code" in why or "another job" in why:
+      if why:
         print(f"rerunning: {why}", flush=True)
       return None
     n = s.max_images or (3 if s.smoke else None)

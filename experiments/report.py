@@ -4,13 +4,13 @@ tables.make_table builds (and <table>.json stores)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from experiments.jobs import fitted
 from idip_jax import outputs
 
 NOISE_TEXT = {
@@ -151,7 +151,7 @@ def plot_curves(table: str, rows: list, run: Callable[[Any], dict], path: str) -
   """Mean PSNR vs step of each fitted row; rows reading one job (IDIPplus) draw it once."""
   series, drawn = {}, set()
   for label, job in rows:
-    if job.method != "prelim" and dataclasses.replace(job, report="final") not in drawn:
-      drawn.add(dataclasses.replace(job, report="final"))
+    if job.method != "prelim" and fitted(job) not in drawn:
+      drawn.add(fitted(job))
       series[label] = list(run(job)["histories"].values())
   outputs.plot_psnr_curves(path, f"{table}: mean PSNR vs step", series)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import types
 from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from idip_jax import data, denoisers, metrics, sure
 from idip_jax.config import PrelimConfig, RunConfig
@@ -293,6 +295,14 @@ def run(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dic
     return sure_blend(cfg, images)
   fn = _x8(REGISTRY[name].run) if cfg.prelim.x8 and name in ("ffdnet", "dncnn") else REGISTRY[name].run
   return fn(cfg, images), [{} for _ in images]
+
+
+def run_logged(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
+  """run, with its time in the log (the runner's x_bar of a job)."""
+  t = time.perf_counter()
+  out = run(cfg, images)
+  logging.info("preliminary denoiser %s: %d images in %.1fs", cfg.prelim.name, len(images), time.perf_counter() - t)
+  return out
 
 
 def psnr_per_image(images: list[Image], sigma: float, denoiser: str) -> dict[str, float]:

@@ -168,12 +168,13 @@ def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), 
   return None
 
 
-def finished_job(resolved: RunConfig, allow_other_code: bool = False) -> tuple[dict | None, str]:
+def finished_job(resolved: RunConfig, allow_other_code: bool = False) -> tuple[dict | None, str | None]:
   """(results.json of resolved.workdir, why) when that folder holds a finished run of the same job
-  (settings_difference, lenient) made by this code (or any code with allow_other_code); else (None, why not)."""
+  (settings_difference, lenient) made by this code (or any code with allow_other_code); else (None, why
+  not), and (None, None) when the folder holds no run at all (nothing to say)."""
   res_path, cfg_path = (os.path.join(resolved.workdir, f) for f in ("results.json", "config.json"))
   if not (os.path.isfile(res_path) and os.path.isfile(cfg_path)):
-    return None, f"no finished run in {resolved.workdir}"
+    return None, None
   res = read_stored(res_path)
   diff = settings_difference(job_settings(resolved), read_stored(cfg_path), lenient=True)
   if diff:

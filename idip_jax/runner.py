@@ -203,9 +203,7 @@ def fit_and_record(
     prelims = [prelim_images[im.name] for im in images]
     prelim_infos = [(prelim_info or {}).get(im.name, {}) for im in images]
   elif cfg.prelim.name != "none" and images:  # a process may get no images under --distributed
-    t = time.perf_counter()
-    prelims, prelim_infos = prelim.run(cfg, images)
-    logging.info("preliminary denoiser %s: %d images in %.1fs", cfg.prelim.name, len(images), time.perf_counter() - t)
+    prelims, prelim_infos = prelim.run_logged(cfg, images)
   prelim_sigmas = _prelim_sigmas(cfg, images)
   twins, candidates = None, None
   if cfg.fit.stop == "sure" and images:
@@ -354,12 +352,9 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
   needs_prelim = [c for c in subs if uses(c)]
   prelims, prelim_info = None, None
   if needs_prelim:
-    t = time.perf_counter()
-    c = needs_prelim[0]
-    xbars, infos = prelim.run(c, images)
+    xbars, infos = prelim.run_logged(needs_prelim[0], images)
     prelims = dict(zip([im.name for im in images], xbars))
     prelim_info = dict(zip([im.name for im in images], infos))
-    logging.info("preliminary denoiser %s: %d images in %.1fs", c.prelim.name, len(images), time.perf_counter() - t)
   if not cfgs[0].resume:
     outputs.prepare_workdir(top, cfgs[0].overwrite, resume.paths_read(cfgs[0]))
   res = {}

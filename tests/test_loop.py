@@ -12,8 +12,8 @@ def count(state, done, length):
   return state + length, {"steps": length}
 
 
-def run(total, chunk_len, save_every=0, save_last=False, stop_at=None, press_at=None):
-  saved = []
+def run(total, chunk_len, save_every=0, save_last=False, stop_at=None, press_at=None, saved=None):
+  saved = [] if saved is None else saved
 
   def after(state, done, m):
     if done == press_at:
@@ -49,13 +49,9 @@ def test_ctrl_c_saves_then_stops_and_a_stop_ends_the_loop():
   with pytest.raises(KeyboardInterrupt):
     run(20, 3, save_every=100, press_at=6)
   saved = []
-  loop.INTERRUPTED.set()
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      loop.run(count, 0, 0, 6, 3, loop.Progress("", 1, "x"), lambda *a: ("", False), lambda s, d: saved.append(d))
-  finally:
-    loop.INTERRUPTED.clear()
-  assert saved == [3]  # at the first chunk end, before raising
+  with pytest.raises(KeyboardInterrupt):
+    run(6, 3, press_at=3, saved=saved)
+  assert [d for _, d in saved] == [3]  # at the first chunk end, before raising
   (state, done, _), saved = run(20, 3, stop_at=9, save_every=100)
   assert state == done == 9 and saved == []  # every run stopped: the loop ends, no spent checkpoint
   (state, done, _), saved = run(20, 3, stop_at=9, save_last=True)
