@@ -16,19 +16,19 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import jobs, tables  # noqa: E402  (its flags: --crop, --noise, --workdir, --results_dir, --ensemble_runs, --data_dir)
+from experiments import catalogue, jobs, report, tables  # noqa: E402  (tables: its flags --crop, --noise, --workdir, ...)
 from idip_jax import data, outputs, results  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_string("set", "holdout9", "the IDIPplus table's data set")
 flags.DEFINE_list("blend", ["0.25", "0.5", "0.75"], "weights a of a * out + (1 - a) * x_bar")
-SIGMAS = (15, 25, 50)
+SIGMAS = catalogue.KNOB_SIGMAS
 
 
 def job_dirs(workdir: str, dataset: str, sigma: int, noise: str, k: int) -> tuple[str, dict[str, str]]:
-  """The watched job's folder and each knob's ({name: folder}), as tables.py names them."""
-  job = lambda **kw: jobs.job_dir(jobs.Job(dataset, sigma, "idip", "ffdnet", **kw), workdir, noise)
-  return job(seeds=k, fit=tables.WATCHED), {name: job(fit=fit) for name, fit in tables.KNOBS}
+  """The folders of the IDIPplus table's watched job and of each knob's ({name: folder}) at this sigma."""
+  watched, knobs = catalogue.knob_jobs(dataset, k)[sigma]
+  return jobs.job_dir(watched, workdir, noise), {name: jobs.job_dir(j, workdir, noise) for name, j in knobs.items()}
 
 
 def candidates(watched: str, knobs: dict[str, str], name: str, k: int, blends: list[float]) -> dict:
@@ -74,25 +74,6 @@ def knob_table(workdir: str, dataset: str, ddir: str, crop: int, k: int, noise: 
   return table
 
 
-def markdown(table: dict, meta: dict) -> str:
-  lines = [
-    f"# IDIPplus knobs on {meta['set']} ({meta['crop']} px crops, K={meta['K']}): mean PSNR minus x_bar's (dB)",
-    "",
-    f"Commit {meta['commit']}, {meta['date']}, fits from commit(s) {', '.join(meta['fit_commits'])}. "
-    f"`{meta['command']}`. The x_bar row is its own mean PSNR; a blend a * out + (1 - a) * x_bar uses a fixed a.",
-    "",
-    "| output | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " | mean |",
-    "|---|" + "---|" * (len(SIGMAS) + 1),
-  ]
-  for key in table[SIGMAS[0]]:
-    if key == "x_bar":
-      lines.append("| x_bar (PSNR) | " + " | ".join(f"{table[s][key]['mean']:.2f}" for s in SIGMAS) + " | |")
-      continue
-    d = [table[s][key]["minus_x_bar"] for s in SIGMAS]
-    lines.append(f"| {key} | " + " | ".join(f"{v:+.2f}" for v in d) + f" | {np.mean(d):+.2f} |")
-  return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str]) -> int:
   del argv
   k, ddir = F.ensemble_runs, F.data_dir or os.path.join(data.shared_dir(), "data")
@@ -111,9 +92,9 @@ def main(argv: list[str]) -> int:
   base = os.path.join(F.results_dir, f"knobs_{F.set}")
   os.makedirs(F.results_dir, exist_ok=True)
   with open(base + ".md", "w") as f:
-    f.write(markdown(table, meta))
+    f.write(report.knobs_markdown(table, meta))
   outputs.write_json(base + ".json", dict(meta, sigmas=table))
-  print(markdown(table, meta))
+  print(report.knobs_markdown(table, meta))
   return 0
 
 

@@ -1,8 +1,8 @@
 """Experiments' jobs and the one job runner. A Job is a test set, sigma, method, x_bar source and
 variant; Runner fits it once per process through runner.run (the same engine as run.py), or reuses
 its folder when that holds the same job (resume.finished_job: the rule --resume uses); a prelim-only
-job is its x_bar's PSNR. at_step, blend_psnrs and mean_curve_peak read a job's results. Tables
-(tables.py) and studies (idipplus_knobs.py) are lists of jobs; nothing here reads flags.
+job is its x_bar's PSNR. at_step, blend_psnrs and mean_curve_peak read a job's results. Every table and
+study is a list of jobs (catalogue.py); nothing here reads flags.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from idip_jax import config, data, metrics, prelim, results, resume, runner
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  dataset: str
+  dataset: str  # a set (a folder of the data dir), or set/name images joined by commas (a study's picks)
   sigma: float
   method: str  # dip | idip1 | idip2 | idip, or "prelim": the x_bar alone, no fit
   prelim: str = "none"
@@ -25,6 +25,7 @@ class Job:
   channels: int = 1
   fit: tuple[tuple[str, float | str], ...] = ()  # FitConfig overrides of this row (a variant)
   net: tuple[tuple[str, float | str], ...] = ()  # NetConfig overrides (the inpainting net)
+  run: tuple[tuple[str, float | str], ...] = ()  # RunConfig overrides (a study's noise protocol)
   report: str = "final"  # which of the job's numbers the row reports (REPORT); not part of the job
 
 
@@ -70,10 +71,19 @@ def fitted(job: Job) -> Job:
 
 
 def job_dir(job: Job, workdir: str, noise: str) -> str:
-  name = f"{job.dataset}_s{job.sigma:g}_{noise}_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
-    f"_{k}{v:g}" if isinstance(v, float | int) else f"_{k}{v}" for k, v in job.fit + job.net
+  """The job's folder: its set, sigma, noise protocol (the job's own, else the settings'), method, x_bar,
+  runs per image and overrides."""
+  run = dict(job.run)
+  name = f"{job.dataset.replace('/', '-').replace(',', '+')}_s{job.sigma:g}_{run.pop('noise', noise)}"
+  name += f"_{job.method}_{job.prelim}_x{job.seeds}" + "".join(
+    f"_{k}{v:g}" if isinstance(v, float | int) else f"_{k}{v}" for k, v in job.fit + job.net + tuple(run.items())
   )
   return os.path.join(workdir, name)
+
+
+def image_specs(job: Job) -> list[str] | None:
+  """A study's set/name images, or None for a whole set."""
+  return job.dataset.split(",") if "/" in job.dataset else None
 
 
 def with_histories(res: dict, cfg: runner.RunConfig) -> dict:
@@ -98,6 +108,7 @@ class Settings:
   smoke: bool = False  # 32 px crops, config.TINY_NET, 4 steps, 3 images: the plumbing only
   max_images: int = 0  # the first N images of each set (0 = all)
   allow_other_code: bool = False  # reuse job folders made by other code (stored GPU runs)
+  resume_unfinished: bool = False  # a job folder of the same settings without results continues (--resume's rule)
 
 
 class Runner:
@@ -107,8 +118,9 @@ class Runner:
   def __init__(self, settings: Settings, steps: dict[str, int] | None = None):
     self.settings, self.steps, self.done, self.prelims = settings, steps or {}, {}, {}
 
-  def finished(self, cfg: runner.RunConfig) -> dict | None:
-    """A job folder whose run completed with exactly this job (resume.finished_job) is reused, not rerun."""
+  def finished(self, cfg: runner.RunConfig, specs: list[str] | None = None) -> dict | None:
+    """A job folder whose run completed with exactly this job (resume.finished_job) on all its images (the
+    set's, or `specs`) is reused, not rerun."""
     s = self.settings
     res, why = resume.finished_job(runner.resolve(cfg, cfg.image_channels), s.allow_other_code)
     if res is None:
@@ -116,7 +128,7 @@ class Runner:
         print(f"rerunning: {why}", flush=True)
       return None
     n = s.max_images or (3 if s.smoke else None)
-    if n is None and len(res["images"]) < len(data.list_inputs(cfg.input)):
+    if n is None and len(res["images"]) < len(specs or data.list_inputs(cfg.input)):
       return None
     print(why, flush=True)
     if n is not None and len(res["images"]) > n:  # same images as the table's other rows
@@ -134,8 +146,9 @@ class Runner:
     )
     cfg = dataclasses.replace(
       base,
+      **dict(job.run),
       net=dataclasses.replace(base.net, **dict(job.net)),
-      input=os.path.join(ddir, job.dataset),
+      input=job.dataset if image_specs(job) else os.path.join(ddir, job.dataset),
       workdir=workdir,
       sigma=job.sigma,
       method=job.method,
@@ -153,6 +166,26 @@ class Runner:
       )
     return cfg
 
+  def images(self, job: Job, cfg: runner.RunConfig) -> list[data.Image]:
+    """The job's images: its set (the first --max_images; 3 with --smoke), or a study's set/name picks."""
+    specs = image_specs(job)
+    if specs is None:
+      images = runner.load_inputs(cfg)
+    else:
+      ddir = self.settings.data_dir or os.path.join(data.shared_dir(), "data")
+      images = []
+      for spec in specs:
+        folder, name = spec.split("/")
+        path = data.find_image(os.path.join(ddir, folder), name)
+        if path is None:
+          raise data.InputError(f"no image {spec} in {ddir}")
+        images += data.load_images(
+          path, cfg.sigma, cfg.noise_seed, cfg.image_channels, cfg.crop, cfg.noise, min_size=2**cfg.net.scales
+        )
+    if self.settings.max_images or self.settings.smoke:
+      images = images[: self.settings.max_images or 3]
+    return images
+
   def run(self, job: Job) -> dict:
     job = fitted(job)
     if job in self.done:
@@ -161,15 +194,17 @@ class Runner:
       dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
       job_dir(job, self.settings.workdir, self.settings.base.noise),
     )
-    if job.method != "prelim" and (done := self.finished(cfg)) is not None:
+    if job.method != "prelim" and (done := self.finished(cfg, image_specs(job))) is not None:
       self.done[job] = done
       return done
-    images = runner.load_inputs(cfg)
-    if self.settings.max_images or self.settings.smoke:
-      images = images[: self.settings.max_images or 3]
-    key = (job.dataset, job.sigma, job.prelim)
+    if self.settings.resume_unfinished and job.method != "prelim" and os.path.isfile(f"{cfg.workdir}/config.json"):
+      # An interrupted job goes on from its last checkpoint (a full-size CPU fit takes ~30 min).
+      print(f"resuming {cfg.workdir}", flush=True)
+      cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
+    images = self.images(job, cfg)
+    key = (job.dataset, job.sigma, job.prelim, job.channels, job.run)
     if job.prelim != "none" and key not in self.prelims:
-      self.prelims[key] = dict(zip([im.name for im in images], prelim.make(cfg, images)))
+      self.prelims[key] = dict(zip([im.name for im in images], prelim.make(prelim.spec_of(cfg), images)))
     if job.method == "prelim":
       recs = [
         {"name": im.name, "psnr_prelim": float(metrics.psnr(self.prelims[key][im.name], im.clean_HxWxC))}

@@ -155,3 +155,122 @@ def plot_curves(table: str, rows: list, run: Callable[[Any], dict], path: str) -
       drawn.add(fitted(job))
       series[label] = list(run(job)["histories"].values())
   outputs.plot_psnr_curves(path, f"{table}: mean PSNR vs step", series)
+
+
+# The studies' writers: each a pure function of the study's JSON (the .md rebuilds from it).
+
+
+def image_names(variants: dict) -> list[str]:
+  """Every image of the study, in first-seen order (the columns of the table)."""
+  return list(dict.fromkeys(img for v in variants.values() for img in v["images"]))
+
+
+def faithfulness_curves(meta: dict, path: str) -> None:
+  """Clean-input PSNR minus x_bar's PSNR vs step, one line per variant and image (0 = x_bar)."""
+  lines = {}
+  images = image_names(meta["variants"])
+  dashes = ("-", "--", ":", "-.")
+  for i, (name, v) in enumerate(meta["variants"].items()):  # colour: the variant; line style: the image
+    for img, r in v["images"].items():
+      style = f"C{i % 10}{dashes[images.index(img) % len(dashes)]}"
+      lines[f"{name} {img}"] = (r["curve_steps"], np.array(r["curve"]) - r["xbar"], style)
+  lines["x_bar"] = ([1, meta["steps"]], [0.0, 0.0], "k--")
+  outputs.plot_xy(path, "IDIP - x_bar (clean-input output, oracle view)", lines, "step", "PSNR - PSNR(x_bar) (dB)", -3)
+
+
+def faithfulness_markdown(meta: dict) -> str:
+  names = image_names(meta["variants"])
+  lines = [
+    f"# IDIP faithfulness study ({meta['device']})",
+    "",
+    f"Commit {meta['commit']}, {meta['date']}. `{meta['command']}`. sigma {meta['sigma']}, crop "
+    f"{meta['crop'] or 'full'}, x_bar {meta['prelim']}. Per image: peak of the clean-input PSNR (oracle: "
+    "uses the ground truth) and its step, final and EMA PSNR at the last step, x_bar's PSNR; dB.",
+  ]
+  rows = [r for v in meta["variants"].values() for r in v["images"].values()]
+  fits = sorted({(r.get("fit_commit"), r.get("fit_device")) for r in rows})
+  if any(c != meta["commit"] for c, _ in fits):
+    lines.append("Fits read back (--reuse_finished) from: " + ", ".join(f"commit {c} on {d}" for c, d in fits) + ".")
+  if meta.get("merged_from"):
+    lines.append("Merged from: " + ", ".join(f"`{p}`" for p in meta["merged_from"]) + " (their commands are inside).")
+  lines += [
+    "",
+    "| variant | changes | steps | "
+    + " | ".join(f"{n}: peak (step) / final / EMA / x_bar" for n in names)
+    + " | mean - x_bar: final / EMA / peak |",
+    "|" + "---|" * (len(names) + 4),
+  ]
+  for name, v in meta["variants"].items():
+    cells = [
+      f"{r['peak']:.2f} ({r['peak_step']}) / {r['final']:.2f} / {r['ema']:.2f} / {r['xbar']:.2f}"
+      if (r := v["images"].get(n))
+      else "-"
+      for n in names
+    ]
+    # Final PSNR at the fixed step count is the headline; the peak is an oracle.
+    gaps = " / ".join(
+      f"{np.mean([r[k] - r['xbar'] for r in v['images'].values()]):+.2f}" for k in ("final", "ema", "peak")
+    )
+    part = "" if len(v["images"]) == len(names) else f" ({len(v['images'])} of {len(names)} images)"
+    lines.append(f"| {name} | {v['changes'] or '-'} | {v['steps']} | " + " | ".join(cells) + f" | {gaps}{part} |")
+  return "\n".join(lines) + "\n"
+
+
+def noise_protocol_markdown(doc: dict) -> str:
+  """The .md of a stored .json (tests: the committed table rebuilds from its JSON byte for byte)."""
+  lines = [
+    f"# Noise protocol vs the papers' baseline rows\n\n{doc['device']}, commit {doc['commit']}, "
+    f"{doc['date']}. `python experiments/noise_protocol.py`. PSNR (dB) of the preliminary "
+    "denoiser's clipped output; noisy image: float = x + n, clip = clipped to [0, 1], "
+    "uint8 = clipped and rounded to 8 bits; same AWGN draw for all three.\n\n"
+    "| set | sigma | denoiser | protocol | mean | paper | per image (paper) |\n|---|---|---|---|---|---|---|\n"
+  ]
+  for r in doc["rows"]:
+    per = ", ".join(
+      f"{n} {v:.2f}" + (f" ({r['paper_per_image'][n]})" if n in r["paper_per_image"] else "")
+      for n, v in r["per_image"].items()
+    )
+    lines.append(
+      f"| {r['set']} | {r['sigma']} | {r['denoiser']} | {r['protocol']} | {r['mean']:.2f} | "
+      f"{r['paper_mean']} | {per} |\n"
+    )
+  return "".join(lines)
+
+
+def prelim_psnr_markdown(doc: dict) -> str:
+  """The .md of a stored .json (tests: the committed table rebuilds from its JSON byte for byte)."""
+  lines = [
+    f"# Preliminary denoisers: mean PSNR (dB)\n\nDevice {doc['device']}, commit {doc['commit']}, "
+    f"{doc['date']}. Command: `python experiments/prelim_psnr.py`. AWGN on [0,1] images seeded by "
+    "(0, image name); PSNR of the clipped output. Published: FFDNet/DnCNN papers (Set12) and the "
+    "IDIP paper's FFDNet row (classic10, sigma 30).\n\n",
+    "| set | denoiser | sigma | ours | published | diff |\n|---|---|---|---|---|---|\n",
+  ]
+  for r in doc["rows"]:
+    ref = r["published"]
+    lines.append(
+      f"| {r['set']} | {r['method']} | {r['sigma']} | {r['mean_psnr']:.2f} | "
+      f"{ref if ref is not None else '-'} | "
+      f"{'%+.2f' % (r['mean_psnr'] - ref) if ref is not None else '-'} |\n"
+    )
+  return "".join(lines)
+
+
+def knobs_markdown(table: dict, meta: dict) -> str:
+  sigmas = list(table)
+  lines = [
+    f"# IDIPplus knobs on {meta['set']} ({meta['crop']} px crops, K={meta['K']}): mean PSNR minus x_bar's (dB)",
+    "",
+    f"Commit {meta['commit']}, {meta['date']}, fits from commit(s) {', '.join(meta['fit_commits'])}. "
+    f"`{meta['command']}`. The x_bar row is its own mean PSNR; a blend a * out + (1 - a) * x_bar uses a fixed a.",
+    "",
+    "| output | " + " | ".join(f"sigma {s}" for s in sigmas) + " | mean |",
+    "|---|" + "---|" * (len(sigmas) + 1),
+  ]
+  for key in table[sigmas[0]]:
+    if key == "x_bar":
+      lines.append("| x_bar (PSNR) | " + " | ".join(f"{table[s][key]['mean']:.2f}" for s in sigmas) + " | |")
+      continue
+    d = [table[s][key]["minus_x_bar"] for s in sigmas]
+    lines.append(f"| {key} | " + " | ".join(f"{v:+.2f}" for v in d) + f" | {np.mean(d):+.2f} |")
+  return "\n".join(lines) + "\n"

@@ -40,13 +40,13 @@ def one_set(name: str) -> dict:
     pc = config.PrelimConfig(
       name="sure_blend", sure_candidates=tuple(F.sure_blend_candidates), sure_probes=F.sure_blend_probes
     )
-    cfg = config.RunConfig(input=folder, sigma=sigma, prelim=pc)
-    prelim.REGISTRY["sure_blend"].check(cfg, images)
+    spec = prelim.XbarSpec(pc, sigma)
+    prelim.REGISTRY["sure_blend"].check(spec, images)
     t = time.perf_counter()
-    names, outs, divs = prelim.candidate_outputs(cfg, images)
+    names, outs, divs = prelim.candidate_outputs(spec, images)
     for i, im in enumerate(images):
       cand = [outs[c][i] for c in names]
-      blend, info = prelim.blend_image(im.noisy_HxWxC, names, cand, [divs[c][i] for c in names], cfg)
+      blend, info = prelim.blend_image(im.noisy_HxWxC, names, cand, [divs[c][i] for c in names], sigma)
       wo = sure.oracle_weights(im.clean_HxWxC, cand)
       rows.append(
         {

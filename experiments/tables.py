@@ -2,9 +2,10 @@
 
 python experiments/tables.py --flagfile=experiments/tables/t2.flags
 Writes <results_dir>/<table>.md, <table>.json and <table>_curves.png (PSNR vs step).
-Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per process. This file
-is the catalogue of tables (table_jobs) and their numbers (make_table); experiments/jobs.py runs the
-jobs (the one job runner) and experiments/report.py writes the markdown and curves.
+Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per process. The tables'
+rows are in experiments/catalogue.py; this entry point reads the flags and makes each table's numbers
+(make_table); experiments/jobs.py runs the jobs (the one job runner) and experiments/report.py writes the
+markdown and curves.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
 
 import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.catalogue import ALL_TABLES, PAPER, PAPER_PER_IMAGE, table_jobs  # noqa: E402
 from experiments.jobs import (  # noqa: E402
   EMA_OF,
   REPORT,
@@ -53,139 +54,8 @@ flags.DEFINE_list(
   "the run's per-step history of the clean-input output and EMA (default: the run's)",
 )
 flags.DEFINE_list("rows", [], "run only these row labels of each table (default: all)")
-flags.DEFINE_bool("smoke", False, "32 px crops, config.TINY_NET, 4 steps, 3 images: checks the plumbing only")
-flags.DEFINE_bool("dry_run", False, "parse flags, list the jobs, run nothing")
 flags.DEFINE_integer("ensemble_runs", 4, "K: runs per image of the IDIPplus tables' jobs (IDIP-xK)", lower_bound=2)
 DEFAULT_WORKDIR = "runs/tables"
-
-PAPER = {  # means reported by the papers (dB); per-image values are not reproduced here
-  "T1": {"DIP": 27.73, "IDIP-1": 27.79},
-  "T2": {"DIP": 27.73, "FFDNet": 29.72, "IDIP-2": 29.80, "IDIP": 30.35},
-  "T3": {"IDIP+DnCNN": 30.34, "IDIP+BM3D": 30.17, "IDIP+FFDNet": 30.35, "IDIP+NCSR": 30.18, "IDIP+WNNM": 30.33},
-  "T6": {"mean step reduction %": 80.0},
-  "DIPcolor": {"DIP@1800": 29.22, "DIP EMA": 30.43, "DIP avg 2 runs": 31.00, "CBM3D": 31.42},
-  "inpaint_heide11": {"DIP": 33.48},  # the mean of Table 1's eleven values
-  "SR4_Set5": {"bicubic": 28.43, "DIP": 29.90},
-  "SR4_Set14": {"bicubic": 26.05, "DIP": 27.00},
-}
-# DIP paper, Table 1 (50% of the pixels missing, heide11), per image.
-PAPER_PER_IMAGE = {
-  "inpaint_heide11": {
-    "barbara": 32.22,
-    "boat": 33.06,
-    "house": 39.16,
-    "lena": 36.16,
-    "peppers": 33.05,
-    "cameraman": 29.8,
-    "couple": 32.52,
-    "fingerprint": 32.84,
-    "hill": 32.77,
-    "man": 32.20,
-    "montage": 34.54,
-  }
-}
-# The official notebooks' settings per task. inpainting.ipynb's kate/peppers branch ("same params and
-# net as in super-resolution and denoising", but 128-channel skips and nearest upsampling), used for
-# Table 1's Bernoulli masks too (the notebook has no cell for them); super-resolution.ipynb at x4.
-INPAINT_NET = (("skip_channels", 128), ("upsample", "nearest"))
-INPAINT_FIT = (("task", "inpaint"), ("reg_noise_std", 0.03))
-SR_FIT = (("task", "sr"), ("sr_factor", 4), ("reg_noise_std", 0.03))
-
-
-# Issue 16's jobs: K runs per image with ES-WMV (Wang et al.) watching them; patience as long as
-# the run, so no run freezes early and one job gives the fixed-step result (its last state), the
-# criterion's choice, their K-run ensembles and the oracle.
-WATCHED = (("stop", "wmv"), ("stop_patience", 100000))
-# Issue 16's fit knobs, tried on holdout9 against the watched job's single runs. The 96 px sigma-30
-# faithfulness study (experiments/results/faithfulness/study.md) found x_bar weights 0.25 and 0.5 and an
-# unperturbed x_bar worse than 1 and 1/30 on the holdout images; weight 2 follows that trend (a
-# stronger perturbation, 1/15, was left out for CPU time: ~20 min of this study).
-KNOBS = (("w2", (("prelim_weight", 2.0),)),)
-# "IDIP-best": the combination of settings and report chosen on holdout9 (IDIPplus_holdout9) and
-# used unchanged on the other sets (None: the rows are left out). Chosen as the highest mean over sigma
-# 15/25/50 of PSNR - x_bar's in experiments/results/idipplus_crop96/knobs_holdout9.md (96 px, 300 steps,
-# K=2): 0.25 x the 2-run ensemble's last state + 0.75 x_bar, +0.01 dB (-0.02/+0.01/+0.05); the best
-# IDIP output alone, the ensemble's last state, is -0.19 (-0.45/-0.14/+0.02), its EMA -0.92 (it lags at
-# 300 steps), ES-WMV's step -0.38, x_bar weight 2 as weight 1.
-IDIP_BEST: tuple[tuple[tuple[str, float | str], ...], str] | None = (WATCHED, "blend:0.25:ensemble_last")
-
-
-C10 = "classic10"
-
-
-def _t4(ds: str, k: int) -> list[tuple[str, Job]]:
-  rows = []
-  for s in (15, 25, 50):
-    rows += [
-      (f"BM3D@{s}", Job(ds, s, "prelim", "bm3d")),
-      (f"DnCNN@{s}", Job(ds, s, "prelim", "dncnn")),
-      (f"FFDNet@{s}", Job(ds, s, "prelim", "ffdnet")),
-      # The official notebook: "reg_noise_std = 1./30. # set to 1./20. for sigma=50".
-      (f"DIP@{s}", Job(ds, s, "dip", fit=(("reg_noise_std", 1 / 20),) if s == 50 else ())),
-      (f"IDIP@{s}", Job(ds, s, "idip", "ffdnet")),
-    ]
-  return rows
-
-
-def _sr4(ds: str, k: int) -> list[tuple[str, Job]]:
-  dip = Job(ds, 0, "dip", channels=3, fit=SR_FIT)
-  return [("bicubic", dataclasses.replace(dip, report="input")), ("DIP", dip)]
-
-
-def _idipplus(ds: str, k: int) -> list[tuple[str, Job]]:
-  rows = []
-  for s in (15, 25, 50):
-    watched = Job(ds, s, "idip", "ffdnet", seeds=k, fit=WATCHED)
-    rows += [
-      (f"x_bar@{s}", Job(ds, s, "prelim", "ffdnet")),
-      (f"IDIP@{s}", dataclasses.replace(watched, report="last")),  # paper settings: the mean single run
-      (f"IDIP-auto@{s}", watched),  # at the step ES-WMV chose, per run
-      (f"IDIP-x{k}@{s}", dataclasses.replace(watched, report="ensemble_last")),
-      (f"IDIP-oracle@{s}", dataclasses.replace(watched, report="oracle")),
-    ]
-    if ds == "holdout9":  # the fit knobs, one change each, a single run (tuning only: not on the other sets)
-      rows += [(f"IDIP-{name}@{s}", Job(ds, s, "idip", "ffdnet", fit=fit)) for name, fit in KNOBS]
-    if IDIP_BEST is not None:
-      rows.append((f"IDIP-best@{s}", Job(ds, s, "idip", "ffdnet", seeds=k, fit=IDIP_BEST[0], report=IDIP_BEST[1])))
-  return rows
-
-
-# The catalogue: table name -> its (row label, job) pairs. A prelim-only row is the job's x_bar PSNR.
-TABLES: dict[str, Callable[[int], list[tuple[str, Job]]]] = {
-  "T1": lambda k: [("DIP", Job(C10, 30, "dip")), ("IDIP-1", Job(C10, 30, "idip1"))],
-  "T2": lambda k: [
-    ("DIP", Job(C10, 30, "dip")),
-    ("FFDNet", Job(C10, 30, "prelim", "ffdnet")),
-    ("IDIP-2", Job(C10, 30, "idip2", "ffdnet")),
-    ("IDIP", Job(C10, 30, "idip", "ffdnet")),
-  ],
-  "T3": lambda k: [(f"IDIP+{p}", Job(C10, 30, "idip", p.lower())) for p in ("DnCNN", "BM3D", "FFDNet")],
-  "T6": lambda k: [("DIP", Job(C10, 40, "dip")), ("IDIP", Job(C10, 40, "idip", "ffdnet"))],
-  # Step counts and settings are chosen here, on images no table reports.
-  "HOLDOUT": lambda k: [
-    ("DIP", Job("holdout9", 25, "dip")),
-    ("IDIP", Job("holdout9", 25, "idip", "ffdnet")),
-    ("IDIP x_bar unperturbed", Job("holdout9", 25, "idip", "ffdnet", fit=(("xbar_noise_std", 0.0),))),
-  ],
-  "inpaint_heide11": lambda k: [("DIP", Job("heide11", 0, "dip", fit=INPAINT_FIT, net=INPAINT_NET))],
-  "DIPcolor": lambda k: [("DIP", Job("cbm3d9", 25, "dip", seeds=2, channels=3))],
-}
-# Tables named <prefix><set>: prefix -> the rows of that set.
-TABLES_PER_SET: dict[str, Callable[[str, int], list[tuple[str, Job]]]] = {
-  "T4_": _t4,
-  "SR4_": _sr4,
-  "IDIPplus_": _idipplus,
-}
-
-
-def table_jobs(table: str, ensemble_runs: int = 4) -> list[tuple[str, Job]]:
-  """(row label, job) pairs of a table; ensemble_runs: K, the runs per image of the IDIPplus jobs."""
-  if table in TABLES:
-    return TABLES[table](ensemble_runs)
-  for prefix, rows in TABLES_PER_SET.items():
-    if table.startswith(prefix):
-      return rows(table[len(prefix) :], ensemble_runs)
-  raise ValueError(f"unknown table {table}")
 
 
 def selected_rows(table: str) -> list[tuple[str, Job]]:
@@ -309,9 +179,7 @@ def main(argv):
   commit = outputs.git_commit()  # the code that runs, even if HEAD moves meanwhile
   steps = {k: int(v) for k, v in (s.split("=") for s in F.method_steps)}
   names = (
-    ["T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT", "inpaint_heide11", "SR4_Set5"]
-    + ["SR4_Set14"]
-    + [f"IDIPplus_{s}" for s in ("holdout9", "classic10", "Set12")]
+    list(ALL_TABLES)
     if F.tables == ["all"]
     else [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])
   )

@@ -31,8 +31,8 @@ flags.DEFINE_float("test_sigma", 25.0, "Set12 and IDIP noise std (0-255)", flag_
 def set12_psnr(weights: str, sigma: float) -> tuple[float, dict[str, float]]:
   """Mean PSNR on the full Set12 images, AWGN seeded by (0, name), as experiments/prelim_psnr.py."""
   images = data.load_images(os.path.join(data.shared_dir(), "data", "Set12"), sigma, 0, 1)
-  cfg = config.RunConfig(sigma=sigma, prelim=config.PrelimConfig("dncnn", weights=weights))
-  per = {im.name: float(metrics.psnr(o, im.clean_HxWxC)) for o, im in zip(prelim.make(cfg, images), images)}
+  spec = prelim.XbarSpec(config.PrelimConfig("dncnn", weights=weights), sigma)
+  per = {im.name: float(metrics.psnr(o, im.clean_HxWxC)) for o, im in zip(prelim.make(spec, images), images)}
   return float(np.mean(list(per.values()))), per
 
 

@@ -284,6 +284,12 @@ class ExperimentConfig:
     "tables.py, faithfulness.py: reuse finished jobs made by other code (e.g. stored GPU runs); each table row "
     "records the commit and code hash of its job",
   )
+  dry_run: bool = option(False, "tables.py and the studies (experiments/catalogue.py): list the jobs, run nothing")
+  smoke: bool = option(
+    False,
+    "tables.py, noise_protocol.py, prelim_psnr.py: 32 px crops of 3 images (fits: config.TINY_NET, 4 steps): the "
+    "plumbing only",
+  )
   lowerings: tuple[str, ...] = option(
     ("loop", "im2col", "hybrid", "grouped"),
     "bench.py, batch_equality.py: the --batch_conv lowerings of vmapped calls to compare (grouped: plain vmap, "

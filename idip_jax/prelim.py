@@ -1,8 +1,9 @@
 """Preliminary denoisers that make IDIP's x_bar (input and second target).
 
 Each entry has `check` (runs before any compute; raises InputError) and `run`
-(noisy images -> denoised images, in the same order); both read the run's config: the
-denoiser (cfg.prelim), the known noise level (cfg.sigma), the crop and the batch size.
+(noisy images -> denoised images, in the same order); both read an XbarSpec, the few settings
+of a run that x_bar depends on: the denoiser (spec.prelim), the known noise level (spec.sigma),
+the crop, the batch size and the task (spec_of(cfg) takes them from a run's config).
 """
 
 from __future__ import annotations
@@ -24,15 +25,31 @@ from idip_jax.noise_level import estimate_sigma
 
 
 @dataclasses.dataclass(frozen=True)
+class XbarSpec:
+  """What x_bar depends on: the denoiser's settings and the run's sigma (0: estimated per image),
+  crop (an x_bar file is cut as its input), batch size (of the denoiser's calls) and task."""
+
+  prelim: PrelimConfig
+  sigma: float
+  crop: int = 0
+  batch_size: int = 0
+  task: str = "denoise"
+
+
+def spec_of(cfg: RunConfig) -> XbarSpec:
+  return XbarSpec(cfg.prelim, cfg.sigma, cfg.crop, cfg.batch_size, cfg.fit.task)
+
+
+@dataclasses.dataclass(frozen=True)
 class Prelim:
-  check: Callable[[RunConfig, list[Image]], None]
-  run: Callable[[RunConfig, list[Image]], list[np.ndarray]]
+  check: Callable[[XbarSpec, list[Image]], None]
+  run: Callable[[XbarSpec, list[Image]], list[np.ndarray]]
 
 
-def sigmas_for(cfg: RunConfig, images: list[Image]) -> list[float]:
+def sigmas_for(spec: XbarSpec, images: list[Image]) -> list[float]:
   """The given sigma, or Chen et al.'s estimate for each real noisy image."""
-  if cfg.sigma > 0:
-    return [cfg.sigma] * len(images)
+  if spec.sigma > 0:
+    return [spec.sigma] * len(images)
   return [estimate_sigma(im.noisy_HxWxC) for im in images]
 
 
@@ -41,35 +58,35 @@ def sigmas_for(cfg: RunConfig, images: list[Image]) -> list[float]:
 TRAINED_SIGMA_MAX = types.MappingProxyType({"ffdnet": 75.0, "dncnn": 55.0})
 
 
-def _check_none(cfg, images):
+def _check_none(spec, images):
   pass
 
 
-def _run_none(cfg, images):
+def _run_none(spec, images):
   raise InputError("this method needs a preliminary denoiser: set --prelim")
 
 
-def _check_bicubic(cfg, images):
-  if cfg.fit.task != "sr":
+def _check_bicubic(spec, images):
+  if spec.task != "sr":
     raise InputError("--prelim=bicubic is super-resolution's x_bar: set --task=sr")
 
 
-def _run_bicubic(cfg, images):
+def _run_bicubic(spec, images):
   return [im.noisy_HxWxC for im in images]  # tasks.sr_images: the bicubic upsampling of LR
 
 
-def _check_bm3d(cfg, images):
+def _check_bm3d(spec, images):
   try:
     import bm3d  # noqa: F401
   except ImportError:
     raise InputError("--prelim=bm3d needs the bm3d package: pip install '.[bm3d]'") from None
 
 
-def _run_bm3d(cfg, images):
+def _run_bm3d(spec, images):
   import bm3d
 
   out = []
-  for im, sigma in zip(images, sigmas_for(cfg, images)):
+  for im, sigma in zip(images, sigmas_for(spec, images)):
     y = im.noisy_HxWxC.astype(np.float64)
     if y.shape[-1] == 3:
       x = bm3d.bm3d_rgb(y, sigma / 255.0)
@@ -79,117 +96,117 @@ def _run_bm3d(cfg, images):
   return out
 
 
-def file_for(cfg: RunConfig, name: str) -> str:
-  path = data.find_image(cfg.prelim.prelim_dir, name)
+def file_for(pc: PrelimConfig, name: str) -> str:
+  path = data.find_image(pc.prelim_dir, name)
   if path is not None:
     return path
   raise InputError(
-    f"--prelim=file: no image named '{name}' ({'/'.join(data.IMAGE_EXTS)}) in --prelim_dir={cfg.prelim.prelim_dir}"
+    f"--prelim=file: no image named '{name}' ({'/'.join(data.IMAGE_EXTS)}) in --prelim_dir={pc.prelim_dir}"
   )
 
 
-def _read_prelim_file(cfg: RunConfig, im: Image) -> np.ndarray:
-  path = file_for(cfg, im.name)
+def _read_prelim_file(spec: XbarSpec, im: Image) -> np.ndarray:
+  path = file_for(spec.prelim, im.name)
   x = data.read_image(path, channels=im.noisy_HxWxC.shape[-1])
   data.check_size(path, "x_bar", x, im)  # before --crop, which would cut any larger image to fit
-  if cfg.crop:
-    x = data.center_crop(x, cfg.crop)
+  if spec.crop:
+    x = data.center_crop(x, spec.crop)
   if x.shape != im.noisy_HxWxC.shape:
     raise InputError(f"{path}: shape {x.shape} differs from its input's {im.noisy_HxWxC.shape}")
   return x
 
 
-def _check_file(cfg, images):
-  if not cfg.prelim.prelim_dir or not os.path.isdir(cfg.prelim.prelim_dir):
-    raise InputError(f"--prelim=file needs --prelim_dir, a folder (got '{cfg.prelim.prelim_dir}')")
+def _check_file(spec, images):
+  if not spec.prelim.prelim_dir or not os.path.isdir(spec.prelim.prelim_dir):
+    raise InputError(f"--prelim=file needs --prelim_dir, a folder (got '{spec.prelim.prelim_dir}')")
   for im in images:
-    _read_prelim_file(cfg, im)
+    _read_prelim_file(spec, im)
 
 
-def _run_file(cfg, images):
-  return [_read_prelim_file(cfg, im) for im in images]
+def _run_file(spec, images):
+  return [_read_prelim_file(spec, im) for im in images]
 
 
-def _batches(cfg: RunConfig, images: list[Image], key) -> list[list[int]]:
-  """Indices grouped by (shape, key(i)), cut to cfg.batch_size: one jitted call each."""
+def _batches(spec: XbarSpec, images: list[Image], key) -> list[list[int]]:
+  """Indices grouped by (shape, key(i)), cut to spec.batch_size: one jitted call each."""
   groups: dict = {}
   for i, im in enumerate(images):
     groups.setdefault((im.noisy_HxWxC.shape, key(i)), []).append(i)
-  size = cfg.batch_size or len(images)
+  size = spec.batch_size or len(images)
   return [idx[k : k + size] for idx in groups.values() for k in range(0, len(idx), size)]
 
 
-def _ffdnet_file(cfg, channels):
-  return cfg.prelim.weights or denoisers.ffdnet_path(cfg.prelim.weights_dir, channels)
+def _ffdnet_file(spec, channels):
+  return spec.prelim.weights or denoisers.ffdnet_path(spec.prelim.weights_dir, channels)
 
 
-def _dncnn_file(cfg, sigma):
-  return cfg.prelim.weights or denoisers.dncnn_path(cfg.prelim.weights_dir, sigma)
+def _dncnn_file(spec, sigma):
+  return spec.prelim.weights or denoisers.dncnn_path(spec.prelim.weights_dir, sigma)
 
 
-def _check_ffdnet(cfg, images):
+def _check_ffdnet(spec, images):
   for c in sorted({im.noisy_HxWxC.shape[-1] for im in images}):
-    denoisers.load_ffdnet(_ffdnet_file(cfg, c), c)
+    denoisers.load_ffdnet(_ffdnet_file(spec, c), c)
 
 
-def _run_batched(cfg: RunConfig, images: list[Image], key, denoise) -> list[np.ndarray]:
+def _run_batched(spec: XbarSpec, images: list[Image], key, denoise) -> list[np.ndarray]:
   """denoise(indices, noisy_NxHxWxC) per same-(shape, key) batch, scattered back in order."""
   out = [None] * len(images)
-  for idx in _batches(cfg, images, key):
+  for idx in _batches(spec, images, key):
     x = denoise(idx, np.stack([images[i].noisy_HxWxC for i in idx]))
     for j, i in enumerate(idx):
       out[i] = x[j]
   return out
 
 
-def _run_ffdnet(cfg, images):
-  sigmas = np.array(sigmas_for(cfg, images), np.float32)
+def _run_ffdnet(spec, images):
+  sigmas = np.array(sigmas_for(spec, images), np.float32)
 
   def denoise(idx, noisy):
     c = noisy.shape[-1]
-    return denoisers.ffdnet_denoise(denoisers.load_ffdnet(_ffdnet_file(cfg, c), c), noisy, sigmas[idx])
+    return denoisers.ffdnet_denoise(denoisers.load_ffdnet(_ffdnet_file(spec, c), c), noisy, sigmas[idx])
 
-  return _run_batched(cfg, images, lambda i: 0, denoise)
+  return _run_batched(spec, images, lambda i: 0, denoise)
 
 
-def _check_dncnn(cfg, images):
-  levels = [cfg.sigma] if cfg.sigma > 0 else list(denoisers.DNCNN_SIGMAS) + [35.0]
+def _check_dncnn(spec, images):
+  levels = [spec.sigma] if spec.sigma > 0 else list(denoisers.DNCNN_SIGMAS) + [35.0]
   for c in sorted({im.noisy_HxWxC.shape[-1] for im in images}):
     for s in levels:
-      denoisers.load_dncnn(_dncnn_file(cfg, s), c)
+      denoisers.load_dncnn(_dncnn_file(spec, s), c)
 
 
-def _run_dncnn(cfg, images):
-  sigmas = sigmas_for(cfg, images)
+def _run_dncnn(spec, images):
+  sigmas = sigmas_for(spec, images)
 
   def denoise(idx, noisy):
-    fn = denoisers.load_dncnn(_dncnn_file(cfg, sigmas[idx[0]]), noisy.shape[-1])
+    fn = denoisers.load_dncnn(_dncnn_file(spec, sigmas[idx[0]]), noisy.shape[-1])
     return np.asarray(fn(jnp.asarray(noisy)))
 
-  return _run_batched(cfg, images, lambda i: _dncnn_file(cfg, sigmas[i]), denoise)
+  return _run_batched(spec, images, lambda i: _dncnn_file(spec, sigmas[i]), denoise)
 
 
 def _x8(run):
   """run over the 8 flips and rotations of every image, each output mapped back, averaged (x8)."""
 
-  def run_x8(cfg, images):
+  def run_x8(spec, images):
     outs = []
     for k in range(8):
       turned = [
         dataclasses.replace(im, noisy_HxWxC=np.ascontiguousarray(sure.dihedral(im.noisy_HxWxC, k))) for im in images
       ]
-      outs.append([sure.undo_dihedral(np.asarray(x), k) for x in run(cfg, turned)])
+      outs.append([sure.undo_dihedral(np.asarray(x), k) for x in run(spec, turned)])
     return [np.mean(per, axis=0).astype(np.float32) for per in zip(*outs)]
 
   return run_x8
 
 
-def _run_noisy(cfg, images):
+def _run_noisy(spec, images):
   return [im.noisy_HxWxC for im in images]
 
 
-def _dncnn_s_exists(cfg) -> bool:
-  return min(abs(s - cfg.sigma) for s in denoisers.DNCNN_SIGMAS) <= 2.5
+def _dncnn_s_exists(spec) -> bool:
+  return min(abs(s - spec.sigma) for s in denoisers.DNCNN_SIGMAS) <= 2.5
 
 
 # config.SURE_CANDIDATES -> (check, run) of each x_bar candidate a SURE blend weighs.
@@ -205,63 +222,65 @@ CANDIDATES: Mapping[str, Prelim] = types.MappingProxyType(
 )
 
 
-def sure_candidates(cfg: RunConfig) -> list[str]:
+def sure_candidates(spec: XbarSpec) -> list[str]:
   """The candidates of --prelim=sure_blend at this sigma (DnCNN only where a DnCNN-S was trained)."""
-  return [c for c in cfg.prelim.sure_candidates if not c.startswith("dncnn") or _dncnn_s_exists(cfg)]
+  return [c for c in spec.prelim.sure_candidates if not c.startswith("dncnn") or _dncnn_s_exists(spec)]
 
 
-def _check_sure_blend(cfg, images):
-  if cfg.sigma <= 0:
+def _check_sure_blend(spec, images):
+  if spec.sigma <= 0:
     raise InputError("--prelim=sure_blend needs the noise level: set --sigma (SURE is unbiased only at a known sigma)")
-  check_candidates(cfg, images)
+  check_candidates(spec, images)
 
 
-def check_candidates(cfg: RunConfig, images: list[Image]) -> None:
-  """Each of --sure_candidates that applies at cfg.sigma can run (weights present)."""
-  names = sure_candidates(cfg)
+def check_candidates(spec: XbarSpec, images: list[Image]) -> None:
+  """Each of --sure_candidates that applies at spec.sigma can run (weights present)."""
+  names = sure_candidates(spec)
   if not names:
-    raise InputError(f"--sure_candidates={','.join(cfg.prelim.sure_candidates)}: none applies at sigma {cfg.sigma:g}")
+    raise InputError(f"--sure_candidates={','.join(spec.prelim.sure_candidates)}: none applies at sigma {spec.sigma:g}")
   for c in names:
-    CANDIDATES[c].check(cfg, images)
+    CANDIDATES[c].check(spec, images)
 
 
-def candidate_outputs(cfg: RunConfig, images: list[Image]) -> tuple[list[str], dict, dict]:
+def candidate_outputs(spec: XbarSpec, images: list[Image]) -> tuple[list[str], dict, dict]:
   """(names, outputs, divergences) of the SURE blend's candidates, each a list over the images. The
   probes are seeded by the image's name, so nothing depends on the batch."""
-  s, names = cfg.sigma / 255.0, sure_candidates(cfg)
+  s, names = spec.sigma / 255.0, sure_candidates(spec)
   eps = sure.eps_for(s)
-  probes = [sure.probes_for(im.name, im.noisy_HxWxC.shape, cfg.prelim.sure_probes) for im in images]
+  probes = [sure.probes_for(im.name, im.noisy_HxWxC.shape, spec.prelim.sure_probes) for im in images]
   outs, divs = {}, {}
   for c in names:
     run = CANDIDATES[c].run
-    outs[c] = [np.asarray(x, np.float32) for x in run(cfg, images)]
+    outs[c] = [np.asarray(x, np.float32) for x in run(spec, images)]
     if c == "noisy":  # f(y) = y: its divergence is N exactly
       divs[c] = [float(im.noisy_HxWxC.size) for im in images]
       continue
     per = []
-    for p in range(cfg.prelim.sure_probes):
+    for p in range(spec.prelim.sure_probes):
       moved = [dataclasses.replace(im, noisy_HxWxC=im.noisy_HxWxC + eps * b[p]) for im, b in zip(images, probes)]
-      per.append([float(np.sum(b[p] * (fb - fy))) / eps for b, fb, fy in zip(probes, run(cfg, moved), outs[c])])
+      per.append([float(np.sum(b[p] * (fb - fy))) / eps for b, fb, fy in zip(probes, run(spec, moved), outs[c])])
     divs[c] = list(np.mean(per, axis=0))
   return names, outs, divs
 
 
-def sure_blend(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
+def sure_blend(spec: XbarSpec, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
   """Each image's SURE-optimal blend of the candidates (sure.blend_weights; clipped to [0, 1]) and,
   per image, the weights and SURE's PSNR estimate of every candidate and of the blend."""
-  names, outs, divs = candidate_outputs(cfg, images)
+  names, outs, divs = candidate_outputs(spec, images)
   xbars, infos = [], []
   for i, im in enumerate(images):
-    blend, info = blend_image(im.noisy_HxWxC, names, [outs[c][i] for c in names], [divs[c][i] for c in names], cfg)
+    blend, info = blend_image(
+      im.noisy_HxWxC, names, [outs[c][i] for c in names], [divs[c][i] for c in names], spec.sigma
+    )
     xbars.append(np.clip(blend, 0.0, 1.0))
     infos.append(info)
   return xbars, infos
 
 
-def blend_image(y: np.ndarray, names: list[str], cand: list, div: list[float], cfg: RunConfig) -> tuple:
-  """One image's SURE blend (unclipped) and its record: the weights and SURE's PSNR estimate of
-  every candidate and of the blend."""
-  s = cfg.sigma / 255.0
+def blend_image(y: np.ndarray, names: list[str], cand: list, div: list[float], sigma: float) -> tuple:
+  """One image's SURE blend (unclipped) at the known sigma (0-255) and its record: the weights and SURE's PSNR
+  estimate of every candidate and of the blend."""
+  s = sigma / 255.0
   w = sure.blend_weights(y, cand, div, s)
   blend = sure.blend(cand, w)
   est = {c: sure.psnr_of_mse(sure.sure(y, o, s, d)) for c, o, d in zip(names, cand, div)}
@@ -269,8 +288,8 @@ def blend_image(y: np.ndarray, names: list[str], cand: list, div: list[float], c
   return blend, {"sure_weights": dict(zip(names, map(float, w))), "sure_psnr": est}
 
 
-def _run_sure_blend(cfg, images):
-  return sure_blend(cfg, images)[0]
+def _run_sure_blend(spec, images):
+  return sure_blend(spec, images)[0]
 
 
 # config.PRELIMS -> implementation.
@@ -287,31 +306,31 @@ REGISTRY: Mapping[str, Prelim] = types.MappingProxyType(
 )
 
 
-def run(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
-  """x_bar of each image with cfg.prelim's denoiser (its x8 self-ensemble with --x8), and what
+def run(spec: XbarSpec, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
+  """x_bar of each image with spec.prelim's denoiser (its x8 self-ensemble with --x8), and what
   results.json records per image about it (the SURE blend's weights); checks done before."""
-  name = cfg.prelim.name
+  name = spec.prelim.name
   if name == "sure_blend":
-    return sure_blend(cfg, images)
-  fn = _x8(REGISTRY[name].run) if cfg.prelim.x8 and name in ("ffdnet", "dncnn") else REGISTRY[name].run
-  return fn(cfg, images), [{} for _ in images]
+    return sure_blend(spec, images)
+  fn = _x8(REGISTRY[name].run) if spec.prelim.x8 and name in ("ffdnet", "dncnn") else REGISTRY[name].run
+  return fn(spec, images), [{} for _ in images]
 
 
-def run_logged(cfg: RunConfig, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
+def run_logged(spec: XbarSpec, images: list[Image]) -> tuple[list[np.ndarray], list[dict]]:
   """run, with its time in the log (the runner's x_bar of a job)."""
   t = time.perf_counter()
-  out = run(cfg, images)
-  logging.info("preliminary denoiser %s: %d images in %.1fs", cfg.prelim.name, len(images), time.perf_counter() - t)
+  out = run(spec, images)
+  logging.info("preliminary denoiser %s: %d images in %.1fs", spec.prelim.name, len(images), time.perf_counter() - t)
   return out
 
 
 def psnr_per_image(images: list[Image], sigma: float, denoiser: str) -> dict[str, float]:
   """x_bar's PSNR per image for one denoiser of REGISTRY at the known sigma (default settings)."""
-  cfg = RunConfig(sigma=sigma, prelim=PrelimConfig(denoiser))
-  return {im.name: float(metrics.psnr(x, im.clean_HxWxC)) for im, x in zip(images, make(cfg, images))}
+  spec = XbarSpec(PrelimConfig(denoiser), sigma)
+  return {im.name: float(metrics.psnr(x, im.clean_HxWxC)) for im, x in zip(images, make(spec, images))}
 
 
-def make(cfg: RunConfig, images: list[Image]) -> list[np.ndarray]:
-  """x_bar of each image with cfg.prelim's denoiser, after its checks."""
-  REGISTRY[cfg.prelim.name].check(cfg, images)
-  return run(cfg, images)[0]
+def make(spec: XbarSpec, images: list[Image]) -> list[np.ndarray]:
+  """x_bar of each image with spec.prelim's denoiser, after its checks."""
+  REGISTRY[spec.prelim.name].check(spec, images)
+  return run(spec, images)[0]

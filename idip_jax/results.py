@@ -4,6 +4,7 @@ printed summary of a job."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -117,9 +118,9 @@ def barrier(name: str, n_proc: int) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def merge_processes(results: dict, images: list[Image], cfg: RunConfig, own_path: str, t_start: float) -> dict:
+def merge_processes(results: dict, images: list[Image], results_path: str, t_start: float) -> dict:
   """Every process's image records, gathered over the network (no shared disk needed);
-  process 0 writes them, in input order, as results.json."""
+  process 0 writes them, in input order, to results_path (the job's results.json)."""
   blob = np.frombuffer(json.dumps(results["images"], default=float).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.array([blob.size]))
   padded = np.zeros(int(sizes.max()), np.uint8)
@@ -136,13 +137,29 @@ def merge_processes(results: dict, images: list[Image], cfg: RunConfig, own_path
   )
   merged["mean"] = summarize(merged["images"])
   if jax.process_index() == 0:
-    outputs.write_json(os.path.join(cfg.workdir, "results.json"), merged)
+    outputs.write_json(results_path, merged)
   barrier("results", jax.process_count())
   return merged
 
 
+@dataclasses.dataclass(frozen=True)
+class Recording:
+  """What a run's records depend on besides its results: the step count and runs per image, the known
+  sigma (SURE blends) and which images are written."""
+
+  steps: int
+  seeds: int = 1
+  sigma: float = 0.0
+  save_images: bool = True
+  save_float: bool = False
+
+
+def recording_of(cfg: RunConfig) -> Recording:
+  return Recording(cfg.fit.steps, cfg.fit.seeds, cfg.sigma, cfg.save_images, cfg.save_float)
+
+
 def run_record(
-  cfg: RunConfig,
+  rc: Recording,
   im: Image,
   k: int,
   res: FitResult,
@@ -156,7 +173,7 @@ def run_record(
   (sure_fit.inputs) that NAME_sure.png blends with the run's output and EMA."""
   h, w, _ = im.noisy_HxWxC.shape
   final, ema = res.final_NxHxWxC[j, :h, :w], res.ema_NxHxWxC[j, :h, :w]
-  tag = im.name if cfg.fit.seeds == 1 else f"{im.name}_seed{k}"
+  tag = im.name if rc.seeds == 1 else f"{im.name}_seed{k}"
   hist = {name: v[:, j] for name, v in res.history.items()}
   write_history(os.path.join(hist_dir, tag + ".csv"), hist)
   rec = {
@@ -178,9 +195,9 @@ def run_record(
     # The last state: the fixed-step result of a watched run.
     rec.update(last=res.last_NxHxWxC[j, :h, :w], last_ema=res.last_ema_NxHxWxC[j, :h, :w])
   if res.sure_N is not None:
-    rec.update(sure_record(cfg, im, res.sure_N, j, final, ema, candidates))
-  if cfg.save_images:
-    save_outputs(cfg, img_dir, tag, {k: rec[k] for k in OUTPUT_KINDS if k in rec})
+    rec.update(sure_record(rc, im, res.sure_N, j, final, ema, candidates))
+  if rc.save_images:
+    save_outputs(rc, img_dir, tag, {k: rec[k] for k in OUTPUT_KINDS if k in rec})
   if im.clean_HxWxC is not None and not rec["failed"]:
     best = int(np.nanargmax(hist["psnr"]))  # clean-input output, on evaluated steps
     rec.update(
@@ -202,7 +219,7 @@ def run_record(
   return rec
 
 
-def sure_record(cfg: RunConfig, im: Image, sure_n: dict, j: int, final, ema, candidates: dict | None) -> dict:
+def sure_record(rc: Recording, im: Image, sure_n: dict, j: int, final, ema, candidates: dict | None) -> dict:
   """--stop=sure: SURE's step for the EMA, SURE's PSNR estimates of the reported output and EMA,
   and (with candidates) the SURE blend of both with the x_bar candidates (NAME_sure.png; each
   divergence from the same probe b), beside the candidates' own SURE blend."""
@@ -215,8 +232,8 @@ def sure_record(cfg: RunConfig, im: Image, sure_n: dict, j: int, final, ema, can
     return rec
   y, names, outs, divs = im.noisy_HxWxC, candidates["names"], candidates["outputs"], candidates["divs"]
   fit_div = [float(sure_n["div"][j]), float(sure_n["div_ema"][j])]
-  blend, info = prelim.blend_image(y, ["fit", "fit_ema", *names], [final, ema, *outs], fit_div + divs, cfg)
-  xbar_blend, xinfo = prelim.blend_image(y, names, outs, divs, cfg)
+  blend, info = prelim.blend_image(y, ["fit", "fit_ema", *names], [final, ema, *outs], fit_div + divs, rc.sigma)
+  xbar_blend, xinfo = prelim.blend_image(y, names, outs, divs, rc.sigma)
   rec |= {
     "sure": np.clip(blend, 0.0, 1.0),
     "xbar_blend": np.clip(xbar_blend, 0.0, 1.0),
@@ -231,7 +248,7 @@ def sure_record(cfg: RunConfig, im: Image, sure_n: dict, j: int, final, ema, can
   return rec
 
 
-def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str) -> dict:
+def image_record(rc: Recording, im: Image, xbar, runs: list[dict], img_dir: str) -> dict:
   h, w, c = im.noisy_HxWxC.shape
   gt = im.clean_HxWxC
   rec = {
@@ -239,7 +256,7 @@ def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str
     "height": h,
     "width": w,
     "channels": c,
-    "steps": cfg.fit.steps,
+    "steps": rc.steps,
     "seconds": float(np.mean([r["seconds"] for r in runs])),
     "compile_seconds": runs[0]["compile_seconds"],
     "batch_runs": runs[0]["batch_runs"],
@@ -252,8 +269,8 @@ def image_record(cfg: RunConfig, im: Image, xbar, runs: list[dict], img_dir: str
   # (each of OUTPUT_KINDS; DIP's "average of two runs" gained +0.57 dB over its EMA): <name>_final.png.
   kinds = [k for k in OUTPUT_KINDS if k in runs[0]]
   ens = dict(zip(kinds, ensemble(runs, *kinds))) if len(runs) > 1 else {}
-  if cfg.save_images:
-    save_outputs(cfg, img_dir, im.name, {"noisy": im.noisy_HxWxC, "prelim": xbar} | ens)
+  if rc.save_images:
+    save_outputs(rc, img_dir, im.name, {"noisy": im.noisy_HxWxC, "prelim": xbar} | ens)
   if "stop_step" in runs[0]:
     rec["stop_step"] = float(np.mean([r["stop_step"] for r in runs]))
     rec["stopped_at"] = [r["stopped_at"] for r in runs]
@@ -302,10 +319,10 @@ RUN_KEYS = (
 OUTPUT_KINDS = ("final", "ema", "last", "last_ema", "sure")
 
 
-def save_outputs(cfg: RunConfig, img_dir: str, tag: str, images: dict[str, np.ndarray | None]) -> None:
+def save_outputs(rc: Recording, img_dir: str, tag: str, images: dict[str, np.ndarray | None]) -> None:
   for kind, img in images.items():
     if img is not None:
-      outputs.save_image(os.path.join(img_dir, f"{tag}_{kind}.png"), img, cfg.save_float)
+      outputs.save_image(os.path.join(img_dir, f"{tag}_{kind}.png"), img, rc.save_float)
 
 
 def ensemble(runs: list[dict], *keys: str) -> tuple[np.ndarray, ...]:

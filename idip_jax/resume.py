@@ -42,7 +42,7 @@ def input_digests(cfg: RunConfig, images: list[Image]) -> dict[str, str]:
       if a is not None:
         h.update(np.ascontiguousarray(a, np.float32).tobytes())
     if cfg.prelim.name == "file":
-      with open(prelim.file_for(cfg, im.name), "rb") as f:
+      with open(prelim.file_for(cfg.prelim, im.name), "rb") as f:
         h.update(f.read())
     out[im.name] = h.hexdigest()[:16]
   return out

@@ -140,9 +140,9 @@ def load_inputs(cfg: RunConfig) -> list[Image]:
 def check_xbar(cfg: RunConfig, images: list[Image]) -> None:
   """x_bar's maker and --stop=sure's candidates can run on these images (weights, files, sizes)."""
   if cfg.prelim.name != "none":
-    prelim.REGISTRY[cfg.prelim.name].check(cfg, images)
+    prelim.REGISTRY[cfg.prelim.name].check(prelim.spec_of(cfg), images)
   if cfg.fit.stop == "sure":  # NAME_sure.png blends the fit with these
-    prelim.check_candidates(cfg, images)
+    prelim.check_candidates(prelim.spec_of(cfg), images)
 
 
 def run(
@@ -203,12 +203,13 @@ def fit_and_record(
     prelims = [prelim_images[im.name] for im in images]
     prelim_infos = [(prelim_info or {}).get(im.name, {}) for im in images]
   elif cfg.prelim.name != "none" and images:  # a process may get no images under --distributed
-    prelims, prelim_infos = prelim.run_logged(cfg, images)
+    prelims, prelim_infos = prelim.run_logged(prelim.spec_of(cfg), images)
   prelim_sigmas = _prelim_sigmas(cfg, images)
   twins, candidates = None, None
   if cfg.fit.stop == "sure" and images:
     twins, candidates = sure_fit.inputs(cfg, images, prelims)
   plan = buckets.plan(cfg, images, set(records))
+  recording = results.recording_of(cfg)
   if proc == 0 and not cfg.resume:
     outputs.write_json(
       os.path.join(cfg.workdir, "config.json"),
@@ -272,12 +273,12 @@ def fit_and_record(
       for j, (i, k) in enumerate(part):
         row = j * sure_fit.rows_per_run(cfg.fit)  # --stop=sure: the rows after a run's are its twins'.
         rec = results.run_record(
-          cfg, images[i], k, res, row, img_dir, hist_dir, len(part), candidates and candidates[i]
+          recording, images[i], k, res, row, img_dir, hist_dir, len(part), candidates and candidates[i]
         )
         runs_done.setdefault(i, []).append(rec)
         if len(runs_done[i]) == cfg.fit.seeds:
           records[images[i].name] = dict(
-            results.image_record(cfg, images[i], prelims[i], runs_done[i], img_dir),
+            results.image_record(recording, images[i], prelims[i], runs_done[i], img_dir),
             prelim_sigma=prelim_sigmas.get(images[i].name),
             **prelim_infos[i],
           )
@@ -289,7 +290,7 @@ def fit_and_record(
     for spent in glob.glob(os.path.join(glob.escape(ckpt_dir), "call-*.npz")):
       os.remove(spent)
   if n_proc > 1:
-    res_all = results.merge_processes(res_all, all_images, cfg, results_path, t_start)
+    res_all = results.merge_processes(res_all, all_images, os.path.join(cfg.workdir, "results.json"), t_start)
   if proc == 0 and all(im.clean_HxWxC is not None for im in all_images) and res_all["images"]:
     names = [r["name"] + ("_seed0" if cfg.fit.seeds > 1 else "") for r in res_all["images"]]
     outputs.plot_psnr_curves(
@@ -306,7 +307,7 @@ def _prelim_sigmas(cfg: RunConfig, images: list[Image]) -> dict[str, float]:
   recorded); warns when it lies outside what the denoiser was trained on."""
   if cfg.prelim.name in ("none", "file") or not images:
     return {}
-  sigmas = dict(zip([im.name for im in images], prelim.sigmas_for(cfg, images)))
+  sigmas = dict(zip([im.name for im in images], prelim.sigmas_for(prelim.spec_of(cfg), images)))
   if not cfg.sigma:
     logging.info(
       "estimated noise levels (Chen et al. 2015, 0-255): %s", ", ".join(f"{n} {s:.1f}" for n, s in sigmas.items())
@@ -352,7 +353,7 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
   needs_prelim = [c for c in subs if uses(c)]
   prelims, prelim_info = None, None
   if needs_prelim:
-    xbars, infos = prelim.run_logged(needs_prelim[0], images)
+    xbars, infos = prelim.run_logged(prelim.spec_of(needs_prelim[0]), images)
     prelims = dict(zip([im.name for im in images], xbars))
     prelim_info = dict(zip([im.name for im in images], infos))
   if not cfgs[0].resume:

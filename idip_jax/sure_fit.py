@@ -127,11 +127,11 @@ def inputs(cfg, images: list[Image], prelims: list) -> tuple[list, list[dict]]:
       cfg.method,
     )
   eps = cfg.fit.sure_eps * cfg.sigma / 255.0
-  twins = []
+  twins, spec = [], prelim.spec_of(cfg)
   for sign in (1.0, -1.0)[: rows_per_run(cfg.fit) - 1]:
     twin_images = [twin(im, sign * eps) for im in images]
-    twins.append((twin_images, prelim.run(cfg, twin_images)[0] if prelims[0] is not None else [None] * len(images)))
-  names, outs, divs = prelim.candidate_outputs(cfg, images)
+    twins.append((twin_images, prelim.run(spec, twin_images)[0] if prelims[0] is not None else [None] * len(images)))
+  names, outs, divs = prelim.candidate_outputs(spec, images)
   candidates = [
     {"names": names, "outputs": [outs[c][i] for c in names], "divs": [divs[c][i] for c in names]}
     for i in range(len(images))

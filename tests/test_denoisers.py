@@ -55,7 +55,7 @@ def test_published_set12_psnr(name):
   need_path(WEIGHTS)
   for sigma, ref in PUBLISHED[name].items():
     images = data.load_images(os.path.join(DATA, "Set12"), sigma, noise_seed=0)
-    out = prelim.make(config.RunConfig(sigma=sigma, prelim=config.PrelimConfig(name)), images)
+    out = prelim.make(prelim.XbarSpec(config.PrelimConfig(name), sigma), images)
     psnr = np.mean([-10 * np.log10(np.mean((np.clip(o, 0, 1) - im.clean_HxWxC) ** 2)) for o, im in zip(out, images)])
     assert abs(psnr - ref) < 0.10, (name, sigma, psnr, ref)
 

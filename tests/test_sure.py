@@ -99,7 +99,7 @@ def test_sure_blend_prelim_weighs_candidates_per_image(tmp_path, capsys):
   for i, name in enumerate("ab"):
     write_png(str(d / f"{name}.png"), smooth_image(32, 32, 1, seed=10 + i))
   pc = config.PrelimConfig(name="sure_blend", sure_candidates=("bm3d", "noisy"), sure_probes=2)
-  cfg = config.RunConfig(input=str(d), sigma=25, prelim=pc)
+  cfg = prelim.XbarSpec(pc, 25)
   images = data.load_images(str(d), 25)
   xbars, infos = prelim.run(cfg, images)
   for x, info, im in zip(xbars, infos, images):
@@ -130,9 +130,9 @@ def test_x8_prelim_is_the_mean_over_the_eight_transforms():
   need_path(WEIGHTS)
   x = smooth_image(32, 40, 1, seed=4)
   im = data.Image("a", (x + 0.1 * np.random.default_rng(0).standard_normal(x.shape)).astype(np.float32), x)
-  cfg = config.RunConfig(sigma=25, prelim=config.PrelimConfig(name="ffdnet", x8=True))
+  cfg = prelim.XbarSpec(config.PrelimConfig(name="ffdnet", x8=True), 25)
   (got,), _ = prelim.run(cfg, [im])
-  plain = config.RunConfig(sigma=25, prelim=config.PrelimConfig(name="ffdnet"))
+  plain = prelim.XbarSpec(config.PrelimConfig(name="ffdnet"), 25)
   turned = [
     sure.undo_dihedral(
       prelim.run(plain, [data.Image("a", np.ascontiguousarray(sure.dihedral(im.noisy_HxWxC, k)), None)])[0][0], k

@@ -5,12 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
 from conftest import DATA, ROOT, TINY_ARGS, WEIGHTS, import_experiment, need_path, parsed_flags
 
-from idip_jax import config, data, results
+from idip_jax import config, data, prelim, results
 
 SCRIPT = os.path.join(ROOT, "experiments", "tables.py")
 
@@ -30,22 +31,47 @@ def test_table_flagfiles_parse(capsys):
 
 
 def test_every_table_of_the_catalogue_lists_its_jobs():
-  """Issue 33: the catalogue (tables.TABLES, TABLES_PER_SET) gives each table its rows without fitting: distinct
+  """Issue 33: the catalogue (catalogue.TABLES, TABLES_PER_SET) gives each table its rows without fitting: distinct
   labels, methods and x_bar sources the runner knows, K runs per image where asked, and an unknown table refused."""
-  tables = import_experiment("tables")
-  names = list(tables.TABLES) + ["T4_Set12", "SR4_Set5", "IDIPplus_holdout9", "IDIPplus_Set12"]
+  catalogue, jobs = import_experiment("catalogue"), import_experiment("jobs")
+  names = list(catalogue.TABLES) + ["T4_Set12", "SR4_Set5", "IDIPplus_holdout9", "IDIPplus_Set12"]
+  assert set(catalogue.TABLES) | {"T4_classic10", "T4_Set12", "SR4_Set5", "SR4_Set14"} <= set(catalogue.ALL_TABLES)
   for name in names:
-    rows = tables.table_jobs(name, ensemble_runs=3)
+    rows = catalogue.table_jobs(name, ensemble_runs=3)
     labels = [label for label, _ in rows]
     assert rows and len(set(labels)) == len(labels), name
     for label, job in rows:
       assert job.method in (*config.METHODS, "prelim") and job.prelim in config.PRELIMS, (name, label)
-      assert job.report in tables.REPORT or job.report.startswith("blend:"), (name, label)
-  plus = dict(tables.table_jobs("IDIPplus_Set12", ensemble_runs=3))
+      assert job.report in jobs.REPORT or job.report.startswith("blend:"), (name, label)
+  plus = dict(catalogue.table_jobs("IDIPplus_Set12", ensemble_runs=3))
   assert plus["IDIP-x3@25"].seeds == 3 and plus["IDIP-x3@25"].report == "ensemble_last"
-  assert "IDIP-w2@25" not in plus and "IDIP-w2@25" in dict(tables.table_jobs("IDIPplus_holdout9"))  # knobs: holdout9
+  assert "IDIP-w2@25" not in plus and "IDIP-w2@25" in dict(catalogue.table_jobs("IDIPplus_holdout9"))  # knobs: holdout9
   with pytest.raises(ValueError, match="unknown table T5"):
-    tables.table_jobs("T5")
+    catalogue.table_jobs("T5")
+
+
+def test_every_study_of_the_catalogue_lists_its_jobs(tmp_path):
+  """Issue 33: the studies are configurations too (catalogue.STUDIES): each lists jobs the one runner knows, each job
+  with its own folder (noise protocol and overrides in the name); the knob table reads the IDIPplus table's jobs."""
+  catalogue, jobs = import_experiment("catalogue"), import_experiment("jobs")
+  for name, (command, rows) in catalogue.STUDIES.items():
+    listed = rows()
+    assert listed and all(os.path.isfile(os.path.join(ROOT, w.split("=")[-1])) for w in command.split()), command
+    dirs = {jobs.job_dir(job, str(tmp_path), "clip") for _, job in listed}
+    assert len(dirs) == len(listed), name  # distinct jobs, distinct folders
+    for label, job in listed:
+      assert job.method in (*config.METHODS, "prelim") and job.prelim in config.PRELIMS, (name, label)
+      assert set(dict(job.run)) <= {"noise"} and set(dict(job.fit)) <= {f.name for f in fields(config.FitConfig)}
+  faith = dict(catalogue.faithfulness_jobs())
+  assert jobs.image_specs(faith["idip"]) == list(catalogue.FAITHFULNESS_IMAGES)
+  assert faith["uint8"].run == (("noise", "uint8"),) and "_s30_uint8_idip_ffdnet_" in jobs.job_dir(
+    faith["uint8"], "", "clip"
+  )
+  plus = dict(catalogue.table_jobs("IDIPplus_holdout9", 2))
+  watched, knobs = catalogue.knob_jobs("holdout9", 2)[25]
+  assert watched == plus["IDIP-auto@25"] and knobs == {"w2": plus["IDIP-w2@25"]}
+  protocols = [dict(j.run)["noise"] for _, j in catalogue.noise_protocol_jobs()]
+  assert protocols[:3] == list(data.NOISE_PROTOCOLS) == list(catalogue.NOISE_PROTOCOLS)
 
 
 def test_smoke_tables_are_well_formed(tmp_path):
@@ -144,20 +170,22 @@ def test_faithfulness_study_plumbing(tmp_path, capsys):
   # the same x_bar for every variant of one noise protocol
   assert res["variants"]["dip"]["images"]["cameraman"]["xbar"] == cam["xbar"]
   assert "mean - x_bar: final / EMA / peak" in (tmp_path / "study.md").read_text()
-  # An interrupted study's finished fits are read back, not refitted (--reuse_finished).
-  with parsed_flags(args[:-1] + ["--variants=idip", "--reuse_finished", f"--out={tmp_path / 'again'}"]):
+  # The variants are jobs of the one runner (jobs.Runner): a finished one of the same job is read back, not refitted.
+  folders = {p.name.split("_")[3]: p for p in (tmp_path / "runs").iterdir()}
+  assert set(folders) == {"idip", "dip"} and len(list((tmp_path / "runs").iterdir())) == 3
+  with parsed_flags(args[:-1] + ["--variants=idip", f"--out={tmp_path / 'again'}"]):
     study.main([])
   again = json.loads((tmp_path / "again.json").read_text())["variants"]["idip"]["images"]["cameraman"]
   assert again["peak"] == cam["peak"] and again["curve"] == cam["curve"]
-  assert "reusing" in capsys.readouterr().out
-  # ... but only the same job (resume.finished_job): at another sigma the stored fit is not read back, and the
-  # same workdir is refused by --resume's rule (it used to be reused: only the names and steps were checked).
-  with parsed_flags(args[:-1] + ["--variants=idip", "--reuse_finished", "--sigma=15", f"--out={tmp_path / 'no'}"]):
-    with pytest.raises(data.InputError, match="settings differ from the stored run .*: sigma"):
+  assert "reusing finished job" in capsys.readouterr().out
+  # ... but only the same job (resume.finished_job): with another noise seed (same folder) the stored fit is not read
+  # back, and --reuse_finished's resume of the folder is refused by --resume's rule.
+  with parsed_flags(args[:-1] + ["--variants=dip", "--reuse_finished", "--noise_seed=1", f"--out={tmp_path / 'no'}"]):
+    with pytest.raises(data.InputError, match="settings differ from the stored run .*: noise_seed"):
       study.main([])
-  assert "not reusing: " in capsys.readouterr().out and not (tmp_path / "no.json").exists()
-  # An unfinished variant (no results yet) continues in its workdir: the same deterministic fit.
-  os.remove(tmp_path / "runs" / "dip" / "results.json")
+  assert "is another job: noise_seed" in capsys.readouterr().out and not (tmp_path / "no.json").exists()
+  # An unfinished variant (no results yet) continues in its folder with --reuse_finished: the same deterministic fit.
+  os.remove(folders["dip"] / "results.json")
   with parsed_flags(args[:-1] + ["--variants=dip", "--reuse_finished", f"--out={tmp_path / 'resumed'}"]):
     study.main([])
   resumed = json.loads((tmp_path / "resumed.json").read_text())["variants"]["dip"]["images"]["cameraman"]
@@ -255,7 +283,7 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
   oracle, the last four read from one job of K watched runs per image."""
   need_path(os.path.join(DATA, "holdout9"))
   need_path(WEIGHTS)
-  tables, jobs = import_experiment("tables"), import_experiment("jobs")
+  tables, jobs, catalogue = import_experiment("tables"), import_experiment("jobs"), import_experiment("catalogue")
   out = tmp_path / "results"
   args = ["tables.py", "--flagfile=experiments/tables/smoke.flags", "--tables=IDIPplus_holdout9"]
   args += ["--ensemble_runs=2", f"--results_dir={out}", f"--workdir={tmp_path / 'work'}", "--save_float"]
@@ -263,7 +291,7 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
     tables.main([])
   t = json.loads((out / "IDIPplus_holdout9.json").read_text())
   rows = ("x_bar", "IDIP", "IDIP-auto", "IDIP-x2", "IDIP-oracle", "IDIP-best")
-  rows += tuple(f"IDIP-{k}" for k, _ in tables.KNOBS)
+  rows += tuple(f"IDIP-{k}" for k, _ in catalogue.KNOBS)
   want = {f"{m}@{s}" for s in (15, 25, 50) for m in rows}
   assert t["table"] == "IDIPplus_holdout9" and set(t["methods"]) == want and t["sigma"] == [15, 25, 50]
   res = json.loads(
@@ -271,8 +299,8 @@ def test_idipplus_table_rows_share_one_watched_job(tmp_path):
   )
   m = t["methods"]
   watched = tmp_path / "work" / "holdout9_s25_clip_idip_ffdnet_x2_stopwmv_stop_patience100000"
-  assert tables.IDIP_BEST[0] == tables.WATCHED  # IDIP-best is read from the watched job
-  _, a, base = tables.IDIP_BEST[1].split(":")
+  assert catalogue.IDIP_BEST[0] == catalogue.WATCHED  # IDIP-best is read from the watched job
+  _, a, base = catalogue.IDIP_BEST[1].split(":")
   for r in res["images"]:
     n = r["name"]
     # IDIP-best: a fixed mix of the chosen output and x_bar, scored against the clean crop.
@@ -305,11 +333,12 @@ def test_blend_rows_without_float_images_are_refused_before_compute(tmp_path):
 # Not here: faithfulness/{study,full_cam,full_face,full_idip_15c7955} (columns added to the writer later) and
 # cpu_crop64*/ (JSON from before each row recorded its device); tables.py's own rows rebuild from their jobs.
 REBUILT = [
-  ("noise_protocol", "markdown", ["noise_protocol"]),
-  ("prelim_psnr", "markdown", ["prelim_psnr"]),
+  ("report", "noise_protocol_markdown", ["noise_protocol"]),
+  ("report", "prelim_psnr_markdown", ["prelim_psnr"]),
+  ("report", "knobs_markdown", ["idipplus_crop96/knobs_holdout9"]),
   ("compile_time", "write_markdown", ["compile_time"]),
   ("train_budget", "write_markdown", ["training"]),
-  ("faithfulness", "write_markdown", ["faithfulness/full"]),
+  ("report", "faithfulness_markdown", ["faithfulness/full"]),
   ("sure_blend", "markdown", [f"sure/{s}" for s in ("holdout9", "classic10", "Set12")]),
   ("sure_fits", "markdown", [f"sure/fits_{s}_dip" for s in ("holdout9", "classic10", "Set12")]),
   ("sure_fits", "markdown", ["sure/fits_holdout9_idip"]),
@@ -327,9 +356,31 @@ def test_stored_results_rebuild_from_their_json(script, writer, stems, tmp_path)
   for stem in stems:
     base = os.path.join(ROOT, "experiments", "results", stem)
     doc = json.loads(open(base + ".json").read())
-    if writer == "markdown":
+    if writer == "knobs_markdown":
+      got = write(doc["sigmas"], doc)
+    elif writer.endswith("markdown") and writer != "write_markdown":
       got = write(doc)
     else:
       write(doc, str(tmp_path / "out.md"))
       got = (tmp_path / "out.md").read_text()
     assert got == open(base + ".md").read(), stem
+
+
+@pytest.mark.parametrize("study", ["noise_protocol", "prelim_psnr"])
+def test_x_bar_studies_run_at_smoke_scale_through_the_one_runner(tmp_path, study):
+  """Issue 33: noise_protocol.py and prelim_psnr.py are lists of x_bar-only jobs (catalogue.STUDIES) run by
+  jobs.Runner: at smoke scale (32 px crops of 3 images) each row's PSNRs are those of the denoiser called directly."""
+  for d in ("classic10", "Set12", "cbm3d9"):
+    need_path(os.path.join(DATA, d))
+  need_path(WEIGHTS)
+  catalogue, script, report = import_experiment("catalogue"), import_experiment(study), import_experiment("report")
+  with parsed_flags([f"{study}.py", "--smoke", f"--out={tmp_path / study}"]):
+    script.main([])
+  doc = json.loads((tmp_path / f"{study}.json").read_text())
+  rows = catalogue.STUDIES[study][1]()
+  assert len(doc["rows"]) == len(rows)
+  assert (tmp_path / f"{study}.md").read_text() == getattr(report, f"{study}_markdown")(doc)
+  for row, (_, job) in zip(doc["rows"], rows):
+    noise = dict(job.run)["noise"]
+    images = data.load_images(os.path.join(DATA, job.dataset), job.sigma, 0, job.channels, crop=32, noise=noise)[:3]
+    assert row["per_image"] == prelim.psnr_per_image(images, job.sigma, job.prelim), (row, job)
