@@ -163,3 +163,30 @@ def test_sure_blend_experiment_writes_its_table(tmp_path):
   for r in doc["rows"]:
     assert r["psnr_oracle_blend"] >= max(r["psnr"].values()) - 0.01, r
   assert "| 25 |" in (tmp_path / "out" / "toy.md").read_text()
+
+
+def test_local_sure_blend_follows_where_each_candidate_is_better():
+  """experiments/sure_local.py: weights on a grid of nodes (bilinear between them) chosen by SURE, no clean image.
+  Left half flat, right half fine texture: a blur wins on the left, y itself on the right; the local SURE blend
+  finds that (close to its oracle) and beats one weight per candidate, which must compromise."""
+  from conftest import import_experiment
+
+  local = import_experiment("sure_local")
+  rng = np.random.default_rng(0)
+  x = np.full((96, 96, 1), 0.5)
+  x[:, 48:] += 0.3 * rng.standard_normal((96, 48, 1))
+  s = 0.1
+  y = x + s * rng.standard_normal(x.shape)
+  blur = lambda a: ndimage.uniform_filter(a, size=(7, 7, 1), mode="reflect")
+  cands = [y, blur(y)]
+  b = sure.probes_for("toy", y.shape, 1)[0].astype(np.float64)
+  eps = sure.eps_for(s)
+  d = [b * b, b * (blur(y + eps * b) - blur(y)) / eps]  # per-pixel divergence terms, one probe
+  basis = local.tent_basis(96, 96, 16)
+  assert np.allclose(np.asarray(basis.sum(axis=1)).ravel(), 1.0)  # a partition of unity
+  f_nk, d_nk = np.stack([c.ravel() for c in cands], 1), np.stack([v.ravel() for v in d], 1)
+  got = local.psnr(local.local_blend(f_nk, d_nk, y.ravel(), s, basis), x.ravel())
+  oracle = local.psnr(local.local_blend(f_nk, d_nk, y.ravel(), s, basis, x.ravel()), x.ravel())
+  w = sure.blend_weights(y, cands, [float(v.sum()) for v in d], s)
+  global_ = local.psnr(sure.blend(cands, w), x)
+  assert got > global_ + 1.0 and got > oracle - 0.3, (got, oracle, global_)

@@ -340,6 +340,7 @@ REBUILT = [
   ("train_budget", "write_markdown", ["training"]),
   ("report", "faithfulness_markdown", ["faithfulness/full"]),
   ("sure_blend", "markdown", [f"sure/{s}" for s in ("holdout9", "classic10", "Set12")]),
+  ("sure_local", "markdown", ["sure/local_holdout9", "sure/local_holdout9_probes4"]),
   ("sure_fits", "markdown", [f"sure/fits_{s}_dip" for s in ("holdout9", "classic10", "Set12")]),
   ("sure_fits", "markdown", ["sure/fits_holdout9_idip"]),
   ("report", "write_markdown", ["gpu_h100/HOLDOUT", "gpu_h100/T2"]),
