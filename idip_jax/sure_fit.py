@@ -130,12 +130,6 @@ def inputs(cfg, images: list[Image], prelims: list) -> tuple[list, list[dict]]:
   x_bar candidates that NAME_sure.png blends with the fit (per image: names, outputs, divergences
   from the same probe)."""
   t = time.perf_counter()
-  if cfg.fit.input_is_prelim:
-    logging.warning(
-      "--stop=sure with x_bar as the input (%s): SURE's estimate was 3 dB pessimistic on holdout9 (64 px IDIP, "
-      "docs/results.md), so the step it picks and NAME_sure.png are not reliable; it was measured for DIP",
-      cfg.method,
-    )
   eps = cfg.fit.sure_eps * cfg.sigma / 255.0
   twins, spec = [], prelim.spec_of(cfg)
   slopes = twin_xbar_slopes(spec, images, prelims) if prelims[0] is not None else None

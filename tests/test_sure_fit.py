@@ -84,7 +84,7 @@ def test_group_sure_equals_sure_from_separate_fits(image, loop, diff):
   assert res.sure_N["mse"][0] == pytest.approx(10 ** (-res.history["sure_psnr"][best, 0] / 10), rel=1e-4)
 
 
-def test_stop_sure_end_to_end(tmp_path, capsys, caplog):
+def test_stop_sure_end_to_end(tmp_path, capsys):
   """--stop=sure through the CLI for DIP and IDIP: records for the images only (twins never reach a
   file), SURE's step and images per run, and NAME_sure.png, the SURE blend of the output and the
   EMA with the candidates, whose SURE is no worse than any of them (each is a blend)."""
@@ -99,9 +99,6 @@ def test_stop_sure_end_to_end(tmp_path, capsys, caplog):
   code, err = run_cli(args + TINY_ARGS, capsys)
   assert code == 0, err
   assert not [f for _, _, fs in os.walk(wd) for f in fs if sure_fit.TWIN_SUFFIX in f]
-  # IDIP (x_bar as the input) is warned about: SURE was measured 3 dB off there; DIP is not.
-  warned = [r.getMessage() for r in caplog.records if "--stop=sure with x_bar as the input" in r.getMessage()]
-  assert len(warned) == 1 and "(idip)" in warned[0], warned
   for method in ("dip", "idip"):
     res = json.loads((wd / method / "results.json").read_text())
     assert [r["name"] for r in res["images"]] == ["a", "b"]
@@ -165,3 +162,35 @@ def test_sure_fits_experiment_writes_its_table(tmp_path, capsys):
   gap = np.mean([r["psnr_sure_step"] - r["psnr_oracle_step"] for r in doc["rows"]])
   assert doc["mean"]["gap_sure"] == pytest.approx(gap) and "gap_wmv" in doc["mean"]
   assert "| **mean** |" in (tmp_path / "out" / "fits_toy.md").read_text()
+
+
+@pytest.mark.parametrize("diff", ["forward", "central"])
+def test_twin_xbar_is_xbars_linear_response(monkeypatch, image, diff):
+  """IDIP's twin fits y + eps b with x_bar + eps * J b (J: x_bar's Jacobian, from a step of sigma/100), not
+  x_bar(y + eps b): at eps = sigma/2 FFDNet's response is far from linear, which biased IDIP's SURE by 3 dB.
+  Made-up x_bar maker y -> y^2: the twin's x_bar is y^2 + eps 2 y b, not (y + eps b)^2."""
+  from idip_jax import prelim
+
+  clean, y, b = image
+  calls = []
+
+  def square(spec, ims):
+    calls.append([im.name for im in ims])
+    return [np.square(im.noisy_HxWxC) for im in ims], [{} for _ in ims]
+
+  monkeypatch.setattr(prelim, "run", square)
+  monkeypatch.setattr(prelim, "candidate_outputs", lambda spec, ims: ([], {}, {}))
+  cfg = config.RunConfig(
+    sigma=25.0, method="idip", fit=config.FitConfig(stop="sure", sure_diff=diff, input_is_prelim=True)
+  )
+  im = data.Image("im", y, clean)
+  twins, _ = sure_fit.inputs(cfg, [im], [np.square(y)])
+  assert calls == [["im"]]  # one call of the x_bar maker, at y + delta b, under the image's own name
+  eps = cfg.fit.sure_eps * SIGMA
+  for (twin_images, (xbar,)), sign in zip(twins, (1, -1)):
+    np.testing.assert_allclose(twin_images[0].noisy_HxWxC, y + sign * eps * b, atol=1e-6)
+    linear = np.square(y) + sign * eps * 2 * y * b
+    delta = sure.eps_for(SIGMA)  # the slope's step: it adds delta * b^2 to the slope
+    np.testing.assert_allclose(xbar, linear, atol=eps * delta * (np.square(b).max() + 0.1))
+    assert np.abs(xbar - np.square(y + sign * eps * b)).max() > 10 * np.abs(xbar - linear).max()
+  assert len(twins) == (1 if diff == "forward" else 2)
