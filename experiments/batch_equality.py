@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import report  # noqa: E402
 from idip_jax import config, data, fit, metrics, outputs, runner  # noqa: E402
 from idip_jax.train import Batch, run_keys  # noqa: E402
 
@@ -75,34 +76,10 @@ def main(_):
     vm = fit.fit(net_lw, short, batch, keys).history["loss"]
     summary[lw] = {"max_abs": float(np.max(np.abs(d))), "mean": float(np.mean(d))}
     summary[lw]["loss_max_abs_diff"] = float(np.abs(vm - one).max())
-  meta = {
-    **outputs.provenance(),
-    "steps": cfg.steps,
-    "crop": run.crop,
-    "images": len(images),
-  }
-  outputs.write_json(out + ".json", dict(meta, rows=rows, summary=summary))
-  with open(out + ".md", "w") as f:
-    f.write(
-      f"# Batched vs single-image fits\n\n{meta['device']}, commit {meta['commit']}, {meta['date']}. "
-      f"`python experiments/batch_equality.py`: DIP (official net, defaults), holdout9 gray, {run.crop} px "
-      f"crops, sigma 25 clipped, {cfg.steps} steps; the same run keys in every column. PSNR (dB) of the "
-      "output after the last step; vmap rows: one call of all runs with that --batch_conv lowering.\n\n"
-      "| image | one per call | " + " | ".join(f"vmap {lw} (diff)" for lw in F.lowerings) + " |\n"
-      "|---|---|" + "---|" * len(F.lowerings) + "\n"
-    )
-    for r in rows:
-      cells = " | ".join(f"{r[lw]:.3f} ({r[lw] - r['single']:+.3f})" for lw in F.lowerings)
-      f.write(f"| {r['name']} | {r['single']:.3f} | {cells} |\n")
-    f.write(
-      "\n| lowering | per image max abs diff (dB) | mean diff (dB) | losses over "
-      f"{F.map_steps} steps, max abs diff |\n|---|---|---|---|\n"
-    )
-    for lw in F.lowerings:
-      v = summary[lw]
-      f.write(f"| vmap {lw} | {v['max_abs']:.3f} | {v['mean']:+.3f} | {v['loss_max_abs_diff']:.3g} |\n")
-    f.write(f"| lax.map | - | - | {summary['map_loss_max_abs_diff']:.3g} |\n")
-  print(open(out + ".md").read())
+  meta = {**outputs.provenance(), "steps": cfg.steps, "crop": run.crop, "images": len(images)}
+  doc = dict(meta, lowerings=list(F.lowerings), rows=rows, summary=summary)
+  outputs.write_table(os.path.dirname(out) or ".", os.path.basename(out), doc, report.batch_equality_markdown(doc))
+  print(report.batch_equality_markdown(doc))
 
 
 if __name__ == "__main__":

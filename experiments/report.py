@@ -274,3 +274,28 @@ def knobs_markdown(table: dict, meta: dict) -> str:
     d = [table[s][key]["minus_x_bar"] for s in sigmas]
     lines.append(f"| {key} | " + " | ".join(f"{v:+.2f}" for v in d) + f" | {np.mean(d):+.2f} |")
   return "\n".join(lines) + "\n"
+
+
+def batch_equality_markdown(doc: dict) -> str:
+  """experiments/batch_equality.py's table (its JSON before 2026-11-24 has no lowerings: not rebuildable)."""
+  lws = doc["lowerings"]
+  lines = [
+    f"# Batched vs single-image fits\n\n{doc['device']}, commit {doc['commit']}, {doc['date']}. "
+    f"`python experiments/batch_equality.py`: DIP (official net, defaults), holdout9 gray, {doc['crop']} px "
+    f"crops, sigma 25 clipped, {doc['steps']} steps; the same run keys in every column. PSNR (dB) of the "
+    "output after the last step; vmap rows: one call of all runs with that --batch_conv lowering.\n\n"
+    "| image | one per call | " + " | ".join(f"vmap {lw} (diff)" for lw in lws) + " |\n"
+    "|---|---|" + "---|" * len(lws) + "\n"
+  ]
+  for r in doc["rows"]:
+    cells = " | ".join(f"{r[lw]:.3f} ({r[lw] - r['single']:+.3f})" for lw in lws)
+    lines.append(f"| {r['name']} | {r['single']:.3f} | {cells} |\n")
+  lines.append(
+    "\n| lowering | per image max abs diff (dB) | mean diff (dB) | losses over "
+    f"{doc['summary']['map_steps']} steps, max abs diff |\n|---|---|---|---|\n"
+  )
+  for lw in lws:
+    v = doc["summary"][lw]
+    lines.append(f"| vmap {lw} | {v['max_abs']:.3f} | {v['mean']:+.3f} | {v['loss_max_abs_diff']:.3g} |\n")
+  lines.append(f"| lax.map | - | - | {doc['summary']['map_loss_max_abs_diff']:.3g} |\n")
+  return "".join(lines)

@@ -385,3 +385,21 @@ def test_x_bar_studies_run_at_smoke_scale_through_the_one_runner(tmp_path, study
     noise = dict(job.run)["noise"]
     images = data.load_images(os.path.join(DATA, job.dataset), job.sigma, 0, job.channels, crop=32, noise=noise)[:3]
     assert row["per_image"] == prelim.psnr_per_image(images, job.sigma, job.prelim), (row, job)
+
+
+def test_batch_equality_table_from_its_json():
+  """experiments/batch_equality.py writes its table through report.py from the JSON it stores: per image each
+  lowering's PSNR and difference to one run per call, then each lowering's summary and lax.map's exact check."""
+  report = import_experiment("report")
+  doc = {"device": "cpu", "commit": "abc", "date": "d", "crop": 64, "steps": 300, "lowerings": ["loop", "grouped"]}
+  doc["rows"] = [{"name": "a", "single": 28.0, "loop": 28.01, "grouped": 27.9}]
+  doc["summary"] = {
+    "map_steps": 20,
+    "map_loss_max_abs_diff": 0.0,
+    "loop": {"max_abs": 0.01, "mean": 0.01, "loss_max_abs_diff": 1e-6},
+    "grouped": {"max_abs": 0.1, "mean": -0.1, "loss_max_abs_diff": 2e-3},
+  }
+  md = report.batch_equality_markdown(doc)
+  assert "| a | 28.000 | 28.010 (+0.010) | 27.900 (-0.100) |" in md
+  assert "| vmap grouped | 0.100 | -0.100 | 0.002 |" in md and "| lax.map | - | - | 0 |" in md
+  assert "64 px crops" in md and "losses over 20 steps" in md
