@@ -342,7 +342,7 @@ REBUILT = [
   ("sure_blend", "markdown", [f"sure/{s}" for s in ("holdout9", "classic10", "Set12")]),
   ("sure_local", "markdown", ["sure/local_holdout9", "sure/local_holdout9_probes4"]),
   ("sure_fits", "markdown", [f"sure/fits_{s}_dip" for s in ("holdout9", "classic10", "Set12")]),
-  ("sure_fits", "markdown", ["sure/fits_holdout9_idip"]),
+  ("sure_fits", "markdown", [f"sure/fits_{s}_idip" for s in ("holdout9", "classic10", "Set12")]),
   ("report", "write_markdown", ["gpu_h100/HOLDOUT", "gpu_h100/T2"]),
   ("report", "write_markdown", ["tasks_crop64/SR4_Set5", "tasks_crop64/SR4_Set14", "tasks_crop64/inpaint_heide11"]),
   ("report", "write_markdown", [f"idipplus_crop96/IDIPplus_{s}" for s in ("holdout9", "classic10", "Set12")]),
