@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from experiments.jobs import Job
+from idip_jax.data import NOISE_PROTOCOLS
 
 PAPER = {  # means reported by the papers (dB); per-image values are not reproduced here
   "T1": {"DIP": 27.73, "IDIP-1": 27.79},
@@ -191,7 +192,6 @@ NOISE_PROTOCOL_CASES = (
   ),
   ("Set12", 25, "ffdnet", 30.43, "FFDNet paper, Set12 mean", {}),
 )
-NOISE_PROTOCOLS = ("float", "clip", "uint8")  # data.NOISE_PROTOCOLS, in its order
 
 
 def noise_protocol_jobs() -> list[tuple[str, Job]]:
