@@ -119,7 +119,8 @@ def twin_xbar_slopes(spec: prelim.XbarSpec, images: list[Image], prelims: list) 
   """x_bar's derivative along each image's probe, (x_bar(y + delta b) - x_bar(y)) / delta at delta = sigma / 100:
   a twin's x_bar is x_bar + eps * slope, x_bar's linear response. x_bar(y + eps b) itself at the twin's step
   (--sure_eps=0.5, half of sigma) is far from linear: FFDNet's divergence measured 0.205 N there against 0.123 N
-  at sigma / 100 and 0.125 N at sigma / 10 (holdout9, 64 px, sigma 25), which made IDIP's SURE 3 dB pessimistic."""
+  at sigma / 100 and 0.125 N at sigma / 10 (holdout9, 64 px, sigma 25: experiments/results/sure/xbar_linearity.md),
+  which made IDIP's SURE 3 dB pessimistic."""
   delta = sure.eps_for(spec.sigma / 255.0)
   nudged = prelim.run(spec, [dataclasses.replace(im, noisy_HxWxC=twin(im, delta).noisy_HxWxC) for im in images])[0]
   return [(np.asarray(n, np.float32) - p) / delta for n, p in zip(nudged, prelims)]

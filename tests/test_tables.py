@@ -341,6 +341,7 @@ REBUILT = [
   ("report", "faithfulness_markdown", ["faithfulness/full"]),
   ("sure_blend", "markdown", [f"sure/{s}" for s in ("holdout9", "classic10", "Set12")]),
   ("sure_local", "markdown", ["sure/local_holdout9", "sure/local_holdout9_probes4"]),
+  ("xbar_linearity", "markdown", ["sure/xbar_linearity"]),
   ("sure_fits", "markdown", [f"sure/fits_{s}_dip" for s in ("holdout9", "classic10", "Set12")]),
   ("sure_fits", "markdown", [f"sure/fits_{s}_idip" for s in ("holdout9", "classic10", "Set12")]),
   ("report", "write_markdown", ["gpu_h100/HOLDOUT", "gpu_h100/T2"]),
