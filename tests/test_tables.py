@@ -343,7 +343,11 @@ REBUILT = [
   ("train_budget", "write_markdown", ["training"]),
   ("report", "faithfulness_markdown", ["faithfulness/full"]),
   ("sure_blend", "markdown", [f"sure/{s}" for s in ("holdout9", "classic10", "Set12")]),
-  ("sure_local", "markdown", ["sure/local_holdout9", "sure/local_holdout9_probes4"]),
+  (
+    "sure_local",
+    "markdown",
+    ["sure/local_holdout9"] + [f"sure/local_{s}_probes4" for s in ("holdout9", "Set12", "classic10")],
+  ),
   ("xbar_linearity", "markdown", ["sure/xbar_linearity"]),
   ("sure_fits", "markdown", [f"sure/fits_{s}_dip" for s in ("holdout9", "classic10", "Set12")]),
   ("sure_fits", "markdown", [f"sure/fits_{s}_idip" for s in ("holdout9", "classic10", "Set12")]),
