@@ -28,8 +28,7 @@ flags.DEFINE_string("sure_data", "", "folder of the sets (default $IDIP_SHARED/d
 flags.DEFINE_string("sure_results", "", "output folder (default experiments/results/sure)")
 
 
-def psnr(x, clean) -> float:
-  return sure.psnr_of_mse(float(np.mean((np.clip(x, 0, 1) - clean) ** 2)))
+psnr = sure.clipped_psnr
 
 
 def one_set(name: str) -> dict:

@@ -115,13 +115,13 @@ def local_blend(f_NxK, d_NxK, y_N, s: float, basis, clean_N=None) -> np.ndarray:
   return phi @ np.linalg.lstsq(gram, rhs, rcond=None)[0]
 
 
-def psnr(x, clean) -> float:
-  return sure.psnr_of_mse(float(np.mean((np.clip(x, 0, 1) - clean) ** 2)))
+psnr = sure.clipped_psnr
 
 
 def analyse(out: str, sigma: float, probes: int, tiles: list[int]) -> list[dict]:
   base = np.load(os.path.join(out, "base.npz"))
   cached = {c: np.load(os.path.join(out, f"{c}.npz")) for c in CANDIDATES if c != "noisy"}
+  more = {(c, p): np.load(os.path.join(out, f"{c}_probe{p}.npz")) for c in cached for p in range(1, probes)}
   s, eps = sigma / 255.0, sure.eps_for(sigma / 255.0)
   rows = []
   for name in sorted(k[2:] for k in base if k.startswith("y_")):
@@ -133,9 +133,7 @@ def analyse(out: str, sigma: float, probes: int, tiles: list[int]) -> list[dict]
         f[c], d[c] = y, np.mean([b * b for b in bs], axis=0)
         continue
       f[c] = cached[c][f"fy_{name}"].astype(np.float64)
-      fbs = [cached[c][f"fb_{name}"]] + [
-        np.load(os.path.join(out, f"{c}_probe{p}.npz"))[f"fb_{name}"] for p in range(1, probes)
-      ]
+      fbs = [cached[c][f"fb_{name}"]] + [more[c, p][f"fb_{name}"] for p in range(1, probes)]
       d[c] = np.mean([b * (fb - f[c]) / eps for b, fb in zip(bs, fbs)], axis=0)
     row = {"sigma": sigma, "image": name, "psnr": {c: psnr(f[c], x) for c in CANDIDATES}}
     row["sure_error_db"] = {  # SURE's PSNR estimate minus the true PSNR, per candidate

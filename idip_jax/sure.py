@@ -55,6 +55,11 @@ def psnr_of_mse(mse: float) -> float:
   return float(10.0 * np.log10(1.0 / max(mse, 1e-12)))
 
 
+def clipped_psnr(x: np.ndarray, clean: np.ndarray) -> float:
+  """PSNR (peak 1) of x clipped to [0, 1] as a saved image would be, in float64."""
+  return psnr_of_mse(float(np.mean((np.clip(x, 0, 1) - clean) ** 2)))
+
+
 def blend_weights(y: np.ndarray, outputs: list[np.ndarray], divs: list[float], sigma: float) -> np.ndarray:
   """Weights w minimising SURE(sum_k w_k f_k(y)) = |y - F w|^2 / N - sigma^2 + 2 sigma^2 (w . div) / N
   (unconstrained): the normal equations F^T F w = F^T y - sigma^2 div, one small solve."""
