@@ -2,82 +2,79 @@
 
 The same runs (image, seed) fitted one per call and all in one vmapped call with each --batch_conv
 lowering (convs.per_run_conv; grouped = plain vmap): PSNR of each image's output after --steps, and
-the differences. And lax.map over
-the runs in one call against one per call, compared exactly over --map_steps steps (on XLA:CPU a
-lax.map body runs inside a while loop, ~15x slower, so a full-length map run is left to GPUs;
-bitwise-equal losses at every step mean equal fits at any length).
+the differences; and lax.map over the runs in one call against one per call, compared over
+--map_steps steps (on XLA:CPU a lax.map body runs inside a while loop, ~15x slower, so a full-length
+map run is left to GPUs). Each way of running is a job of experiments/catalogue.py
+(batch_equality_jobs), run or reused by the one job runner (jobs.Runner); losses are compared as the
+job histories store them (6 significant digits).
 
-python experiments/batch_equality.py   (2-core CPU: ~25 min; writes experiments/results/batch_equality.{md,json})
+python experiments/batch_equality.py --flagfile=experiments/bench/batch_equality.flags
+(2-core CPU: ~25 min; writes experiments/results/batch_equality.{md,json})
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import report  # noqa: E402
-from idip_jax import config, data, fit, metrics, outputs, runner  # noqa: E402
-from idip_jax.train import Batch, run_keys  # noqa: E402
+from experiments import catalogue, jobs, report  # noqa: E402
+from idip_jax import config, data, outputs  # noqa: E402
 
 F = flags.FLAGS
-config.define_flags(F, config.RunConfig)  # --input (default holdout9), --crop, --steps, ...
+config.define_flags(F, config.RunConfig)  # --crop, --steps, --noise, --workdir, ...
 config.define_flags(F, config.ExperimentConfig)
-flags.DEFINE_integer("map_steps", 20, "steps of the exact lax.map vs one-per-call comparison")
-F.set_default("crop", 64)
-F.set_default("steps", 300)
-F.set_default("chunk", 50)
-F.set_default("max_images", 3)
-F.set_default("noise", "clip")
-F.set_default("sigma", 25.0)
+flags.DEFINE_integer("map_steps", 20, "steps of the lax.map vs one-per-call comparison")
+
+
+def equality_doc(res: dict[str, dict], lowerings: list[str], map_steps: int) -> dict:
+  """The study's rows and summary from its jobs' results (label -> jobs.Runner.run's result)."""
+  psnr = {label: {r["name"]: r["psnr_final"] for r in v["images"]} for label, v in res.items()}
+  loss = lambda label, n: np.stack([h["loss"][:n] for h in res[label]["histories"].values()])
+  n = min(map_steps, res["map"]["steps"])
+  rows = [{"name": name, "single": s, **{lw: psnr[lw][name] for lw in lowerings}} for name, s in psnr["single"].items()]
+  summary = {"map_steps": n, "map_loss_max_abs_diff": float(np.abs(loss("map", n) - loss("single", n)).max())}
+  for lw in lowerings:
+    d = [r[lw] - r["single"] for r in rows]
+    summary[lw] = {
+      "max_abs": float(np.max(np.abs(d))),
+      "mean": float(np.mean(d)),
+      "loss_max_abs_diff": float(np.abs(loss(lw, n) - loss("single", n)).max()),
+    }
+  return {
+    "steps": res["single"]["steps"],
+    "images": len(rows),
+    "lowerings": list(lowerings),
+    "rows": rows,
+    "summary": summary,
+  }
 
 
 def main(_):
-  run = config.from_flags(F, config.RunConfig)
-  run = dataclasses.replace(
-    run,
-    method="dip",
-    image_channels=1,
-    workdir="-",
-    input=run.input or os.path.join(data.shared_dir(), "data", "holdout9"),
+  base = config.from_flags(F, config.RunConfig)
+  lowerings = [lw for lw in F.lowerings if lw not in ("map", "unroll")]
+  ddir = F.data_dir or os.path.join(data.shared_dir(), "data")
+  runs = F.max_images or (3 if F.smoke else len(data.list_inputs(os.path.join(ddir, "holdout9"))))
+  rows = catalogue.batch_equality_jobs(tuple(lowerings), runs, F.map_steps)
+  if F.dry_run:
+    for label, job in rows:
+      print(label, job)
+    return
+  settings = jobs.Settings(
+    base,
+    base.workdir or "runs/batch_equality",
+    data_dir=F.data_dir,
+    smoke=F.smoke,
+    max_images=F.max_images,
+    allow_other_code=F.allow_other_code,
   )
-  images = data.load_images(run.input, run.sigma, run.noise_seed, 1, crop=run.crop, noise=run.noise)[: F.max_images]
-  run = runner.resolve(run, 1)
-  net, cfg = fit.for_backend(run.net, dataclasses.replace(run.fit, batch_strategy="vmap"), jax.default_backend())
+  runner_ = jobs.Runner(settings)
+  res = {label: runner_.run(job) for label, job in rows}
+  doc = {**outputs.provenance(), "crop": res["single"]["cfg"].crop, **equality_doc(res, lowerings, F.map_steps)}
   out = F.out or "experiments/results/batch_equality"
-  keys = [run_keys(cfg.seed, 0) for _ in images]
-  batch = fit.make_batch(
-    net,
-    cfg,
-    keys,
-    np.stack([im.noisy_HxWxC for im in images]),
-    clean_NxHxWxC=np.stack([im.clean_HxWxC for im in images]),
-  )
-  take = lambda i: Batch(*(None if a is None else a[i : i + 1] for a in dataclasses.astuple(batch)))
-  psnr = lambda outs: [float(metrics.psnr(jnp.asarray(o), im.clean_HxWxC)) for o, im in zip(outs, images)]
-  singles = lambda c: [fit.fit(net, c, take(i), keys[i : i + 1]) for i in range(len(images))]
-  single = psnr(np.concatenate([r.final_NxHxWxC for r in singles(cfg)]))
-  rows = [{"name": im.name, "single": s} for im, s in zip(images, single)]
-  short = dataclasses.replace(cfg, steps=F.map_steps, chunk=F.map_steps)
-  one = np.concatenate([r.history["loss"] for r in singles(short)], axis=1)
-  mapped = fit.fit(net, dataclasses.replace(short, batch_strategy="map"), batch, keys).history["loss"]
-  summary = {"map_steps": F.map_steps, "map_loss_max_abs_diff": float(np.abs(mapped - one).max())}
-  for lw in F.lowerings:
-    net_lw = dataclasses.replace(net, batch_conv=lw)
-    for r, v in zip(rows, psnr(fit.fit(net_lw, cfg, batch, keys).final_NxHxWxC)):
-      r[lw] = v
-    d = [r[lw] - r["single"] for r in rows]
-    vm = fit.fit(net_lw, short, batch, keys).history["loss"]
-    summary[lw] = {"max_abs": float(np.max(np.abs(d))), "mean": float(np.mean(d))}
-    summary[lw]["loss_max_abs_diff"] = float(np.abs(vm - one).max())
-  meta = {**outputs.provenance(), "steps": cfg.steps, "crop": run.crop, "images": len(images)}
-  doc = dict(meta, lowerings=list(F.lowerings), rows=rows, summary=summary)
   outputs.write_table(os.path.dirname(out) or ".", os.path.basename(out), doc, report.batch_equality_markdown(doc))
   print(report.batch_equality_markdown(doc))
 

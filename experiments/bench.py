@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import report  # noqa: E402
 from idip_jax import batching, config, fit, outputs  # noqa: E402
 from idip_jax.config import FitConfig, NetConfig  # noqa: E402
 from idip_jax.train import run_keys  # noqa: E402
@@ -194,36 +195,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def write_results(out: str, meta: dict, rows: list[dict]) -> None:
-  rows = with_ratios(rows)
-  outputs.write_json(out + ".json", dict(meta, rows=rows))
-  fmt = lambda v, f: "-" if v is None else f % v
-  lines = [
-    f"# Fit-speed benchmark ({meta['device']})\n\nCommit {meta['commit']}, {meta['date']}, jax "
-    f"{meta['jax']}, torch {meta['torch']}. Official DIP net (2.2M params, gray), one Adam step "
-    "incl. input noise, EMA and backtracking (eval: + the clean-input forward pass and metrics "
-    f"every step); median of {meta['repeats']} x {meta['steps']} steps after warm-up. Lowering: how vmap "
-    "lowers the per-run convolutions of a batch (--batch_conv; grouped = plain vmap, the control), or another "
-    "--batch_strategy. vs batch 1: image-steps/s over one run per call's, same size and precision, same run. "
-    "compile s: the first call's time less its steps at the measured rate. "
-    "% peak: against the dense peak of the precision the convolutions run in "
-    f"({meta['peak_source']}). PyTorch: the reference loop (experiments/torch_reference.py: "
-    "official loop, host PSNR each step, cuDNN benchmark mode, TF32 convolutions as PyTorch's "
-    "default), one image at a time, same device, same run.\n",
-    "| size | lowering | precision | batch | eval | ms/step | image-steps/s | vs batch 1 | TFLOP/s | % peak | "
-    "peak MB | compile s | torch ms/step (1 img) | vs torch |",
-    "|" + "---|" * 14,
-  ]
-  for r in rows:
-    lines.append(
-      f"| {r['size']} | {r.get('lowering', r['strategy'])} | {r['precision']} | {r['batch']} | "
-      f"{'every step' if r['eval_every'] else '-'} | {r['ms_per_step']:.1f} | {r['image_steps_per_s']:.2f} | "
-      f"{fmt(r['ratio_vs_batch1'], '%.2f')} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f} | "
-      f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 1e6, '%.0f')} | "
-      f"{fmt(r.get('compile_s'), '%.1f')} | {fmt(r['torch_ms_per_step'], '%.1f')} | "
-      f"{fmt(r['ratio_vs_torch'], '%.2f')} |"
-    )
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
+  doc = dict(meta, rows=with_ratios(rows))
+  outputs.write_table(os.path.dirname(out) or ".", os.path.basename(out), doc, report.bench_markdown(doc))
 
 
 def run_group(

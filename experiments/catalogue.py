@@ -7,6 +7,7 @@ idipplus_knobs.py) computes from the jobs' results. `python -m experiments.catal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 
@@ -234,11 +235,33 @@ def knob_jobs(dataset: str, k: int) -> dict[int, tuple[Job, dict[str, Job]]]:
   return {s: (rows[f"IDIP-auto@{s}"], {name: knob_job(dataset, s, fit) for name, fit in KNOBS}) for s in KNOB_SIGMAS}
 
 
+BATCH_EQUALITY_LOWERINGS = ("loop", "im2col", "hybrid", "grouped")
+
+
+def batch_equality_jobs(
+  lowerings=BATCH_EQUALITY_LOWERINGS, runs: int = 3, map_steps: int = 20
+) -> list[tuple[str, Job]]:
+  """Issue 13's check: one DIP job (holdout9, sigma 25) run one image per call, in one vmapped call of `runs`
+  images with each --batch_conv lowering, and for `map_steps` steps under lax.map (on XLA:CPU its loop body runs
+  ~15x slower: the losses of a short run compare exactly). The way of running is in each job's overrides (and
+  folder name): the same-settings rule ignores it (resume.HOW)."""
+  dip = functools.partial(Job, "holdout9", 25.0, "dip")
+  rows = [("single", dip(fit=(("batch_strategy", "vmap"),), run=(("batch_size", 1),)))]
+  for lw in lowerings:
+    rows.append((lw, dip(fit=(("batch_strategy", "vmap"),), net=(("batch_conv", lw),), run=(("batch_size", runs),))))
+  rows.append(("map", dip(fit=(("batch_strategy", "map"), ("steps", map_steps)), run=(("batch_size", runs),))))
+  return rows
+
+
 # Study -> its jobs (default settings) and the command that runs it: `python -m experiments.catalogue`.
 STUDIES: dict[str, tuple[str, Callable[[], list[tuple[str, Job]]]]] = {
   "faithfulness": ("experiments/faithfulness.py --flagfile=experiments/faithfulness/study.flags", faithfulness_jobs),
   "noise_protocol": ("experiments/noise_protocol.py", noise_protocol_jobs),
   "prelim_psnr": ("experiments/prelim_psnr.py", prelim_psnr_jobs),
+  "batch_equality": (
+    "experiments/batch_equality.py --flagfile=experiments/bench/batch_equality.flags",
+    batch_equality_jobs,
+  ),
   "knobs_holdout9": (
     "experiments/idipplus_knobs.py --flagfile=experiments/tables/idipplus.flags",
     lambda: [

@@ -24,8 +24,8 @@ class Job:
   seeds: int = 1
   channels: int = 1
   fit: tuple[tuple[str, float | str], ...] = ()  # FitConfig overrides of this row (a variant)
-  net: tuple[tuple[str, float | str], ...] = ()  # NetConfig overrides (the inpainting net)
-  run: tuple[tuple[str, float | str], ...] = ()  # RunConfig overrides (a study's noise protocol)
+  net: tuple[tuple[str, float | str], ...] = ()  # NetConfig overrides (the inpainting net, a --batch_conv)
+  run: tuple[tuple[str, float | str], ...] = ()  # RunConfig overrides (a study's noise protocol, batch size)
   report: str = "final"  # which of the job's numbers the row reports (REPORT); not part of the job
 
 
@@ -81,6 +81,14 @@ def job_dir(job: Job, workdir: str, noise: str) -> str:
   return os.path.join(workdir, name)
 
 
+def ran_as(job: Job) -> dict:
+  """How the job asks to be run, by dotted name: its overrides of settings that the same-settings rule
+  ignores (resume.HOW, resume.RESUME_FREE), which a study comparing ways of running one job names
+  (batch_equality: one run per call, vmap with each lowering, lax.map)."""
+  free = resume.HOW + resume.RESUME_FREE
+  return {p + k: v for p, kv in (("fit.", job.fit), ("net.", job.net), ("", job.run)) for k, v in kv if k in free}
+
+
 def image_specs(job: Job) -> list[str] | None:
   """A study's set/name images, or None for a whole set."""
   return job.dataset.split(",") if "/" in job.dataset else None
@@ -118,11 +126,15 @@ class Runner:
   def __init__(self, settings: Settings, steps: dict[str, int] | None = None):
     self.settings, self.steps, self.done, self.prelims = settings, steps or {}, {}, {}
 
-  def finished(self, cfg: runner.RunConfig, specs: list[str] | None = None) -> dict | None:
+  def finished(self, cfg: runner.RunConfig, specs: list[str] | None = None, how: dict | None = None) -> dict | None:
     """A job folder whose run completed with exactly this job (resume.finished_job) on all its images (the
-    set's, or `specs`) is reused, not rerun."""
+    set's, or `specs`), and in the way `how` asks (ran_as), is reused, not rerun."""
     s = self.settings
     res, why = resume.finished_job(runner.resolve(cfg, cfg.image_channels), s.allow_other_code)
+    if res is not None and how:
+      stored = resume.read_stored(os.path.join(cfg.workdir, "config.json"))
+      if diff := resume.settings_difference(how, stored, lenient=True):
+        res, why = None, f"{cfg.workdir} ran another way: {diff}"
     if res is None:
       if why:
         print(f"rerunning: {why}", flush=True)
@@ -142,7 +154,7 @@ class Runner:
     base, s = self.settings.base, self.settings
     ddir = s.data_dir or os.path.join(data.shared_dir(), "data")
     fit_cfg = dataclasses.replace(
-      base.fit, steps=self.steps.get(job.method, base.fit.steps), seeds=job.seeds, **dict(job.fit)
+      base.fit, **{"steps": self.steps.get(job.method, base.fit.steps), "seeds": job.seeds, **dict(job.fit)}
     )
     cfg = dataclasses.replace(
       base,
@@ -194,7 +206,7 @@ class Runner:
       dataclasses.replace(job, method="idip" if job.method == "prelim" else job.method),
       job_dir(job, self.settings.workdir, self.settings.base.noise),
     )
-    if job.method != "prelim" and (done := self.finished(cfg, image_specs(job))) is not None:
+    if job.method != "prelim" and (done := self.finished(cfg, image_specs(job), ran_as(job))) is not None:
       self.done[job] = done
       return done
     if self.settings.resume_unfinished and job.method != "prelim" and os.path.isfile(f"{cfg.workdir}/config.json"):

@@ -281,7 +281,8 @@ def batch_equality_markdown(doc: dict) -> str:
   lws = doc["lowerings"]
   lines = [
     f"# Batched vs single-image fits\n\n{doc['device']}, commit {doc['commit']}, {doc['date']}. "
-    f"`python experiments/batch_equality.py`: DIP (official net, defaults), holdout9 gray, {doc['crop']} px "
+    "`python experiments/batch_equality.py --flagfile=experiments/bench/batch_equality.flags`: "
+    f"DIP (official net, defaults), holdout9 gray, {doc['crop']} px "
     f"crops, sigma 25 clipped, {doc['steps']} steps; the same run keys in every column. PSNR (dB) of the "
     "output after the last step; vmap rows: one call of all runs with that --batch_conv lowering.\n\n"
     "| image | one per call | " + " | ".join(f"vmap {lw} (diff)" for lw in lws) + " |\n"
@@ -299,3 +300,34 @@ def batch_equality_markdown(doc: dict) -> str:
     lines.append(f"| vmap {lw} | {v['max_abs']:.3f} | {v['mean']:+.3f} | {v['loss_max_abs_diff']:.3g} |\n")
   lines.append(f"| lax.map | - | - | {doc['summary']['map_loss_max_abs_diff']:.3g} |\n")
   return "".join(lines)
+
+
+def bench_markdown(doc: dict) -> str:
+  """experiments/bench.py's table (rows with their ratio to one run per call, bench.with_ratios)."""
+  fmt = lambda v, f: "-" if v is None else f % v
+  lines = [
+    f"# Fit-speed benchmark ({doc['device']})\n\nCommit {doc['commit']}, {doc['date']}, jax "
+    f"{doc['jax']}, torch {doc['torch']}. Official DIP net (2.2M params, gray), one Adam step "
+    "incl. input noise, EMA and backtracking (eval: + the clean-input forward pass and metrics "
+    f"every step); median of {doc['repeats']} x {doc['steps']} steps after warm-up. Lowering: how vmap "
+    "lowers the per-run convolutions of a batch (--batch_conv; grouped = plain vmap, the control), or another "
+    "--batch_strategy. vs batch 1: image-steps/s over one run per call's, same size and precision, same run. "
+    "compile s: the first call's time less its steps at the measured rate. "
+    "% peak: against the dense peak of the precision the convolutions run in "
+    f"({doc['peak_source']}). PyTorch: the reference loop (experiments/torch_reference.py: "
+    "official loop, host PSNR each step, cuDNN benchmark mode, TF32 convolutions as PyTorch's "
+    "default), one image at a time, same device, same run.\n",
+    "| size | lowering | precision | batch | eval | ms/step | image-steps/s | vs batch 1 | TFLOP/s | % peak | "
+    "peak MB | compile s | torch ms/step (1 img) | vs torch |",
+    "|" + "---|" * 14,
+  ]
+  for r in doc["rows"]:
+    lines.append(
+      f"| {r['size']} | {r.get('lowering', r['strategy'])} | {r['precision']} | {r['batch']} | "
+      f"{'every step' if r['eval_every'] else '-'} | {r['ms_per_step']:.1f} | {r['image_steps_per_s']:.2f} | "
+      f"{fmt(r['ratio_vs_batch1'], '%.2f')} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f} | "
+      f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 1e6, '%.0f')} | "
+      f"{fmt(r.get('compile_s'), '%.1f')} | {fmt(r['torch_ms_per_step'], '%.1f')} | "
+      f"{fmt(r['ratio_vs_torch'], '%.2f')} |"
+    )
+  return "\n".join(lines) + "\n"

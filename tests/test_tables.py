@@ -61,7 +61,8 @@ def test_every_study_of_the_catalogue_lists_its_jobs(tmp_path):
     assert len(dirs) == len(listed), name  # distinct jobs, distinct folders
     for label, job in listed:
       assert job.method in (*config.METHODS, "prelim") and job.prelim in config.PRELIMS, (name, label)
-      assert set(dict(job.run)) <= {"noise"} and set(dict(job.fit)) <= {f.name for f in fields(config.FitConfig)}
+      for over, cls in ((job.run, config.RunConfig), (job.fit, config.FitConfig), (job.net, config.NetConfig)):
+        assert set(dict(over)) <= {f.name for f in fields(cls)} - {"net", "fit", "prelim"}, (name, label)
   faith = dict(catalogue.faithfulness_jobs())
   assert jobs.image_specs(faith["idip"]) == list(catalogue.FAITHFULNESS_IMAGES)
   assert faith["uint8"].run == (("noise", "uint8"),) and "_s30_uint8_idip_ffdnet_" in jobs.job_dir(
@@ -352,6 +353,7 @@ REBUILT = [
   ("sure_fits", "markdown", [f"sure/fits_{s}_dip" for s in ("holdout9", "classic10", "Set12")]),
   ("sure_fits", "markdown", [f"sure/fits_{s}_idip" for s in ("holdout9", "classic10", "Set12")]),
   ("report", "write_markdown", ["gpu_h100/HOLDOUT", "gpu_h100/T2"]),
+  ("report", "bench_markdown", ["bench_cpu"]),  # bench_gpu.md predates the lowering and ratio columns
   ("report", "write_markdown", ["tasks_crop64/SR4_Set5", "tasks_crop64/SR4_Set14", "tasks_crop64/inpaint_heide11"]),
   ("report", "write_markdown", [f"idipplus_crop96/IDIPplus_{s}" for s in ("holdout9", "classic10", "Set12")]),
 ]
@@ -411,3 +413,36 @@ def test_batch_equality_table_from_its_json():
   assert "| a | 28.000 | 28.010 (+0.010) | 27.900 (-0.100) |" in md
   assert "| vmap grouped | 0.100 | -0.100 | 0.002 |" in md and "| lax.map | - | - | 0 |" in md
   assert "64 px crops" in md and "losses over 20 steps" in md
+
+
+def test_batch_equality_runs_its_jobs_through_the_one_runner(tmp_path, capsys):
+  """Issue 33: batch_equality.py is a list of jobs (catalogue.batch_equality_jobs) run by jobs.Runner; the way each
+  runs (one per call, a vmap lowering, lax.map) is in its overrides and folder, and a stored job that ran another
+  way is not reused, although the same-settings rule ignores how a job runs."""
+  need_path(os.path.join(DATA, "holdout9"))
+  script, jobs, report = import_experiment("batch_equality"), import_experiment("jobs"), import_experiment("report")
+  argv = ["batch_equality.py", "--flagfile=experiments/bench/batch_equality.flags", "--smoke", "--lowerings=loop"]
+  argv += ["--max_images=2", "--map_steps=3"]
+  with parsed_flags(argv + [f"--workdir={tmp_path}/jobs", f"--out={tmp_path}/be"]):
+    script.main([])
+    base = config.from_flags(script.F, config.RunConfig)
+    runner_ = jobs.Runner(jobs.Settings(base, f"{tmp_path}/jobs", smoke=True, max_images=2))
+  doc = json.loads((tmp_path / "be.json").read_text())
+  assert (tmp_path / "be.md").read_text() == report.batch_equality_markdown(doc)
+  assert [r["name"] for r in doc["rows"]] == ["baboon", "bridge"] and doc["summary"]["map_steps"] == 3
+  rows = dict(script.catalogue.batch_equality_jobs(("loop",), 2, 3))
+  for label, how in (("single", (1, "vmap")), ("loop", (2, "vmap")), ("map", (2, "map"))):
+    stored = json.loads(open(jobs.job_dir(rows[label], f"{tmp_path}/jobs", "clip") + "/config.json").read())
+    assert (stored["batch_size"], stored["fit"]["batch_strategy"]) == how, label
+    res = json.loads(open(jobs.job_dir(rows[label], f"{tmp_path}/jobs", "clip") + "/results.json").read())
+    if label != "map":
+      assert [r[label] for r in doc["rows"]] == [r["psnr_final"] for r in res["images"]]
+  # The vmapped call and the one-per-call fits agree to rounding at 4 steps of a tiny net.
+  assert doc["summary"]["loop"]["max_abs"] < 0.05 and doc["summary"]["loop"]["loss_max_abs_diff"] < 1e-3
+  loop = rows["loop"]
+  cfg = runner_.config(loop, jobs.job_dir(loop, f"{tmp_path}/jobs", "clip"))
+  assert runner_.finished(cfg, None, jobs.ran_as(loop)) is not None
+  other = dict(jobs.ran_as(loop), **{"net.batch_conv": "im2col"})
+  capsys.readouterr()
+  assert runner_.finished(cfg, None, other) is None
+  assert "ran another way: net.batch_conv (stored 'loop', now 'im2col')" in capsys.readouterr().out
