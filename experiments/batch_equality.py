@@ -15,14 +15,12 @@ python experiments/batch_equality.py --flagfile=experiments/bench/batch_equality
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import catalogue, jobs, report  # noqa: E402
-from idip_jax import config, data, outputs  # noqa: E402
+from experiments import catalogue, jobs, report
+from idip_jax import config, data, outputs
 
 F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # --crop, --steps, --noise, --workdir, ...

@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import report  # noqa: E402
-from idip_jax import batching, config, fit, outputs  # noqa: E402
-from idip_jax.config import FitConfig, NetConfig  # noqa: E402
-from idip_jax.train import run_keys  # noqa: E402
+from experiments import report
+from idip_jax import batching, config, fit, outputs
+from idip_jax.config import FitConfig, NetConfig
+from idip_jax.train import run_keys
 
 F = flags.FLAGS
 config.define_flags(F, config.ExperimentConfig)  # --out: results path (default experiments/results/bench_<backend>)

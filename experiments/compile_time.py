@@ -21,7 +21,6 @@ import time
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 F = flags.FLAGS
 flags.DEFINE_list("ct_sizes", ["64", "256"], "square image sides")

@@ -7,16 +7,13 @@ python experiments/cpu_conv_paths.py   (~2 min on the 2-core CI CPU)
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.cpu_probes import median_ms  # noqa: E402
-from idip_jax import fit, train  # noqa: E402
-from idip_jax.config import FitConfig, NetConfig  # noqa: E402
+from experiments.cpu_probes import median_ms
+from idip_jax import fit, train
+from idip_jax.config import FitConfig, NetConfig
 
 ms = functools.partial(median_ms, n=5)  # median of 5 calls after a warm-up, in ms
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
@@ -22,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import convs, fit, train  # noqa: E402
-from idip_jax.config import FitConfig, NetConfig  # noqa: E402
+from idip_jax import convs, fit, train
+from idip_jax.config import FitConfig, NetConfig
 
 F = flags.FLAGS
 flags.DEFINE_enum("probe", "step", ["step", "conv"], "what to time")

@@ -18,7 +18,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def sh(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:

@@ -21,9 +21,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import catalogue, jobs, report  # noqa: E402
-from idip_jax import config, outputs  # noqa: E402
+from experiments import catalogue, jobs, report
+from idip_jax import config, outputs
 
 F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # the default IDIP run: --sigma, --noise, --crop, --steps, ...

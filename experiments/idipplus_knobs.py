@@ -15,9 +15,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import catalogue, jobs, report, tables  # noqa: E402  (tables: its flags --crop, --noise, --workdir, ...)
-from idip_jax import data, outputs, results  # noqa: E402
+from idip_jax import data, outputs, results
 
 F = flags.FLAGS
 flags.DEFINE_string("set", "holdout9", "the IDIPplus table's data set")

@@ -10,14 +10,12 @@ python experiments/noise_protocol.py   (CPU, ~2 min; writes experiments/results/
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import catalogue, jobs, report  # noqa: E402
-from idip_jax import config, outputs  # noqa: E402
+from experiments import catalogue, jobs, report
+from idip_jax import config, outputs
 
 F = flags.FLAGS
 config.define_flags(F, config.ExperimentConfig)

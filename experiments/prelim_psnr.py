@@ -5,14 +5,12 @@ Protocol: AWGN on [0, 1] images, seeded by (noise_seed=0, image name); PSNR on t
 """
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import catalogue, jobs, report  # noqa: E402
-from idip_jax import config, outputs  # noqa: E402
+from experiments import catalogue, jobs, report
+from idip_jax import config, outputs
 
 F = flags.FLAGS
 config.define_flags(F, config.ExperimentConfig)

@@ -10,16 +10,14 @@ import glob
 import json
 import os
 import re
-import sys
 import tempfile
 from collections import defaultdict
 
 import jax
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import fit, train  # noqa: E402
-from idip_jax.config import FitConfig, NetConfig  # noqa: E402
+from idip_jax import fit, train
+from idip_jax.config import FitConfig, NetConfig
 
 F = flags.FLAGS
 flags.DEFINE_integer("profile_size", 128, "square image size")

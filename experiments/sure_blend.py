@@ -10,14 +10,12 @@ Gray images (as the tables' holdout), AWGN without clipping seeded by (0, name),
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, outputs, prelim, sure  # noqa: E402
+from idip_jax import config, data, outputs, prelim, sure
 
 F = flags.FLAGS
 flags.DEFINE_list("sets", ["holdout9"], "image sets under --sure_data (folders of ../shared/data)")

@@ -13,13 +13,11 @@ FFDNet and the oracle blend.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import outputs, results  # noqa: E402
+from idip_jax import outputs, results
 
 F = flags.FLAGS
 flags.DEFINE_string("sf_name", "", "table name: fits_<name>.{json,md}")

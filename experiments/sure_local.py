@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 import numpy as np
 import scipy.sparse as sp
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, outputs, prelim, sure  # noqa: E402
+from idip_jax import config, data, outputs, prelim, sure
 
 F = flags.FLAGS
 flags.DEFINE_list("sl_sets", ["holdout9"], "image sets under $IDIP_SHARED/data")

@@ -17,9 +17,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.catalogue import ALL_TABLES, PAPER, PAPER_PER_IMAGE, table_jobs  # noqa: E402
-from experiments.jobs import (  # noqa: E402
+from experiments.catalogue import ALL_TABLES, PAPER, PAPER_PER_IMAGE, table_jobs
+from experiments.jobs import (
   EMA_OF,
   REPORT,
   Job,
@@ -29,8 +28,8 @@ from experiments.jobs import (  # noqa: E402
   blend_psnrs,
   mean_curve_peak,
 )
-from experiments.report import plot_curves, write_markdown  # noqa: E402
-from idip_jax import config, outputs, runner  # noqa: E402
+from experiments.report import plot_curves, write_markdown
+from idip_jax import config, outputs, runner
 
 F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # every run setting, as in run.py (--crop, --noise, --workdir...)

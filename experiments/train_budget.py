@@ -16,9 +16,8 @@ import time
 import numpy as np
 from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, denoiser_train, metrics, outputs, prelim, runner  # noqa: E402
-from idip_jax.data import InputError  # noqa: E402
+from idip_jax import config, data, denoiser_train, metrics, outputs, prelim, runner
+from idip_jax.data import InputError
 
 FV = flags.FlagValues()
 config.define_flags(FV, config.TrainConfig)  # the training recipe of both runs (--target is set per run)

@@ -12,9 +12,8 @@ import sys
 
 from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import cli, config, denoiser_train  # noqa: E402
-from idip_jax.data import InputError  # noqa: E402
+from idip_jax import cli, config, denoiser_train
+from idip_jax.data import InputError
 
 # Its own flag set: the training settings share names (sigma, steps, lr...) with run.py's.
 FV = flags.FlagValues()

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idip_jax import config, data, outputs, prelim, sure  # noqa: E402
+from idip_jax import config, data, outputs, prelim, sure
 
 F = flags.FLAGS
 flags.DEFINE_string("xl_set", "holdout9", "image set under $IDIP_SHARED/data")

@@ -1,13 +1,11 @@
 import contextlib
 import os
-import sys
 import tempfile
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are dominated by XLA:CPU compilation of many small programs; optimisation level 0
 # halves the suite's time (test_fit.py: 110 s -> 56 s) and changes results only by rounding.
@@ -18,10 +16,10 @@ os.environ.setdefault("IDIP_JAX_CACHE", tempfile.mkdtemp(prefix="idip-jax-cache-
 # --batch_strategy=auto's choices (batching.cache_file) go to a temporary folder, not the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="idip-jax-xdg-")
 
-import dataclasses  # noqa: E402
+import dataclasses
 
-from idip_jax import config, fit  # noqa: E402
-from idip_jax.data import shared_dir  # noqa: E402
+from idip_jax import config, fit
+from idip_jax.data import shared_dir
 
 SHARED = shared_dir()
 DATA = os.path.join(SHARED, "data")

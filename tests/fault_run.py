@@ -11,9 +11,8 @@ import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from idip_jax import checkpoint, outputs  # noqa: E402
+from idip_jax import checkpoint, outputs
 
 
 def kill_after(module, name: str, when=lambda *args: True) -> None:
