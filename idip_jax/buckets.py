@@ -49,8 +49,8 @@ def configs(cfg: RunConfig, bucket: dict) -> tuple:
 def call_batch(
   cfg: RunConfig, images: list[Image], prelims: list, part: list[tuple[int, int]], shape: list[int], twins=None
 ) -> tuple[Batch, list]:
-  """The batch of a call's runs; with twins (--stop=sure: per twin sign, sure_fit.twin of each image
-  and its x_bar) each run's row is followed by its twins' rows: same seed, y + eps b (and y - eps b)."""
+  """The batch of a call's runs; with twins (--stop=sure: sure_fit.inputs' twins of each image and their
+  x_bar) each run's row is followed by its twins' rows: same seed, y + eps b_k (and y - eps b_k)."""
   if twins is not None:
     group = 1 + len(twins)
     rows = [(i, k, g) for i, k in part for g in range(group)]
@@ -58,8 +58,10 @@ def call_batch(
     pres = [prelims[i] if g == 0 else twins[g - 1][1][i] for i, _, g in rows]
     batch, keys = call_batch(cfg, ims, pres, [(r, k) for r, (_, k, _) in enumerate(rows)], shape)
     ph, pw, _ = shape
+    k = cfg.fit.sure_twins
     probe = [
-      data.pad_reflect(sure_fit.probe_for(images[i].name, images[i].noisy_HxWxC.shape), ph, pw) for i, _, _ in rows
+      data.pad_reflect(sure_fit.row_probe(images[i].name, images[i].noisy_HxWxC.shape, g, k), ph, pw)
+      for i, _, g in rows
     ]
     s = np.full((len(rows),), cfg.sigma / 255.0, np.float32)
     eps = np.full_like(s, cfg.fit.sure_eps * cfg.sigma / 255.0)

@@ -169,6 +169,12 @@ class FitConfig:
   sure_eps: float = option(
     0.5, "--stop=sure: the twin's finite-difference step, y + eps b, as a fraction of sigma", lo=1e-6, hi=10.0
   )
+  sure_twins: int = option(
+    1,
+    "--stop=sure: twins per run, each fitted to y + eps b_k with its own probe b_k; the divergence is their mean "
+    "(Monte-Carlo error / sqrt(K); K more rows per run, 2K with central)",
+    lo=1,
+  )
   shard: bool = option(True, "split the runs of a call over all local devices")
   remat: bool = option(False, "recompute each conv block in the backward pass (less memory)")
 

@@ -105,14 +105,14 @@ def _nan_like_eval(n: int, keys: tuple[str, ...]) -> dict:
   return {k: jnp.full((n,), jnp.nan, jnp.float32) for k in keys}
 
 
-def evaluate_runs(evaluate: Callable, group: int, states: FitState, batch: Batch, done: jax.Array) -> tuple:
+def evaluate_runs(evaluate: Callable, cfg: FitConfig, states: FitState, batch: Batch, done: jax.Array) -> tuple:
   """The eval of N runs after `done` steps -> (SureState or None, metrics and output): with
   --stop=sure, SURE of each group of rows (a run and its twins) and the lowest-SURE images kept
   (sure_fit.track)."""
   ev = evaluate(states, batch)
   if states.sure is None:
     return None, ev
-  sure, m = sure_fit.track(states.sure, ev, states.ema, batch, done, group)
+  sure, m = sure_fit.track(states.sure, ev, states.ema, batch, done, cfg)
   return sure, ev | m
 
 
@@ -135,7 +135,7 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
         if names:
 
           def run_eval():
-            sure, ev = evaluate_runs(evaluate, sure_fit.rows_per_run(cfg), s, batch, done + t + 1)
+            sure, ev = evaluate_runs(evaluate, cfg, s, batch, done + t + 1)
             return sure, {k: ev[k] for k in names}
 
           # The predicate is the same for every run (not batched), so this stays a real
@@ -183,9 +183,7 @@ def _host_programs(net_cfg: NetConfig, cfg: FitConfig, n_dev: int) -> tuple[Call
   (2.5 s of XLA:CPU compile at 64 px, docs/performance.md)."""
   model = make_model(net_cfg, cfg)
   step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
-  evaluate = functools.partial(
-    evaluate_runs, jax.vmap(functools.partial(eval_step, model, with_output=True)), sure_fit.rows_per_run(cfg)
-  )
+  evaluate = functools.partial(evaluate_runs, jax.vmap(functools.partial(eval_step, model, with_output=True)), cfg)
   run_spec = PartitionSpec("runs")
   return (
     jax.jit(over_runs(step, n_dev), donate_argnums=0),

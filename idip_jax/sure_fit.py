@@ -1,8 +1,10 @@
 """SURE along a DIP/IDIP fit (issue 34, item 4): the fit is a function of y, so its MC-SURE needs
 the divergence of the whole fit with respect to y. Each run gets a twin fitted to y + eps b (same
 seed, so the same init, code z and per-step noise; for IDIP the x_bar of y + eps b too); at every
-eval step div ~ b . (f_twin - f) / eps. A batch holds each run's rows side by side: G j (the run),
-G j + 1 (its twin), and with --sure_diff=central G j + 2 (y - eps b), G = rows_per_run.
+eval step div ~ b . (f_twin - f) / eps. With --sure_twins=K each twin k has its own probe b_k and div is
+the mean over the K twins. A batch holds each run's rows side by side: G j (the run), G j + 1 .. G j + K
+(its twins, y + eps b_k), and with --sure_diff=central G j + K + 1 .. G j + 2K (y - eps b_k),
+G = rows_per_run.
 
 --stop=sure keeps, per run, the output and the EMA at the eval step of lowest SURE (each its
 own), as ES-WMV keeps its step's; the twin's rows are dropped from every record.
@@ -52,23 +54,31 @@ def init_state(out_shape: tuple[int, ...]) -> SureState:
   return SureState(inf, zero, fzero, img, inf, zero, fzero, img)
 
 
-def probe_for(name: str, shape: tuple[int, ...]) -> np.ndarray:
-  """The image's probe b: the first of prelim.candidate_outputs' probes (seeded by the name), so
-  the fit's divergence and the x_bar candidates' come from the same b."""
-  return sure.probes_for(name, shape, 1)[0]
+def probe_for(name: str, shape: tuple[int, ...], k: int = 0) -> np.ndarray:
+  """The image's k-th probe b_k: prelim.candidate_outputs' probes (seeded by the name), so the fit's
+  divergence and the x_bar candidates' come from the same b_0."""
+  return sure.probes_for(name, shape, k + 1)[k]
 
 
 def rows_per_run(cfg) -> int:
-  """Rows of a batch per run (FitConfig): the run and its twins (y + eps b; central: and y - eps b)."""
+  """Rows of a batch per run (FitConfig): the run and its K twins (y + eps b_k; central: and y - eps b_k)."""
   if cfg.stop != "sure":
     return 1
-  return 2 if cfg.sure_diff == "forward" else 3
+  return 1 + cfg.sure_twins * (1 if cfg.sure_diff == "forward" else 2)
 
 
-def twin(im: Image, eps: float) -> Image:
-  """The image fitted by a twin of the run: y + eps b (eps < 0: the central difference's other)."""
-  b = probe_for(im.name, im.noisy_HxWxC.shape)
-  suffix = TWIN_SUFFIX + ("-" if eps < 0 else "")
+def row_probe(name: str, shape: tuple[int, ...], row: int, twins: int) -> np.ndarray:
+  """The probe of a run's row: twin rows b_k; the run's row the sum of its twins' probes, so that its one dot
+  product b . f serves every twin (track)."""
+  if row:
+    return probe_for(name, shape, (row - 1) % twins)
+  return np.sum([probe_for(name, shape, k) for k in range(twins)], axis=0) if twins > 1 else probe_for(name, shape)
+
+
+def twin(im: Image, eps: float, k: int = 0) -> Image:
+  """The image fitted by a run's twin k: y + eps b_k (eps < 0: the central difference's other)."""
+  b = probe_for(im.name, im.noisy_HxWxC.shape, k)
+  suffix = TWIN_SUFFIX + ("-" if eps < 0 else "") + (str(k) if k else "")
   return dataclasses.replace(im, name=im.name + suffix, noisy_HxWxC=im.noisy_HxWxC + eps * b)
 
 
@@ -83,17 +93,23 @@ def eval_dots(out: jax.Array, ema: jax.Array, noisy: jax.Array, probe: jax.Array
   }
 
 
-def track(state: SureState, ev: dict, ema: jax.Array, batch, done: jax.Array, group: int) -> tuple[SureState, dict]:
-  """After `done` steps, over a batch of groups of `group` rows (rows_per_run): SURE of each run's
-  output (ev["out"]) and EMA from the eval's DOT_KEYS, and the lowest-SURE images kept. Twins get
-  their run's values."""
+def track(state: SureState, ev: dict, ema: jax.Array, batch, done: jax.Array, cfg) -> tuple[SureState, dict]:
+  """After `done` steps, over a batch of groups of rows_per_run(cfg) rows: SURE of each run's output
+  (ev["out"]) and EMA from the eval's DOT_KEYS, and the lowest-SURE images kept. Twins get their run's
+  values."""
+  group, k = rows_per_run(cfg), cfg.sure_twins
   n_vals = (jnp.sum(batch.mask, axis=(1, 2, 3)) * batch.noisy.shape[-1])[::group]
   s2, eps = jnp.square(batch.sure_sigma)[::group], batch.sure_eps[::group]
 
   def estimate(dot, res):
     d = dot.reshape(-1, group)
-    # forward: b . (f(y + eps b) - f(y)) / eps; central: b . (f(y + eps b) - f(y - eps b)) / (2 eps)
-    div = (d[:, 1] - d[:, 0]) / eps if group == 2 else (d[:, 1] - d[:, 2]) / (2.0 * eps)
+    # forward: mean over k of b_k . (f(y + eps b_k) - f(y)) / eps (the run's row dots f(y) with the sum of
+    # the b_k); central: of b_k . (f(y + eps b_k) - f(y - eps b_k)) / (2 eps)
+    plus = d[:, 1 : 1 + k].sum(axis=1)
+    if cfg.sure_diff == "forward":
+      div = (plus - d[:, 0]) / (k * eps)
+    else:
+      div = (plus - d[:, 1 + k :].sum(axis=1)) / (2.0 * k * eps)
     mse = res[::group] / n_vals - s2 + 2.0 * s2 * div / n_vals
     return jnp.repeat(mse, group), jnp.repeat(div, group)
 
@@ -115,29 +131,31 @@ def track(state: SureState, ev: dict, ema: jax.Array, batch, done: jax.Array, gr
   return state, {"sure_psnr": psnr(mse), "sure_psnr_ema": psnr(mse_ema)}
 
 
-def twin_xbar_slopes(spec: prelim.XbarSpec, images: list[Image], prelims: list) -> list[np.ndarray]:
-  """x_bar's derivative along each image's probe, (x_bar(y + delta b) - x_bar(y)) / delta at delta = sigma / 100:
+def twin_xbar_slopes(spec: prelim.XbarSpec, images: list[Image], prelims: list, k: int = 0) -> list[np.ndarray]:
+  """x_bar's derivative along each image's probe b_k, (x_bar(y + delta b) - x_bar(y)) / delta at delta = sigma / 100:
   a twin's x_bar is x_bar + eps * slope, x_bar's linear response. x_bar(y + eps b) itself at the twin's step
   (--sure_eps=0.5, half of sigma) is far from linear: FFDNet's divergence measured 0.205 N there against 0.123 N
   at sigma / 100 and 0.125 N at sigma / 10 (holdout9, 64 px, sigma 25: experiments/results/sure/xbar_linearity.md),
   which made IDIP's SURE 3 dB pessimistic."""
   delta = sure.eps_for(spec.sigma / 255.0)
-  nudged = prelim.run(spec, [dataclasses.replace(im, noisy_HxWxC=twin(im, delta).noisy_HxWxC) for im in images])[0]
+  nudged = prelim.run(spec, [dataclasses.replace(im, noisy_HxWxC=twin(im, delta, k).noisy_HxWxC) for im in images])[0]
   return [(np.asarray(n, np.float32) - p) / delta for n, p in zip(nudged, prelims)]
 
 
 def inputs(cfg, images: list[Image], prelims: list) -> tuple[list, list[dict]]:
-  """--stop=sure: each image's twins (y + eps b; central: and y - eps b) with their x_bar, and the
-  x_bar candidates that NAME_sure.png blends with the fit (per image: names, outputs, divergences
-  from the same probe)."""
+  """--stop=sure: each image's twins (y + eps b_k; central: and y - eps b_k), in row order, with their x_bar,
+  and the x_bar candidates that NAME_sure.png blends with the fit (per image: names, outputs, divergences
+  from the probe b_0)."""
   t = time.perf_counter()
   eps = cfg.fit.sure_eps * cfg.sigma / 255.0
   twins, spec = [], prelim.spec_of(cfg)
-  slopes = twin_xbar_slopes(spec, images, prelims) if prelims[0] is not None else None
-  for sign in (1.0, -1.0)[: rows_per_run(cfg.fit) - 1]:
-    twin_images = [twin(im, sign * eps) for im in images]
-    xbars = [None] * len(images) if slopes is None else [p + sign * eps * d for p, d in zip(prelims, slopes)]
-    twins.append((twin_images, xbars))
+  k_twins = cfg.fit.sure_twins
+  slopes = [twin_xbar_slopes(spec, images, prelims, k) for k in range(k_twins)] if prelims[0] is not None else None
+  for sign in (1.0, -1.0)[: 1 if cfg.fit.sure_diff == "forward" else 2]:
+    for k in range(k_twins):
+      twin_images = [twin(im, sign * eps, k) for im in images]
+      xbars = [None] * len(images) if slopes is None else [p + sign * eps * d for p, d in zip(prelims, slopes[k])]
+      twins.append((twin_images, xbars))
   names, outs, divs = prelim.candidate_outputs(spec, images)
   candidates = [
     {"names": names, "outputs": [outs[c][i] for c in names], "divs": [divs[c][i] for c in names]}

@@ -24,11 +24,13 @@ CFG = fit.for_backend(
 
 
 def pair_batch(cfg, clean, ys, probe, eps):
-  """One run's rows: y and its twins (y + eps b, and for --sure_diff=central y - eps b)."""
+  """One run's rows: y and its twins (y + eps b, and for --sure_diff=central y - eps b); probe: every row's, or a
+  list of the rows' probes."""
   n = len(ys)
   keys = [train.run_keys(cfg.seed, 0)] * n
   batch = fit.make_batch(NET, cfg, keys, np.stack(ys), clean_NxHxWxC=np.stack([clean] * n))
-  extra = dict(probe=jnp.asarray(np.stack([probe] * n)), sure_eps=jnp.full((n,), eps), sure_sigma=jnp.full((n,), SIGMA))
+  probes = np.stack(probe if isinstance(probe, list) else [probe] * n)
+  extra = dict(probe=jnp.asarray(probes), sure_eps=jnp.full((n,), eps), sure_sigma=jnp.full((n,), SIGMA))
   return batch.replace(**extra), keys
 
 
@@ -52,25 +54,31 @@ def test_twin_without_perturbation_fits_the_same_run(image):
   assert res.history["sure_psnr"][-1, 0] == pytest.approx(sure.psnr_of_mse(mse), abs=1e-3)
 
 
-@pytest.mark.parametrize("loop,diff", [("host", "forward"), ("scan", "forward"), ("host", "central")])
-def test_group_sure_equals_sure_from_separate_fits(image, loop, diff):
-  """The in-device arithmetic (sure_fit.track) against sure.sure on the outputs of y, y + eps b
-  (and y - eps b) fitted alone; --stop=sure reports the output at the eval step of highest SURE PSNR."""
-  clean, y, b = image
-  cfg = dataclasses.replace(CFG, loop=loop, sure_diff=diff)
+@pytest.mark.parametrize(
+  "loop,diff,k", [("host", "forward", 1), ("scan", "forward", 1), ("host", "central", 1), ("host", "forward", 2)]
+)
+def test_group_sure_equals_sure_from_separate_fits(image, loop, diff, k):
+  """The in-device arithmetic (sure_fit.track) against sure.sure on the outputs of y, y + eps b_k
+  (and y - eps b_k) fitted alone, the divergence the mean over the K twins (--sure_twins); --stop=sure
+  reports the output at the eval step of highest SURE PSNR."""
+  clean, y, _ = image
+  cfg = dataclasses.replace(CFG, loop=loop, sure_diff=diff, sure_twins=k)
   eps = SIGMA  # --sure_eps=1: the twins are far apart, the divergence large next to rounding
-  ys = [y, y + eps * b] + ([y - eps * b] if diff == "central" else [])
-  batch, keys = pair_batch(cfg, clean, ys, b, eps)
+  b = [sure_fit.probe_for("im", y.shape, j) for j in range(k)]
+  signs = (1, -1) if diff == "central" else (1,)
+  ys = [y] + [y + s * eps * bj for s in signs for bj in b]
+  probes = [sure_fit.row_probe("im", y.shape, g, k) for g in range(len(ys))]
+  assert probes[0] == pytest.approx(sum(b)) and len(ys) == sure_fit.rows_per_run(cfg)
+  batch, keys = pair_batch(cfg, clean, ys, probes, eps)
   res = fit.fit(NET, cfg, batch, keys)
   alone = dataclasses.replace(cfg, stop="fixed")
   f, *twins = (
     fit.fit(NET, alone, fit.make_batch(NET, alone, keys[:1], x[None]), keys[:1]).final_NxHxWxC[0] for x in ys
   )
-  div = (
-    float(np.sum(b * (twins[0] - f))) / eps
-    if diff == "forward"
-    else float(np.sum(b * (twins[0] - twins[1]))) / (2 * eps)
-  )
+  if diff == "forward":
+    div = np.mean([float(np.sum(bj * (t - f))) / eps for bj, t in zip(b, twins)])
+  else:
+    div = float(np.sum(b[0] * (twins[0] - twins[1]))) / (2 * eps)
   expect = sure.sure(y, f, SIGMA, div)
   got = res.history["sure_psnr"][-1]
   assert np.all(got == got[0])  # the twins' rows carry their run's value
