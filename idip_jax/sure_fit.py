@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idip_jax import prelim, sure
+from idip_jax import config, prelim, sure
 from idip_jax.data import Image
 
 TWIN_SUFFIX = "~sure"  # the twin image's name (it never reaches a file or a record)
@@ -149,12 +149,15 @@ def inputs(cfg, images: list[Image], prelims: list) -> tuple[list, list[dict]]:
   t = time.perf_counter()
   eps = cfg.fit.sure_eps * cfg.sigma / 255.0
   twins, spec = [], prelim.spec_of(cfg)
-  k_twins = cfg.fit.sure_twins
-  slopes = [twin_xbar_slopes(spec, images, prelims, k) for k in range(k_twins)] if prelims[0] is not None else None
+  k_twins, m = cfg.fit.sure_twins, config.METHODS[cfg.method]
+  # A fit that reads x_bar (IDIP's input or loss) needs its twins' x_bar; DIP beside a --prelim carries the
+  # run's own, unread, so no x_bar call is spent on it.
+  follows = prelims[0] is not None and (m.prelim_input or m.prelim_loss)
+  slopes = [twin_xbar_slopes(spec, images, prelims, k) for k in range(k_twins)] if follows else None
   for sign in (1.0, -1.0)[: 1 if cfg.fit.sure_diff == "forward" else 2]:
     for k in range(k_twins):
       twin_images = [twin(im, sign * eps, k) for im in images]
-      xbars = [None] * len(images) if slopes is None else [p + sign * eps * d for p, d in zip(prelims, slopes[k])]
+      xbars = list(prelims) if slopes is None else [p + sign * eps * d for p, d in zip(prelims, slopes[k])]
       twins.append((twin_images, xbars))
   names, outs, divs = prelim.candidate_outputs(spec, images)
   candidates = [

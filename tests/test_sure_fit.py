@@ -202,3 +202,28 @@ def test_twin_xbar_is_xbars_linear_response(monkeypatch, image, diff):
     np.testing.assert_allclose(xbar, linear, atol=eps * delta * (np.square(b).max() + 0.1))
     assert np.abs(xbar - np.square(y + sign * eps * b)).max() > 10 * np.abs(xbar - linear).max()
   assert len(twins) == (1 if diff == "forward" else 2)
+
+
+def test_twins_carry_x_bar_only_where_the_fit_reads_it(image, monkeypatch):
+  """--stop=sure with --sure_twins=K: IDIP's twins get x_bar's linear response along their own probe b_k (one
+  slope per twin); DIP beside a --prelim reads no x_bar, so its twins carry the run's own and no x_bar call is
+  spent on them."""
+  clean, y, _ = image
+  im, xbar = data.Image("im", y, clean), np.full_like(y, 0.5)
+  slope = lambda spec, images, prelims, k: [np.full_like(y, k + 1.0)]
+  monkeypatch.setattr(sure_fit, "twin_xbar_slopes", slope)
+  monkeypatch.setattr(sure_fit.prelim, "candidate_outputs", lambda spec, images: ([], {}, {}))
+  for method in ("dip", "idip"):
+    cfg = config.RunConfig(
+      method=method,
+      sigma=25.0,
+      prelim=config.PrelimConfig(name="ffdnet"),
+      fit=config.FitConfig(stop="sure", sure_twins=2),
+    )
+    twins, _ = sure_fit.inputs(cfg, [im], [xbar])
+    assert [t[0][0].name for t in twins] == ["im~sure", "im~sure1"]
+    eps = 0.5 * 25 / 255
+    for k, (ims, xbars) in enumerate(twins):
+      np.testing.assert_allclose(ims[0].noisy_HxWxC, y + eps * sure_fit.probe_for("im", y.shape, k), atol=1e-6)
+      want = xbar + eps * (k + 1.0) if method == "idip" else xbar
+      np.testing.assert_allclose(xbars[0], want, atol=1e-6)
