@@ -71,7 +71,7 @@ def test_group_sure_equals_sure_from_separate_fits(image, loop, diff, k):
   assert probes[0] == pytest.approx(sum(b)) and len(ys) == sure_fit.rows_per_run(cfg)
   batch, keys = pair_batch(cfg, clean, ys, probes, eps)
   res = fit.fit(NET, cfg, batch, keys)
-  alone = dataclasses.replace(cfg, stop="fixed")
+  alone = dataclasses.replace(cfg, stop="fixed", sure_diff="forward", sure_twins=1)  # one program per loop
   f, *twins = (
     fit.fit(NET, alone, fit.make_batch(NET, alone, keys[:1], x[None]), keys[:1]).final_NxHxWxC[0] for x in ys
   )
