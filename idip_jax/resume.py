@@ -55,7 +55,7 @@ def read_stored(path: str) -> dict:
       return json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise InputError(
-      f"--resume: {path} is damaged ({type(e).__name__}: {e}); restore it, or run again into a new --workdir"
+      f"stored run file {path} is damaged ({type(e).__name__}: {e}); restore it, or run again into a new --workdir"
     ) from None
 
 
