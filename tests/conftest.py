@@ -1,5 +1,7 @@
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -12,9 +14,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # run.py enables JAX's persistent compilation cache; each test process (xdist worker) gets its
 # own folder, so workers never share one and no run of the suite reads another's programs.
-os.environ.setdefault("IDIP_JAX_CACHE", tempfile.mkdtemp(prefix="idip-jax-cache-"))
 # --batch_strategy=auto's choices (batching.cache_file) go to a temporary folder, not the user's ~/.cache.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="idip-jax-xdg-")
+# Both are removed when the process exits (~100 MB of compiled programs per worker otherwise stays in /tmp).
+_TEMP = {"XDG_CACHE_HOME": "idip-jax-xdg-"} | (
+  {} if "IDIP_JAX_CACHE" in os.environ else {"IDIP_JAX_CACHE": "idip-jax-cache-"}
+)
+for _var, _prefix in _TEMP.items():
+  os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
+  atexit.register(shutil.rmtree, os.environ[_var], ignore_errors=True)
 
 import dataclasses
 
