@@ -38,6 +38,29 @@ def estimate_error(h: dict, burn_in: int) -> dict:
   return out
 
 
+NOISE_STDS = (0.05, 0.1, 0.2, 0.4)  # dB: white-noise estimate errors tried on each true curve
+
+
+def noise_shortfall(curve: np.ndarray, std: float, draws: int = 200) -> float:
+  """How far below the curve's best eval step the best step of curve + white noise of this std lands, on
+  average (seeded): what an estimate of the PSNR with that much independent error per eval step loses."""
+  noisy = curve[None] + np.random.default_rng(0).normal(0.0, std, (draws, len(curve)))
+  return float(curve.max() - curve[np.argmax(noisy, axis=1)].mean())
+
+
+def estimate_noise(h: dict, burn_in: int) -> dict:
+  """Per curve (output, EMA): the std of SURE's error after burn_in, the shortfall white noise of that std
+  would cause, and the shortfall at each of NOISE_STDS."""
+  out = {}
+  for est, true in (("sure_psnr", "psnr"), ("sure_psnr_ema", "psnr_ema")):
+    ev = ~np.isnan(h[est])
+    std = float(np.std((h[est] - h[true])[ev & (h["step"] > burn_in)]))
+    curve = h[true][ev]
+    out[true] = {"std": std, "shortfall": noise_shortfall(curve, std)}
+    out[true] |= {f"shortfall_{s:g}": noise_shortfall(curve, s) for s in NOISE_STDS}
+  return out
+
+
 def table(sure_run: dict, wmv_run: dict | None, workdir: str, burn_in: int) -> list[dict]:
   wmv = {r["name"]: r for r in (wmv_run or {}).get("images", [])}
   rows = []
@@ -54,6 +77,7 @@ def table(sure_run: dict, wmv_run: dict | None, workdir: str, burn_in: int) -> l
       "psnr_ema_sure_step": r["psnr_ema"],
       "psnr_ema_oracle_step": float(np.nanmax(h["psnr_ema"])),
       "estimate_error": estimate_error(h, burn_in),
+      "estimate_noise": estimate_noise(h, burn_in),
       "psnr_sure_xbar": r.get("psnr_sure_xbar"),
       "psnr_sure_blend": r.get("psnr_sure_blend"),
       "oracle_psnr_sure_blend": r.get("oracle_psnr_sure_blend"),
@@ -116,6 +140,17 @@ def markdown(doc: dict) -> str:
     f"{doc['burn_in']}: output {err['psnr']['mean']:+.2f} dB (mean |error| {err['psnr']['mean_abs']:.2f}), EMA "
     f"{err['psnr_ema']['mean']:+.2f} dB ({err['psnr_ema']['mean_abs']:.2f}).",
   ]
+  if "estimate_noise" in doc:  # tables made before 2026-12-02 19:30 UTC do not have it
+    noise = doc["estimate_noise"]
+    at = lambda k: ", ".join(f"{s:g} dB -> {noise[k][f'shortfall_{s:g}']:.2f}" for s in NOISE_STDS)
+    lines += [
+      "",
+      "How much of SURE's shortfall its estimate's noise explains: the std of SURE's error over those eval steps is "
+      f"{noise['psnr']['std']:.2f} dB for the output and {noise['psnr_ema']['std']:.2f} for the EMA (mean over "
+      "images); white noise of that std added to each true curve would pick steps "
+      f"{noise['psnr']['shortfall']:.2f} / {noise['psnr_ema']['shortfall']:.2f} dB below the oracle step (200 "
+      f"seeded draws). White noise of a given std costs, output: {at('psnr')}; EMA: {at('psnr_ema')}.",
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -155,6 +190,10 @@ def main(argv):
     "mean": summarize(rows),
     "estimate_error": {
       k: {s: float(np.mean([e[k][s] for e in errs])) for s in ("mean", "mean_abs")} for k in ("psnr", "psnr_ema")
+    },
+    "estimate_noise": {
+      k: {s: float(np.mean([r["estimate_noise"][k][s] for r in rows])) for s in rows[0]["estimate_noise"][k]}
+      for k in ("psnr", "psnr_ema")
     },
   }
   out = F.sf_results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sure")

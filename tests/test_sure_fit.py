@@ -8,7 +8,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import NET, TINY_ARGS, smooth_image, write_png
+from conftest import NET, TINY_ARGS, import_experiment, smooth_image, write_png
 from test_cli import run_cli
 
 from idip_jax import config, data, fit, results, sure, sure_fit, train
@@ -227,3 +227,16 @@ def test_twins_carry_x_bar_only_where_the_fit_reads_it(image, monkeypatch):
       np.testing.assert_allclose(ims[0].noisy_HxWxC, y + eps * sure_fit.probe_for("im", y.shape, k), atol=1e-6)
       want = xbar + eps * (k + 1.0) if method == "idip" else xbar
       np.testing.assert_allclose(xbars[0], want, atol=1e-6)
+
+
+def test_noise_shortfall_is_what_white_noise_costs_the_best_step():
+  """experiments/sure_fits.py's estimate-noise analysis: no noise picks the best step; noise far smaller than the
+  curve's peak costs nothing; noise far larger picks steps at random (mean shortfall: peak minus the mean)."""
+  sf = import_experiment("sure_fits")
+  curve = np.zeros(20)
+  curve[7] = 1.0
+  assert sf.noise_shortfall(curve, 0.0) == 0.0 and sf.noise_shortfall(curve, 0.05) == 0.0
+  assert sf.noise_shortfall(curve, 100.0) == pytest.approx(1.0 - 1.0 / 20, abs=0.05)
+  h = {"step": np.arange(1, 21), "psnr": curve, "sure_psnr": curve + 0.1, "psnr_ema": curve, "sure_psnr_ema": curve}
+  noise = sf.estimate_noise(h, burn_in=0)
+  assert noise["psnr"]["std"] == pytest.approx(0.0, abs=1e-9) and noise["psnr"]["shortfall"] == 0.0
