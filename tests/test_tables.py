@@ -350,7 +350,11 @@ REBUILT = [
     ["sure/local_holdout9"] + [f"sure/local_{s}_probes4" for s in ("holdout9", "Set12", "classic10")],
   ),
   ("xbar_linearity", "markdown", ["sure/xbar_linearity"]),
-  ("sure_fits", "markdown", [f"sure/fits_{s}_dip" for s in ("holdout9", "classic10", "Set12")]),
+  (
+    "sure_fits",
+    "markdown",
+    [f"sure/fits_{s}_dip" for s in ("holdout9", "classic10", "Set12")] + ["sure/fits_holdout9_dip_k3"],
+  ),
   ("sure_fits", "markdown", [f"sure/fits_{s}_idip" for s in ("holdout9", "classic10", "Set12")]),
   ("report", "write_markdown", ["gpu_h100/HOLDOUT", "gpu_h100/T2"]),
   ("report", "bench_markdown", ["bench_cpu"]),  # bench_gpu.md predates the lowering and ratio columns
