@@ -99,12 +99,34 @@ def is_out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
+def release_compiled_if_crowded(fraction: float = 0.5) -> bool:
+  """Drops every compiled program once the process holds `fraction` of the kernel's limit on memory mappings.
+  XLA:CPU maps each compiled fusion into memory: a 64 px DIP fit's programs (init, step, eval) hold ~2,400
+  mappings (measured), so a process that compiles many (--batch_strategy=auto's timing, a table's jobs)
+  reaches vm.max_map_count (65,530 by default) and LLVM fails with "Cannot allocate memory" (a cpu_crop64
+  refit did in its 4th job, 2026-12-02). A program needed again recompiles (or loads from the persistent
+  compilation cache); jax.clear_caches() returned those 2,400 mappings, and a refit after it was identical."""
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      cap = int(f.read())
+    with open("/proc/self/maps") as f:
+      held = sum(1 for _ in f)
+  except (OSError, ValueError):  # not Linux: nothing to watch
+    return False
+  if held < fraction * cap:
+    return False
+  logging.info("%d of %d memory mappings held: dropping compiled programs", held, cap)
+  jax.clear_caches()
+  return True
+
+
 def fit_in_calls(runs: list, per_call: int, fit_call: Callable[[list], Any], what: str) -> Iterator[tuple[list, Any]]:
   """(part, fit_call(part)) for consecutive parts of `runs`, per_call at a time; out of device
   memory, the part is retried at half the size (a set that fits one image at a time must not
   fail on memory)."""
   start = 0
   while start < len(runs):
+    release_compiled_if_crowded()
     part = runs[start : start + per_call]
     try:
       res = fit_call(part)
@@ -288,6 +310,7 @@ def choose(
   timer = timer or (lambda c: time_candidate(net_cfg, cfg, c, h, w, with_gt))
   timings, rate = {}, {}
   for c in cands:
+    release_compiled_if_crowded()
     try:
       per_image_step, first = timer(c)
     except Exception as e:

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import NET, smooth_image
 
-from idip_jax import config, data, fit, metrics, train
+from idip_jax import batching, config, data, fit, metrics, train
 
 # XLA:CPU convolutions round differently for batch 3 and batch 1 and Adam at lr=0.01 amplifies
 # that to 1e-3 in 10 steps (measured on a 16-channel net); at lr=3e-3 the fits agree to 1e-6 while
@@ -113,3 +114,19 @@ def test_backtracking_restores_only_the_diverged_run(three):
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
     np.testing.assert_array_equal(np.asarray(a[2]), np.asarray(b[2]))
   assert float(bad_next.good_psnr_y[1]) == float(states.good_psnr_y[1])
+
+
+def test_compiled_programs_are_dropped_before_the_mapping_limit(three):
+  """batching.release_compiled_if_crowded: XLA:CPU maps every compiled fusion into memory, so a long run of many
+  programs reaches vm.max_map_count; past the given fraction of it the programs are dropped (the mappings come
+  back) and a fit after that recompiles and gives the same result."""
+  if not os.path.isfile("/proc/sys/vm/max_map_count"):
+    pytest.skip("needs Linux's /proc to count memory mappings")
+  maps = lambda: sum(1 for _ in open("/proc/self/maps"))
+  cfg = dataclasses.replace(CFG, steps=2, chunk=2)
+  batch, keys = three
+  first = fit.fit(NET, cfg, batch, keys).final_NxHxWxC
+  assert not batching.release_compiled_if_crowded(fraction=2.0)  # far from the limit: kept
+  held = maps()
+  assert batching.release_compiled_if_crowded(fraction=0.0) and maps() < held - 100
+  np.testing.assert_array_equal(fit.fit(NET, cfg, batch, keys).final_NxHxWxC, first)
