@@ -9,7 +9,7 @@ map run is left to GPUs). Each way of running is a job of experiments/catalogue.
 job histories store them (6 significant digits).
 
 python experiments/batch_equality.py --flagfile=experiments/bench/batch_equality.flags
-(2-core CPU: ~25 min; writes experiments/results/batch_equality.{md,json})
+(2-core CPU: 9 min; writes experiments/results/batch_equality.{md,json})
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def knobs_markdown(table: dict, meta: dict) -> str:
 
 
 def batch_equality_markdown(doc: dict) -> str:
-  """experiments/batch_equality.py's table (its JSON before 2026-11-24 has no lowerings: not rebuildable)."""
+  """experiments/batch_equality.py's table (rebuilds byte for byte from its JSON)."""
   lws = doc["lowerings"]
   lines = [
     f"# Batched vs single-image fits\n\n{doc['device']}, commit {doc['commit']}, {doc['date']}. "

@@ -357,7 +357,8 @@ REBUILT = [
   ),
   ("sure_fits", "markdown", [f"sure/fits_{s}_idip" for s in ("holdout9", "classic10", "Set12")]),
   ("report", "write_markdown", ["gpu_h100/HOLDOUT", "gpu_h100/T2"]),
-  ("report", "bench_markdown", ["bench_cpu"]),  # bench_gpu.md predates the lowering and ratio columns
+  ("report", "bench_markdown", ["bench_cpu"]),
+  ("report", "batch_equality_markdown", ["batch_equality"]),  # bench_gpu.md predates the lowering and ratio columns
   ("report", "write_markdown", ["tasks_crop64/SR4_Set5", "tasks_crop64/SR4_Set14", "tasks_crop64/inpaint_heide11"]),
   ("report", "write_markdown", [f"idipplus_crop96/IDIPplus_{s}" for s in ("holdout9", "classic10", "Set12")]),
 ]
