@@ -360,7 +360,7 @@ REBUILT = [
   ("report", "bench_markdown", ["bench_cpu"]),
   ("report", "batch_equality_markdown", ["batch_equality"]),  # bench_gpu.md predates the lowering and ratio columns
   ("report", "write_markdown", ["tasks_crop64/SR4_Set5", "tasks_crop64/SR4_Set14", "tasks_crop64/inpaint_heide11"]),
-  ("report", "write_markdown", ["cpu_crop64/T1", "cpu_crop64/T2", "cpu_crop64/T3"]),
+  ("report", "write_markdown", [f"cpu_crop64/{t}" for t in ("T1", "T2", "T3", "T6", "DIPcolor")]),
   ("report", "write_markdown", [f"idipplus_crop96/IDIPplus_{s}" for s in ("holdout9", "classic10", "Set12")]),
 ]
 
@@ -458,9 +458,15 @@ STORED_JOBS = [
   # (flags, stored job folders, the tables they hold): the GPU commands of docs/results.md, the CPU tasks refit
   (["--flagfile=experiments/tables/holdout.flags", "--crop=256"], "gpu_h100", ["HOLDOUT"]),
   (["--flagfile=experiments/tables/tasks_cpu.flags"], "tasks_crop64", ["inpaint_heide11", "SR4_Set5", "SR4_Set14"]),
-  (["--flagfile=experiments/tables/cpu_crop64.flags"], "cpu_crop64", ["T1", "T2", "T3"]),
+  (["--flagfile=experiments/tables/cpu_crop64.flags"], "cpu_crop64", ["T1", "T2", "T3", "T6", "DIPcolor"]),
 ]
-STORED_SETS = {"HOLDOUT": "holdout9", "inpaint_heide11": "heide11", "SR4_Set5": "Set5", "SR4_Set14": "Set14"}
+STORED_SETS = {
+  "HOLDOUT": "holdout9",
+  "inpaint_heide11": "heide11",
+  "SR4_Set5": "Set5",
+  "SR4_Set14": "Set14",
+  "DIPcolor": "cbm3d9",
+}
 
 
 @pytest.mark.parametrize("flags,folder,names", STORED_JOBS)
