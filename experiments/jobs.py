@@ -130,11 +130,7 @@ class Runner:
     """A job folder whose run completed with exactly this job (resume.finished_job) on all its images (the
     set's, or `specs`), and in the way `how` asks (ran_as), is reused, not rerun."""
     s = self.settings
-    res, why = resume.finished_job(runner.resolve(cfg, cfg.image_channels), s.allow_other_code)
-    if res is not None and how:
-      stored = resume.read_stored(os.path.join(cfg.workdir, "config.json"))
-      if diff := resume.settings_difference(how, stored, lenient=True):
-        res, why = None, f"{cfg.workdir} ran another way: {diff}"
+    res, why = resume.finished_job(runner.resolve(cfg, cfg.image_channels), s.allow_other_code, how)
     if res is None:
       if why:
         print(f"rerunning: {why}", flush=True)

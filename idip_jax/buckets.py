@@ -58,10 +58,10 @@ def call_batch(
     pres = [prelims[i] if g == 0 else twins[g - 1][1][i] for i, _, g in rows]
     batch, keys = call_batch(cfg, ims, pres, [(r, k) for r, (_, k, _) in enumerate(rows)], shape)
     ph, pw, _ = shape
-    k = cfg.fit.sure_twins
     probe = [
-      data.pad_reflect(sure_fit.row_probe(images[i].name, images[i].noisy_HxWxC.shape, g, k), ph, pw)
-      for i, _, g in rows
+      data.pad_reflect(b, ph, pw)
+      for i, _ in part
+      for b in sure_fit.row_probes(images[i].name, images[i].noisy_HxWxC.shape, cfg.fit)
     ]
     s = np.full((len(rows),), cfg.sigma / 255.0, np.float32)
     eps = np.full_like(s, cfg.fit.sure_eps * cfg.sigma / 255.0)

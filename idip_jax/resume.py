@@ -168,17 +168,22 @@ def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), 
   return None
 
 
-def finished_job(resolved: RunConfig, allow_other_code: bool = False) -> tuple[dict | None, str | None]:
+def finished_job(
+  resolved: RunConfig, allow_other_code: bool = False, how: dict | None = None
+) -> tuple[dict | None, str | None]:
   """(results.json of resolved.workdir, why) when that folder holds a finished run of the same job
-  (settings_difference, lenient) made by this code (or any code with allow_other_code); else (None, why
-  not), and (None, None) when the folder holds no run at all (nothing to say)."""
+  (settings_difference, lenient) made by this code (or any code with allow_other_code), run the way `how` asks
+  (jobs.ran_as); else (None, why not), and (None, None) when the folder holds no run at all (nothing to say)."""
   res_path, cfg_path = (os.path.join(resolved.workdir, f) for f in ("results.json", "config.json"))
   if not (os.path.isfile(res_path) and os.path.isfile(cfg_path)):
     return None, None
-  res = read_stored(res_path)
-  diff = settings_difference(job_settings(resolved), read_stored(cfg_path), lenient=True)
+  res, stored = read_stored(res_path), read_stored(cfg_path)
+  diff = settings_difference(job_settings(resolved), stored, lenient=True)
   if diff:
     return None, f"{resolved.workdir} is another job: {diff}"
+  # how: the ways of running a study compares (dotted HOW / RESUME_FREE settings), which job_settings leaves out
+  if how and (diff := settings_difference(how, stored, lenient=True)):
+    return None, f"{resolved.workdir} ran another way: {diff}"
   if res.get("code_hash") != outputs.code_hash():
     if not allow_other_code:
       return None, f"{resolved.workdir} was made by other code ({res.get('commit', '?')})"

@@ -67,12 +67,12 @@ def rows_per_run(cfg) -> int:
   return 1 + cfg.sure_twins * (1 if cfg.sure_diff == "forward" else 2)
 
 
-def row_probe(name: str, shape: tuple[int, ...], row: int, twins: int) -> np.ndarray:
-  """The probe of a run's row: twin rows b_k; the run's row the sum of its twins' probes, so that its one dot
-  product b . f serves every twin (track)."""
-  if row:
-    return probe_for(name, shape, (row - 1) % twins)
-  return np.sum([probe_for(name, shape, k) for k in range(twins)], axis=0) if twins > 1 else probe_for(name, shape)
+def row_probes(name: str, shape: tuple[int, ...], cfg) -> list[np.ndarray]:
+  """The probes of a run's rows_per_run(cfg) rows (FitConfig), drawn once: the run's own is the sum of its
+  twins' b_k, so that its one dot product b . f serves every twin (track); then each twin's b_k (central: the
+  y - eps b_k twins again)."""
+  b = sure.probes_for(name, shape, cfg.sure_twins)
+  return [np.sum(b, axis=0)] + [b[(g - 1) % cfg.sure_twins] for g in range(1, rows_per_run(cfg))]
 
 
 def twin(im: Image, eps: float, k: int = 0) -> Image:

@@ -67,7 +67,7 @@ def test_group_sure_equals_sure_from_separate_fits(image, loop, diff, k):
   b = [sure_fit.probe_for("im", y.shape, j) for j in range(k)]
   signs = (1, -1) if diff == "central" else (1,)
   ys = [y] + [y + s * eps * bj for s in signs for bj in b]
-  probes = [sure_fit.row_probe("im", y.shape, g, k) for g in range(len(ys))]
+  probes = sure_fit.row_probes("im", y.shape, cfg)
   assert probes[0] == pytest.approx(sum(b)) and len(ys) == sure_fit.rows_per_run(cfg)
   batch, keys = pair_batch(cfg, clean, ys, probes, eps)
   res = fit.fit(NET, cfg, batch, keys)
