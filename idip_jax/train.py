@@ -15,7 +15,7 @@ import optax
 
 from idip_jax import metrics, tasks
 from idip_jax.config import FitConfig, NetConfig
-from idip_jax.models import SkipUNet, min_side
+from idip_jax.models import SkipUNet, init_skip_unet
 from idip_jax.sure_fit import SureState, eval_dots, init_state
 
 # config.PRECISIONS -> (compute dtype, lax precision of the convolutions). "tf32" is JAX's
@@ -103,10 +103,9 @@ def create_fit_state(
   model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig, key: jax.Array, height: int, width: int
 ) -> FitState:
   # Parameter shapes do not depend on the image size, and Flax draws them from the
-  # key and module path only, so initialising at the smallest valid size gives the
-  # same parameters as at full size and one compiled init serves every bucket.
-  side = min_side(model.cfg)
-  params = model.init(key, jnp.zeros((1, side, side, model.cfg.in_channels), jnp.float32))["params"]
+  # key and module path only, so one compiled init (at the smallest valid size, in
+  # models._init_plan) gives the full-size parameters and serves every bucket.
+  params = init_skip_unet(model, key)
   opt_state = tx.init(params)
   ema = jnp.zeros((height, width, model.cfg.out_channels), jnp.float32)
   stop = None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from idip_jax.config import TINY_NET, NetConfig
-from idip_jax.models import SkipUNet, count_params, init_params
+from idip_jax.models import SkipUNet, count_params, init_params, init_skip_unet, min_side
 
 
 @pytest.mark.parametrize(
@@ -64,3 +64,24 @@ def test_batchnorm_sees_each_image_alone():
   x2 = x.at[1].set(x[1] * 10)
   batched2 = jax.vmap(lambda xi: model.apply({"params": params}, xi[None])[0])(x2)
   np.testing.assert_allclose(np.asarray(batched2[0]), np.asarray(single[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "cfg",
+  [
+    dataclasses.replace(TINY_NET, in_channels=3, out_channels=1),
+    dataclasses.replace(TINY_NET, in_channels=1, out_channels=3, complex_connection=True, scales=3, width=12),
+  ],
+)
+def test_batched_init_equals_flax_init_bit_for_bit(cfg):
+  # The fits draw their parameters with init_skip_unet (one compiled program for all draws);
+  # every number ever fitted assumes Flax's own init, for every run key.
+  keys = jnp.stack([jax.random.key(0), jax.random.key(7)])
+  x = jnp.zeros((1, min_side(cfg), min_side(cfg), cfg.in_channels))
+  flax_init = jax.jit(jax.vmap(lambda k: SkipUNet(cfg).init(k, x)["params"]))(keys)
+  for remat in (False, True):  # --remat is a way to run: it must not change the parameters
+    batched = jax.jit(jax.vmap(lambda k, r=remat: init_skip_unet(SkipUNet(cfg, remat=r), k)))(keys)
+    assert jax.tree_util.tree_structure(batched) == jax.tree_util.tree_structure(flax_init)
+    for a, b in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(flax_init)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(*np.asarray(jax.tree_util.tree_leaves(batched)[0]))  # two keys, two inits
