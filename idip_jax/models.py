@@ -226,9 +226,10 @@ def _init_plan(model: SkipUNet) -> tuple[tuple[tuple[str, ...], tuple[int, ...],
 def init_skip_unet(model: SkipUNet, key: jax.Array) -> dict:
   """model.init(key, x)["params"] bit for bit (tested), with the draws batched: one fold_in for
   all ~70 keys and one uniform per distinct shape. Flax draws each parameter on its own, and XLA:CPU
-  compiles each draw's Threefry loop as its own kernels: 3.1 s of a 64 px DIP fit's compile (4.4
-  IDIP) against 1.4 (2.1) batched. Under remat the parameters are those without it (Flax's lifted
-  checkpoint would fold other keys in, so --remat, a way to run, changed the init)."""
+  compiles each draw's Threefry loop as its own kernels: the init program of a 64 px fit compiled in
+  1.65 s (DIP) and 2.43 s (IDIP), batched in 0.72 and 0.97 s (docs/performance.md). Under remat the
+  parameters are those without it (Flax's lifted checkpoint would fold other keys in, so --remat, a
+  way to run, changed the init)."""
   plan = _init_plan(model)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray([d for _, _, d, _ in plan], jnp.uint32))
   by_shape: dict[tuple[int, ...], list[int]] = {}

@@ -48,6 +48,24 @@ def test_sharded_fit_equals_unsharded():
   assert diffs[0] < 1e-6 and diffs[1] < 3e-3 and diffs[2] < 1e-2, diffs
 
 
+def test_host_loop_compiles_its_step_and_eval_once(monkeypatch):
+  # fit.compile_host_programs compiles the step and the eval side by side before the first chunk;
+  # the loop's calls must then find both in jax's cache, not compile them again.
+  compiled = []
+  jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: (
+      compiled.append(kw.get("fun_name", "")) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+  )
+  warmed, warm = [], fit.compile_host_programs
+  monkeypatch.setattr(fit, "compile_host_programs", lambda *a: warmed.append(a) or warm(*a))
+  batch, keys = make_batch([smooth_image(32, 32, 1, seed=s) for s in range(2)])
+  cfg = dataclasses.replace(CFG, steps=10, chunk=5, eval_every=5, loop="host", seed=31)
+  res = fit.fit(NET, cfg, batch, keys)
+  assert len(warmed) == 1 and np.isfinite(res.history["psnr"][4]).all()
+  assert sum("train_step" in n for n in compiled) == 1 and sum("evaluate_runs" in n for n in compiled) == 1, compiled
+
+
 def test_no_recompilation_between_chunks():
   traced = []
   jax.monitoring.register_event_duration_secs_listener(
