@@ -60,12 +60,9 @@ def for_backend(net_cfg: NetConfig, cfg: FitConfig, backend: str) -> tuple[NetCo
 
 
 def _check_resolved(net_cfg: NetConfig, cfg: FitConfig) -> None:
-  if "auto" in (cfg.loop, cfg.batch_strategy, net_cfg.conv, net_cfg.batch_conv) or cfg.steps < 1:
-    raise ValueError(
-      "resolve the configs with fit.for_backend and set steps >= 1 (got loop="
-      f"{cfg.loop}, batch_strategy={cfg.batch_strategy}, conv={net_cfg.conv}, batch_conv={net_cfg.batch_conv}, "
-      f"steps={cfg.steps})"
-    )
+  got = dict(loop=cfg.loop, batch_strategy=cfg.batch_strategy, conv=net_cfg.conv, batch_conv=net_cfg.batch_conv)
+  if "auto" in got.values() or cfg.steps < 1:
+    raise ValueError(f"resolve the configs with fit.for_backend and set steps >= 1 (got {got}, steps={cfg.steps})")
 
 
 def over_batch(f: Callable, strategy: str) -> Callable:
@@ -193,9 +190,8 @@ def _host_programs(net_cfg: NetConfig, cfg: FitConfig, n_dev: int) -> tuple[Call
 
 
 def compile_host_programs(net_cfg: NetConfig, cfg: FitConfig, n_dev: int, states, batch: Batch, noise_keys) -> None:
-  """Compiles the host loop's step (in a second thread) while this one compiles its eval, before the
-  first chunk needs them: XLA's backend compile releases the GIL, and on a cold start the two
-  overlap. The calls then find the programs in jax's in-memory cache (tested: each compiled once)."""
+  """Compiles the host loop's step in a second thread while this one compiles its eval (XLA's compile
+  releases the GIL); the loop's calls find both in jax's in-memory cache (tested: each compiled once)."""
   jit_step, jit_eval = _host_programs(net_cfg, cfg, n_dev)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     step = pool.submit(lambda: jit_step.lower(states, batch, noise_keys).compile())
@@ -315,6 +311,12 @@ def progress_fields(m: dict, n_runs: int, unit: int) -> tuple[str, bool]:
   return msg + f"  stopped {int(np.sum(stopped))}/{n_runs}", bool(np.all(stopped))
 
 
+# FitResult.sure_N's entries: the SureState fields they come from
+SURE_RESULTS = types.MappingProxyType(
+  {"step_ema": "best_ema_step", "div": "best_div", "div_ema": "best_ema_div", "mse": "best", "mse_ema": "best_ema"}
+)
+
+
 def fit(
   net_cfg: NetConfig,
   cfg: FitConfig,
@@ -389,14 +391,7 @@ def fit(
     final_NxHxWxC=host(final),
     ema_NxHxWxC=host(ema),
     stop_step_N=host(stop_step),
-    sure_N=None
-    if sure is None
-    else {
-      k: host(v)
-      for k, v in dict(
-        step_ema=sure.best_ema_step, div=sure.best_div, div_ema=sure.best_ema_div, mse=sure.best, mse_ema=sure.best_ema
-      ).items()
-    },
+    sure_N=None if sure is None else {k: host(getattr(sure, f)) for k, f in SURE_RESULTS.items()},
     last_NxHxWxC=last if watched else None,
     last_ema_NxHxWxC=host(states.ema) if watched else None,
     history={k: np.concatenate(v, axis=0) for k, v in history.items()},

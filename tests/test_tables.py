@@ -460,6 +460,7 @@ STORED_JOBS = [
   (["--flagfile=experiments/tables/tasks_cpu.flags"], "tasks_crop64", ["inpaint_heide11", "SR4_Set5", "SR4_Set14"]),
   (["--flagfile=experiments/tables/cpu_crop64.flags"], "cpu_crop64", ["T1", "T2", "T3", "T6", "DIPcolor"]),
   (["--flagfile=experiments/tables/cpu_crop64.flags", "--max_images=3"], "cpu_crop64", ["T4_classic10", "T4_Set12"]),
+  (["--flagfile=experiments/tables/idipplus.flags"], "idipplus_crop96", ["IDIPplus_holdout9"]),
 ]
 STORED_SETS = {
   "HOLDOUT": "holdout9",
@@ -468,6 +469,7 @@ STORED_SETS = {
   "SR4_Set14": "Set14",
   "DIPcolor": "cbm3d9",
   "T4_Set12": "Set12",
+  "IDIPplus_holdout9": "holdout9",
 }
 
 
@@ -490,10 +492,10 @@ def test_stored_jobs_rebuild_their_tables(tmp_path, monkeypatch, flags, folder, 
     got, want = (json.loads(open(os.path.join(d, name + ".json")).read()) for d in (tmp_path, stored))
     for label, job in catalogue.table_jobs(name):
       if job.method == "prelim":  # an x_bar alone is computed again: its row records the code that did, and
-        # the bm3d library's PSNRs move by ~1e-6 dB run to run (FFDNet's and DnCNN's are bit-reproducible)
+        # the bm3d library's PSNRs move run to run (up to 1.2e-4 dB seen; FFDNet's and DnCNN's are bit-reproducible)
         rows = [{k: v for k, v in t["methods"][label].items() if k not in ("commit", "code_hash")} for t in (got, want)]
         for k in ("mean_psnr", "per_image"):
-          assert rows[0].pop(k) == pytest.approx(rows[1].pop(k), abs=1e-4), (name, label, k)
+          assert rows[0].pop(k) == pytest.approx(rows[1].pop(k), abs=1e-3), (name, label, k)
         got["methods"][label], want["methods"][label] = rows
     same = [k for k in want if k not in ("commit", "date")]  # newer code may add fields (paper_per_image)
     assert {k: got.get(k) for k in same} == {k: want[k] for k in same}, name
