@@ -202,15 +202,15 @@ def _flax_fold_data(suffix: tuple[str | int, ...]) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _init_plan(model: SkipUNet) -> tuple[tuple[tuple[str, ...], tuple[int, ...], int, float], ...]:
+def _init_plan(cfg: NetConfig) -> tuple[tuple[tuple[str, ...], tuple[int, ...], int, float], ...]:
   """(path, shape, fold data, bound) of every parameter, in Flax's creation order; bound 0
   marks ImageNorm's scale (ones) and bias (zeros), else U(+-bound) (torch_conv_init)."""
   order = []
 
-  def shapes(key):
-    params = model.clone(remat=False).init(key, jnp.zeros((1, *(2 * [min_side(model.cfg)]), model.cfg.in_channels)))
-    order.extend(flax.traverse_util.flatten_dict(params["params"]))  # a dict in creation order
-    return params["params"]
+  def shapes(key):  # without remat, whose lifted checkpoint would fold other keys in
+    params = init_params(cfg, key, min_side(cfg), min_side(cfg))
+    order.extend(flax.traverse_util.flatten_dict(params))  # a dict in creation order
+    return params
 
   flat = flax.traverse_util.flatten_dict(jax.eval_shape(shapes, jax.random.key(0)))
   plan, counters = [], {}
@@ -230,7 +230,7 @@ def init_skip_unet(model: SkipUNet, key: jax.Array) -> dict:
   1.65 s (DIP) and 2.43 s (IDIP), batched in 0.72 and 0.97 s (docs/performance.md). Under remat the
   parameters are those without it (Flax's lifted checkpoint would fold other keys in, so --remat, a
   way to run, changed the init)."""
-  plan = _init_plan(model)
+  plan = _init_plan(model.cfg)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray([d for _, _, d, _ in plan], jnp.uint32))
   by_shape: dict[tuple[int, ...], list[int]] = {}
   for i, (_, shape, _, bound) in enumerate(plan):
