@@ -88,7 +88,11 @@ def markdown(doc: dict) -> str:
 def main(argv):
   results = F.sure_results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sure")
   for name in F.sets:
-    doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/sure_blend.py"] + argv[1:]))
+    # absl consumes the flags, so the command is rebuilt from them: one set per file, the flags that made it.
+    args = [f"--sets={name}", f"--sigmas={','.join(F.sigmas)}", f"--sure_blend_probes={F.sure_blend_probes}"]
+    if F.sure_blend_candidates != list(config.PrelimConfig().sure_candidates):
+      args.append(f"--sure_blend_candidates={','.join(F.sure_blend_candidates)}")
+    doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/sure_blend.py", *args]))
     doc |= one_set(name)
     outputs.write_table(results, name, doc, markdown(doc))
     print(markdown(doc))

@@ -160,6 +160,9 @@ def test_sure_blend_experiment_writes_its_table(tmp_path):
     exp.main(args)
   doc = json.loads((tmp_path / "out" / "toy.json").read_text())
   assert doc["candidates"] == ["bm3d", "noisy"] and len(doc["rows"]) == 2 and doc["commit"]
+  # the command reproduces this file (absl consumed the flags; the set and the non-default candidates are in it)
+  want = "python experiments/sure_blend.py --sets=toy --sigmas=25 --sure_blend_probes=1"
+  assert doc["command"] == want + " --sure_blend_candidates=bm3d,noisy"
   for r in doc["rows"]:
     assert r["psnr_oracle_blend"] >= max(r["psnr"].values()) - 0.01, r
   assert "| 25 |" in (tmp_path / "out" / "toy.md").read_text()
