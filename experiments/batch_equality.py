@@ -58,9 +58,7 @@ def main(_):
   runs = F.max_images or (3 if F.smoke else len(data.list_inputs(os.path.join(ddir, "holdout9"))))
   rows = catalogue.batch_equality_jobs(tuple(lowerings), runs, F.map_steps)
   if F.dry_run:
-    for label, job in rows:
-      print(label, job)
-    return
+    return jobs.print_jobs(rows)
   settings = jobs.Settings(
     base,
     base.workdir or "runs/batch_equality",

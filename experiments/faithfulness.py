@@ -49,9 +49,7 @@ def main(argv):
   base = dataclasses.replace(config.from_flags(F, config.RunConfig), image_channels=1, save_images=False)
   rows = catalogue.faithfulness_jobs(tuple(F.images), base.sigma, base.prelim.name, F.variants)
   if F.dry_run:
-    for name, job in rows:
-      print(name, job)
-    return
+    return jobs.print_jobs(rows)
   settings = jobs.Settings(
     base=base,
     workdir=base.workdir or "runs/faithfulness",

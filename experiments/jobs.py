@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -223,6 +224,20 @@ class Runner:
     res = with_histories(runner.run(cfg, images=images, prelim_images=self.prelims.get(key)), cfg)
     self.done[job] = res
     return res
+
+
+def print_jobs(rows: list[tuple[str, Job]]) -> None:
+  """A study's --dry_run: each row's label and job."""
+  for label, job in rows:
+    print(label, job)
+
+
+def xbar_psnrs(rows: list[tuple[str, Job]], data_dir: str, smoke: bool) -> Iterator[tuple[Job, dict[str, float]]]:
+  """The x_bar-only jobs of a study through the one runner, one at a time (the caller prints as they come):
+  each job and its x_bar's PSNR per image."""
+  runner_ = Runner(Settings(config.RunConfig(), "-", data_dir=data_dir, smoke=smoke))
+  for _, job in rows:
+    yield job, {r["name"]: r["psnr_prelim"] for r in runner_.run(job)["images"]}
 
 
 def at_step(res: dict, n: int) -> dict:

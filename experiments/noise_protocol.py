@@ -24,16 +24,12 @@ config.define_flags(F, config.ExperimentConfig)
 def main(_):
   rows = catalogue.noise_protocol_jobs()
   if F.dry_run:
-    for label, job in rows:
-      print(label, job)
-    return
+    return jobs.print_jobs(rows)
   out = F.out or "experiments/results/noise_protocol"
-  runner_ = jobs.Runner(jobs.Settings(config.RunConfig(), "-", data_dir=F.data_dir, smoke=F.smoke))
   cases = {(ds, sigma, den): rest for ds, sigma, den, *rest in catalogue.NOISE_PROTOCOL_CASES}
   doc_rows = []
-  for _, job in rows:
+  for job, per in jobs.xbar_psnrs(rows, F.data_dir, F.smoke):
     paper, source, paper_per = cases[(job.dataset, job.sigma, job.prelim)]
-    per = {r["name"]: r["psnr_prelim"] for r in runner_.run(job)["images"]}
     doc_rows.append(
       {
         "set": job.dataset,

@@ -19,15 +19,11 @@ config.define_flags(F, config.ExperimentConfig)
 def main(_):
   rows = catalogue.prelim_psnr_jobs()
   if F.dry_run:
-    for label, job in rows:
-      print(label, job)
-    return
+    return jobs.print_jobs(rows)
   out = F.out or "experiments/results/prelim_psnr"
-  runner_ = jobs.Runner(jobs.Settings(config.RunConfig(), "-", data_dir=F.data_dir, smoke=F.smoke))
   published = {(ds, den, sigma): ref for ds, _, den, sigma, ref in catalogue.PRELIM_PSNR_RUNS}
   doc_rows = []
-  for _, job in rows:
-    per = {r["name"]: r["psnr_prelim"] for r in runner_.run(job)["images"]}
+  for job, per in jobs.xbar_psnrs(rows, F.data_dir, F.smoke):
     ref = published[(job.dataset, job.prelim, job.sigma)]
     mean = float(np.mean(list(per.values())))
     doc_rows.append(
