@@ -471,6 +471,7 @@ STORED_JOBS = [
   (["--flagfile=experiments/tables/cpu_crop64.flags"], "cpu_crop64", ["T1", "T2", "T3", "T6", "DIPcolor"]),
   (["--flagfile=experiments/tables/cpu_crop64.flags", "--max_images=3"], "cpu_crop64", ["T4_classic10", "T4_Set12"]),
   (["--flagfile=experiments/tables/idipplus.flags"], "idipplus_crop96", ["IDIPplus_holdout9"]),
+  (["--flagfile=experiments/tables/idipplus.flags"], "idipplus_crop96", ["IDIPplus_classic10", "IDIPplus_Set12"]),
 ]
 STORED_SETS = {
   "HOLDOUT": "holdout9",
@@ -480,6 +481,7 @@ STORED_SETS = {
   "DIPcolor": "cbm3d9",
   "T4_Set12": "Set12",
   "IDIPplus_holdout9": "holdout9",
+  "IDIPplus_Set12": "Set12",
 }
 
 
