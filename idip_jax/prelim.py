@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idip_jax import data, denoisers, metrics, sure
+from idip_jax import data, denoisers, sure
 from idip_jax.config import PrelimConfig, RunConfig
 from idip_jax.data import Image, InputError
 from idip_jax.noise_level import estimate_sigma
@@ -322,12 +322,6 @@ def run_logged(spec: XbarSpec, images: list[Image]) -> tuple[list[np.ndarray], l
   out = run(spec, images)
   logging.info("preliminary denoiser %s: %d images in %.1fs", spec.prelim.name, len(images), time.perf_counter() - t)
   return out
-
-
-def psnr_per_image(images: list[Image], sigma: float, denoiser: str) -> dict[str, float]:
-  """x_bar's PSNR per image for one denoiser of REGISTRY at the known sigma (default settings)."""
-  spec = XbarSpec(PrelimConfig(denoiser), sigma)
-  return {im.name: float(metrics.psnr(x, im.clean_HxWxC)) for im, x in zip(images, make(spec, images))}
 
 
 def make(spec: XbarSpec, images: list[Image]) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import DATA, ROOT, TINY_ARGS, WEIGHTS, import_experiment, need_path, parsed_flags
 
-from idip_jax import config, data, prelim, results
+from idip_jax import config, data, metrics, prelim, results
 
 SCRIPT = os.path.join(ROOT, "experiments", "tables.py")
 
@@ -404,7 +404,9 @@ def test_x_bar_studies_run_at_smoke_scale_through_the_one_runner(tmp_path, study
   for row, (_, job) in zip(doc["rows"], rows):
     noise = dict(job.run)["noise"]
     images = data.load_images(os.path.join(DATA, job.dataset), job.sigma, 0, job.channels, crop=32, noise=noise)[:3]
-    assert row["per_image"] == prelim.psnr_per_image(images, job.sigma, job.prelim), (row, job)
+    xbar = prelim.make(prelim.XbarSpec(config.PrelimConfig(job.prelim), job.sigma), images)  # called directly
+    want = {im.name: float(metrics.psnr(x, im.clean_HxWxC)) for im, x in zip(images, xbar)}
+    assert row["per_image"] == want, (row, job)
 
 
 def test_batch_equality_table_from_its_json():
