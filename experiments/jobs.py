@@ -1,8 +1,8 @@
 """Experiments' jobs and the one job runner. A Job is a test set, sigma, method, x_bar source and
 variant; Runner fits it once per process through runner.run (the same engine as run.py), or reuses
 its folder when that holds the same job (resume.finished_job: the rule --resume uses); a prelim-only
-job is its x_bar's PSNR. at_step, blend_psnrs and mean_curve_peak read a job's results. Every table and
-study is a list of jobs (catalogue.py); nothing here reads flags.
+job is its x_bar's PSNR (xbar_psnrs: a study of such jobs). at_step, blend_psnrs and mean_curve_peak read a
+job's results. Every table and study is a list of jobs (catalogue.py); nothing here reads flags.
 """
 
 from __future__ import annotations

@@ -464,16 +464,23 @@ STORED_JOBS = [
   # (flags, stored job folders, the tables they hold): the GPU commands of docs/results.md, the CPU tasks refit
   (["--flagfile=experiments/tables/holdout.flags", "--crop=256"], "gpu_h100", ["HOLDOUT"]),
   (
-    ["--flagfile=experiments/tables/t2.flags", "--method_steps=dip=1500,idip=1200", "--report_steps=dip=1190,idip=1200"]
-    + ["--rows=DIP,FFDNet,IDIP"],
+    [
+      "--flagfile=experiments/tables/t2.flags",
+      "--method_steps=dip=1500,idip=1200",
+      "--report_steps=dip=1190,idip=1200",
+      "--rows=DIP,FFDNet,IDIP",
+    ],
     "gpu_h100",
     ["T2"],
   ),
   (["--flagfile=experiments/tables/tasks_cpu.flags"], "tasks_crop64", ["inpaint_heide11", "SR4_Set5", "SR4_Set14"]),
   (["--flagfile=experiments/tables/cpu_crop64.flags"], "cpu_crop64", ["T1", "T2", "T3", "T6", "DIPcolor"]),
   (["--flagfile=experiments/tables/cpu_crop64.flags", "--max_images=3"], "cpu_crop64", ["T4_classic10", "T4_Set12"]),
-  (["--flagfile=experiments/tables/idipplus.flags"], "idipplus_crop96", ["IDIPplus_holdout9"]),
-  (["--flagfile=experiments/tables/idipplus.flags"], "idipplus_crop96", ["IDIPplus_classic10", "IDIPplus_Set12"]),
+  (
+    ["--flagfile=experiments/tables/idipplus.flags"],
+    "idipplus_crop96",
+    [f"IDIPplus_{s}" for s in ("holdout9", "classic10", "Set12")],
+  ),
 ]
 STORED_SETS = {
   "HOLDOUT": "holdout9",
