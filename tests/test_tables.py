@@ -461,7 +461,7 @@ def test_batch_equality_runs_its_jobs_through_the_one_runner(tmp_path, capsys):
 
 
 STORED_JOBS = [
-  # (flags, stored job folders, the tables they hold): the GPU commands of docs/results.md, the CPU tasks refit
+  # (flags, stored job folders, the tables they hold): the commands of the README's "Rebuilding the stored results"
   (["--flagfile=experiments/tables/holdout.flags", "--crop=256"], "gpu_h100", ["HOLDOUT"]),
   (
     [
