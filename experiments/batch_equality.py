@@ -1,4 +1,4 @@
-"""How far are batched fits from single-image fits (issue 13, item 4)?
+"""How far are batched fits from single-image fits?
 
 The same runs (image, seed) fitted one per call and all in one vmapped call with each --batch_conv
 lowering (convs.per_run_conv; grouped = plain vmap): PSNR of each image's output after --steps, and

@@ -14,11 +14,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import report
-from idip_jax import batching, config, fit, outputs
+from idip_jax import batching, cli, config, fit, outputs
 from idip_jax.config import FitConfig, NetConfig
+from idip_jax.data import InputError
 from idip_jax.train import run_keys
 
 F = flags.FLAGS
@@ -35,13 +36,17 @@ flags.DEFINE_integer(
   "eval_batch",
   1,
   "also time this batch with the clean-input eval every step (its cost over a step without it); 0 = skip",
+  lower_bound=0,
+  upper_bound=4096,
 )
-flags.DEFINE_integer("timed_steps", 5, "timed steps per repeat")
+flags.DEFINE_integer("timed_steps", 5, "timed steps per repeat", lower_bound=1, upper_bound=10000)
 flags.DEFINE_bool(
   "memory_analysis", True, "each row's device memory from XLA's analysis of its step (one more compile)"
 )
-flags.DEFINE_integer("repeats", 3, "repeats; the median is reported")
-flags.DEFINE_integer("torch_steps", 5, "timed steps of the PyTorch reference (0 = skip it)")
+flags.DEFINE_integer("repeats", 3, "repeats; the median is reported", lower_bound=1, upper_bound=1000)
+flags.DEFINE_integer(
+  "torch_steps", 5, "timed steps of the PyTorch reference (0 = skip it)", lower_bound=0, upper_bound=10000
+)
 flags.DEFINE_list("merge", [], "instead of running: merge these results .json files into --out")
 
 # Dense peak FLOP/s by device kind and the precision the convolutions run in (NVIDIA datasheets,
@@ -226,7 +231,55 @@ def run_group(
   write_results(out, meta, rows)  # incremental: a run cut short keeps its groups
 
 
+def counts(name: str, items: list[str], lo: int) -> list[int]:
+  """A list flag of integers, each >= lo; one line for anything else."""
+  if not items:
+    raise InputError(f"--{name} is empty")
+  for v in items:
+    if not v.strip().isdigit() or int(v) < lo:
+      raise InputError(f"--{name}={v}: give integers >= {lo}")
+  return [int(v) for v in items]
+
+
+def check_flags() -> tuple[list[int], list[int]]:
+  """Every flag, before anything is timed or written: (sizes, batches)."""
+  config.check(config.from_flags(F, config.ExperimentConfig))  # --lowerings' names
+  sizes, batches = counts("sizes", F.sizes, 1), counts("batches", F.batches, 1)
+  side = 2 ** NetConfig().scales  # the official net: 5 scales, the deepest map at least 2 px (data.padded_size)
+  for size in sizes:
+    if size % side or size < 2 * side:
+      raise InputError(f"--sizes={size}: the official net needs a multiple of {side} px, at least {2 * side}")
+  for name in ("precisions", "fastest_precisions"):
+    for p in getattr(F, name):
+      if p not in config.PRECISIONS:
+        raise InputError(f"unknown --{name}={p}; choose one of {', '.join(config.PRECISIONS)}")
+  for path in F.merge:
+    if not os.path.isfile(path):
+      raise InputError(f"--merge: no results file {path}")
+  if F.out and os.path.isdir(F.out):
+    raise InputError(f"--out={F.out} is a folder: give the results path without extension")
+  return sizes, batches
+
+
+def plan_groups(sizes: list[int], batches: list[int]) -> list[tuple[int, list[tuple[str, str, int, int]]]]:
+  """(size, rows timed together) of every group main times, in order (the --fastest_precisions groups,
+  which depend on the timings, excluded)."""
+  groups = []
+  for size in sizes:
+    for p in F.precisions:
+      for b in [b for b in batches if b > 1] or [1]:
+        groups.append((size, [(F.lowerings[0], p, 1, 0)] + ([(lw, p, b, 0) for lw in F.lowerings] if b > 1 else [])))
+    if F.eval_batch:
+      groups.append((size, [(F.lowerings[0], F.precisions[0], F.eval_batch, e) for e in (0, 1)]))
+  return groups
+
+
 def main(_):
+  sizes, batches = check_flags()
+  if F.dry_run:
+    for size, plan in plan_groups(sizes, batches):
+      print(f"size {size}: " + ", ".join(f"{lw} {p} batch {b}" + (" with eval" if e else "") for lw, p, b, e in plan))
+    return
   if F.merge:
     merge(F.merge, F.out)
     return
@@ -265,18 +318,14 @@ def main(_):
     "command": " ".join(sys.argv),
   }
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  batches = list(map(int, F.batches))
-  for size in map(int, F.sizes):
+  groups = plan_groups(sizes, batches)
+  for size in sizes:
     if have_torch:
       torch_ms[size] = time_fit(size, F.torch_steps, device=dev)
       print(f"torch size={size}: {torch_ms[size]:.1f} ms/step (one image)", flush=True)
     # One group per precision and batch size: one run per call beside every lowering at that batch.
-    for p in F.precisions:
-      for b in [b for b in batches if b > 1] or [1]:
-        plan = [(F.lowerings[0], p, 1, 0)] + ([(lw, p, b, 0) for lw in F.lowerings] if b > 1 else [])
-        run_group(size, plan, torch_ms, rows, out, meta)
-    if F.eval_batch:
-      run_group(size, [(F.lowerings[0], F.precisions[0], F.eval_batch, e) for e in (0, 1)], torch_ms, rows, out, meta)
+    for _, plan in [g for g in groups if g[0] == size]:
+      run_group(size, plan, torch_ms, rows, out, meta)
     batched = [r for r in rows if r["size"] == size and r["batch"] > 1 and not r["eval_every"]]
     if F.fastest_precisions and batched:
       best = max(batched, key=lambda r: r["image_steps_per_s"])
@@ -288,5 +337,9 @@ def main(_):
   print("wrote", out + ".md")
 
 
+def entry(argv: list[str] | None = None) -> int:
+  return cli.run_script(main, __doc__, F, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(entry())

@@ -48,11 +48,11 @@ INPAINT_FIT = (("task", "inpaint"), ("reg_noise_std", 0.03))
 SR_FIT = (("task", "sr"), ("sr_factor", 4), ("reg_noise_std", 0.03))
 
 
-# Issue 16's jobs: K runs per image with ES-WMV (Wang et al.) watching them; patience as long as
-# the run, so no run freezes early and one job gives the fixed-step result (its last state), the
-# criterion's choice, their K-run ensembles and the oracle.
+# The IDIPplus jobs (can IDIP beat its x_bar?): K runs per image with ES-WMV (Wang et al.) watching them; patience as
+# long as the run, so no run freezes early and one job gives the fixed-step result (its last state), the criterion's
+# choice, their K-run ensembles and the oracle.
 WATCHED = (("stop", "wmv"), ("stop_patience", 100000))
-# Issue 16's fit knobs, tried on holdout9 against the watched job's single runs. The 96 px sigma-30
+# The IDIPplus fit knobs, tried on holdout9 against the watched job's single runs. The 96 px sigma-30
 # faithfulness study (experiments/results/faithfulness/study.md) found x_bar weights 0.25 and 0.5 and an
 # unperturbed x_bar worse than 1 and 1/30 on the holdout images; weight 2 follows that trend (a
 # stronger perturbation, 1/15, was left out for CPU time: ~20 min of this study).
@@ -155,8 +155,9 @@ ALL_TABLES = (
 )
 
 
-# Issue 22's faithfulness study: one change at a time from the default IDIP (name -> method, FitConfig
-# overrides, RunConfig overrides), on the same noisy images and x_bar; sigma, crop and steps from the flagfile.
+# The faithfulness study (why does IDIP not beat its x_bar?): one change at a time from the default IDIP (name ->
+# method, FitConfig overrides, RunConfig overrides), on the same noisy images and x_bar; sigma, crop and steps from the
+# flagfile.
 FAITHFULNESS_VARIANTS = {
   "idip": ("idip", (), ()),
   "w0.5": ("idip", (("prelim_weight", 0.5),), ()),
@@ -180,8 +181,9 @@ def faithfulness_jobs(
   return rows
 
 
-# Issue 11's noise protocols: x_bar's PSNR under each way of making the noisy image, beside the paper's
-# baseline row (set, sigma, denoiser, paper's mean, source, paper's per-image values where it lists them).
+# The noise protocols (which one reproduces a paper's baseline row?): x_bar's PSNR under each way of making the noisy
+# image, beside the paper's baseline row (set, sigma, denoiser, paper's mean, source, paper's per-image values where it
+# lists them).
 NOISE_PROTOCOL_CASES = (
   (
     "classic10",
@@ -203,7 +205,7 @@ def noise_protocol_jobs() -> list[tuple[str, Job]]:
   ]
 
 
-# Issue 3's check of the JAX FFDNet/DnCNN with the official weights: (set, channels, denoiser, sigma,
+# The check of the JAX FFDNet/DnCNN with the official weights: (set, channels, denoiser, sigma,
 # published mean); AWGN without clipping (the denoisers' papers).
 PRELIM_PSNR_RUNS = (
   ("Set12", 1, "ffdnet", 15, 32.75),
@@ -229,7 +231,7 @@ KNOB_SIGMAS = (15, 25, 50)
 
 
 def knob_jobs(dataset: str, k: int) -> dict[int, tuple[Job, dict[str, Job]]]:
-  """Issue 16's knob table reads the IDIPplus table's jobs: per sigma, the watched job (K runs) and each knob's
+  """The IDIPplus knob table reads the IDIPplus table's jobs: per sigma, the watched job (K runs) and each knob's
   (the table runs them on holdout9 only)."""
   rows = dict(table_jobs(f"IDIPplus_{dataset}", k))
   return {s: (rows[f"IDIP-auto@{s}"], {name: knob_job(dataset, s, fit) for name, fit in KNOBS}) for s in KNOB_SIGMAS}
@@ -241,10 +243,10 @@ BATCH_EQUALITY_LOWERINGS = ("loop", "im2col", "hybrid", "grouped")
 def batch_equality_jobs(
   lowerings=BATCH_EQUALITY_LOWERINGS, runs: int = 3, map_steps: int = 20
 ) -> list[tuple[str, Job]]:
-  """Issue 13's check: one DIP job (holdout9, sigma 25) run one image per call, in one vmapped call of `runs`
-  images with each --batch_conv lowering, and for `map_steps` steps under lax.map (on XLA:CPU its loop body runs
-  ~15x slower: the losses of a short run compare exactly). The way of running is in each job's overrides (and
-  folder name): the same-settings rule ignores it (resume.HOW)."""
+  """How far are batched fits from single-image fits? One DIP job (holdout9, sigma 25) run one image per call, in one
+  vmapped call of `runs` images with each --batch_conv lowering, and for `map_steps` steps under lax.map (on XLA:CPU
+  its loop body runs ~15x slower: the losses of a short run compare exactly). The way of running is in each job's
+  overrides (and folder name): the same-settings rule ignores it (resume.HOW)."""
   dip = functools.partial(Job, "holdout9", 25.0, "dip")
   rows = [("single", dip(fit=(("batch_strategy", "vmap"),), run=(("batch_size", 1),)))]
   for lw in lowerings:
@@ -284,5 +286,14 @@ def main() -> None:
       print(f"  {label}: {job}")
 
 
+def entry(argv: list[str] | None = None) -> int:
+  """No flags: a stray argument or flag is refused in one line."""
+  from absl import flags
+
+  from idip_jax import cli
+
+  return cli.run_script(lambda _: main(), __doc__, flags.FlagValues(), argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(entry())

@@ -1,4 +1,4 @@
-"""CPU probes behind the README's Speed notes (issue 15); run one at a time on an idle machine.
+"""CPU probes behind the README's Speed notes; run one at a time on an idle machine.
 
 --probe=step: one fit step of the official gray net, batch 1, as a host loop and inside lax.scan;
   run it under different XLA_FLAGS to compare them, e.g.

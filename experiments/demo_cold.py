@@ -89,5 +89,14 @@ def main() -> None:
   print(json.dumps(doc, indent=1))
 
 
+def entry(argv: list[str] | None = None) -> int:
+  """No flags: a stray argument or flag is refused in one line."""
+  from absl import flags
+
+  from idip_jax import cli
+
+  return cli.run_script(lambda _: main(), __doc__, flags.FlagValues(), argv)
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(entry())

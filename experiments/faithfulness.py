@@ -1,4 +1,4 @@
-"""Why does IDIP not beat its own x_bar (issue 22)? One change at a time from the default IDIP,
+"""Why does IDIP not beat its own x_bar? One change at a time from the default IDIP,
 on the same noisy images and x_bar, with the clean-input PSNR curve of each run beside x_bar's PSNR. The
 variants are jobs of experiments/catalogue.py, fitted (or read back) by jobs.Runner as every table's.
 

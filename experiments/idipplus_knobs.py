@@ -1,4 +1,4 @@
-"""Issue 16's knob table: which output of the IDIPplus jobs to report, measured on holdout9 only.
+"""Which output of the IDIPplus jobs to report, measured on holdout9 only.
 
 python experiments/idipplus_knobs.py --flagfile=experiments/tables/idipplus.flags   (after tables.py, same flags)
 Reads the finished jobs of `experiments/tables.py --tables=IDIPplus_<set>` (their float images, --save_float)

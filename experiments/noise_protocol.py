@@ -1,4 +1,4 @@
-"""Which noise protocol reproduces a paper's own baseline row (issue 11, item 5)?
+"""Which noise protocol reproduces a paper's own baseline row ?
 
 The preliminary denoiser's PSNR, per image, under each way of making the noisy image
 (data.NOISE_PROTOCOLS: float x + n, clipped to [0, 1], clipped and rounded to 8 bits),

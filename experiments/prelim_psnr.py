@@ -1,4 +1,4 @@
-"""Mean PSNR of the JAX FFDNet/DnCNN with the official weights (issue 3's check).
+"""Mean PSNR of the JAX FFDNet/DnCNN with the official weights: do they match the published PSNRs?
 
 python experiments/prelim_psnr.py   # ~2 min on a 2-core CPU; writes experiments/results/prelim_psnr.{md,json}
 Protocol: AWGN on [0, 1] images, seeded by (noise_seed=0, image name); PSNR on the clipped output.

@@ -1,4 +1,4 @@
-"""Where one fit step of the official gray net spends its time on XLA:CPU (issue 15): per XLA op
+"""Where one fit step of the official gray net spends its time on XLA:CPU: per XLA op
 kind, from a profiler trace (needs `pip install xprof`).
 
 XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python experiments/profile_cpu_step.py --profile_size=128

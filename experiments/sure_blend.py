@@ -1,4 +1,5 @@
-"""SURE blends of x_bar candidates at full size (issue 34): per set and sigma, each candidate's PSNR,
+"""How much does a SURE blend of x_bar candidates gain over FFDNet at full size, without ground truth?
+Per set and sigma, each candidate's PSNR,
 the oracle blend (least squares with the clean image), the SURE blend (no clean image: MC-SURE
 weights, idip_jax.prelim.sure_blend) and how far SURE's own PSNR estimate is from the truth.
 Gray images (as the tables' holdout), AWGN without clipping seeded by (0, name), --sigmas.

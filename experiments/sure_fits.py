@@ -1,4 +1,4 @@
-"""SURE along DIP/IDIP fits (issue 34, items 4-5): a table from runs made with --stop=sure
+"""How close does SURE along a fit (--stop=sure) stop to the oracle step? a table from runs made with --stop=sure
 (experiments/sure/*.flags) and, for the comparison, the same fits with --stop=wmv (ES-WMV).
 
 Per image: the oracle step's PSNR (best eval step, uses the ground truth), SURE's step's, ES-WMV's,

@@ -1,4 +1,4 @@
-"""How far can a blend of x_bar candidates go (issue 34's +0.3 dB goal)? Per set and sigma, at full
+"""How far can a blend of x_bar candidates go (a goal was +0.3 dB over FFDNet)? Per set and sigma, at full
 size: each candidate's PSNR and SURE's error on it, the global blends of sure_blend.py (one weight per
 candidate and image: SURE's and the oracle's, which uses the clean image) and local blends (weights
 on a grid of nodes every --sl_tiles px, bilinear between them: a SURE-LET basis h_r * f_k whose SURE

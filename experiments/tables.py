@@ -15,7 +15,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.catalogue import ALL_TABLES, PAPER, PAPER_PER_IMAGE, table_jobs
 from experiments.jobs import (
@@ -29,7 +29,8 @@ from experiments.jobs import (
   mean_curve_peak,
 )
 from experiments.report import plot_curves, write_markdown
-from idip_jax import config, outputs, runner
+from idip_jax import cli, config, outputs, runner
+from idip_jax.data import InputError
 
 F = flags.FLAGS
 config.define_flags(F, config.RunConfig)  # every run setting, as in run.py (--crop, --noise, --workdir...)
@@ -76,7 +77,7 @@ def make_runner(steps: dict[str, int] | None = None) -> Runner:
 
 def make_table(table: str, jobs: Runner, commit: str) -> dict:
   rows = selected_rows(table)
-  report = {k: int(v) for k, v in (s.split("=") for s in F.report_steps)}
+  report = cli.parse_method_counts("report_steps", F.report_steps)
   out = {
     "table": table,
     "device": outputs.device_name(),
@@ -173,21 +174,45 @@ def fit_speed(dip: dict, idip: dict) -> dict:
   }
 
 
+def table_names(given: list[str]) -> list[str]:
+  """--tables -> the tables to make (T4 is its two sets, all is every table); one line for a name that is none."""
+  if not given:
+    raise InputError(f"--tables is empty: name one or more of {', '.join(ALL_TABLES)}, T4 or all")
+  if given == ["all"]:
+    return list(ALL_TABLES)
+  names = []
+  for t in given:
+    if t == "T4":
+      names += ["T4_classic10", "T4_Set12"]
+    elif t in ALL_TABLES:
+      names.append(t)
+    else:
+      near = [a for a in [*ALL_TABLES, "T4"] if a.lower() == t.lower()]
+      hint = f" (did you mean {near[0]}?)" if near else ""
+      raise InputError(f"unknown table --tables={t}{hint}; choose from {', '.join(ALL_TABLES)}, T4 or all")
+  return names
+
+
 def main(argv):
   del argv
   commit = outputs.git_commit()  # the code that runs, even if HEAD moves meanwhile
-  steps = {k: int(v) for k, v in (s.split("=") for s in F.method_steps)}
-  names = (
-    list(ALL_TABLES)
-    if F.tables == ["all"]
-    else [t if t != "T4" else "T4_classic10" for t in F.tables] + (["T4_Set12"] if "T4" in F.tables else [])
-  )
+  # Every flag is checked before anything is made (run.py's rule): names, counts, rows, the run settings.
+  names = table_names(F.tables)
+  steps = cli.parse_method_counts("method_steps", F.method_steps)
+  cli.parse_method_counts("report_steps", F.report_steps)
+  config.check(config.from_flags(F, runner.RunConfig))
+  labels = {label for n in names for label, _ in table_jobs(n, F.ensemble_runs)}
+  unknown = [r for r in F.rows if r not in labels]
+  if unknown:
+    raise InputError(f"--rows={unknown[0]} is no row of {', '.join(names)}; their rows: {', '.join(sorted(labels))}")
   if F.dry_run:
     for name in names:
       print(name, [(label, dataclasses.astuple(job)) for label, job in table_jobs(name, F.ensemble_runs)])
     return
   if not F.save_float and any(j.report.startswith("blend:") for n in names for _, j in selected_rows(n)):
-    sys.exit("error: the IDIP-best rows (a blend report) read the jobs' float images: add --save_float")
+    raise InputError("the IDIP-best rows (a blend report) read the jobs' float images: add --save_float")
+  if os.path.exists(F.results_dir) and not os.path.isdir(F.results_dir):
+    raise InputError(f"--results_dir={F.results_dir} exists and is not a folder")
   os.makedirs(F.results_dir, exist_ok=True)
   jobs = make_runner(steps)
   for name in names:
@@ -199,5 +224,9 @@ def main(argv):
     print(f"wrote {base}.md", flush=True)
 
 
+def entry(argv: list[str] | None = None) -> int:
+  return cli.run_script(main, __doc__, F, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(entry())

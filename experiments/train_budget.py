@@ -1,4 +1,4 @@
-"""Supervised DnCNN vs Noise2Noise trained with the same budget, then IDIP with each as x_bar (issue 17).
+"""Supervised DnCNN vs Noise2Noise trained with the same budget, then IDIP with each as x_bar.
 
 python experiments/train_budget.py --flagfile=experiments/train/cpu_budget.flags
 Trains both (same steps, batch, seed: only the target differs), measures Set12 sigma-25 PSNR of each

@@ -1,4 +1,4 @@
-"""Train a DnCNN preliminary denoiser in JAX: supervised (clean targets) or Noise2Noise (issue 17).
+"""Train a DnCNN preliminary denoiser in JAX: supervised (clean targets) or Noise2Noise.
 
 python experiments/train_denoiser.py --flagfile=experiments/train/dncnn_s25.flags
 Writes --workdir: checkpoints/train.npz, progress.csv and progress.png (loss, patches/s, validation
@@ -7,13 +7,11 @@ PSNR), summary.json. Use the result as x_bar: python run.py --prelim=dncnn --wei
 
 from __future__ import annotations
 
-import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from idip_jax import cli, config, denoiser_train
-from idip_jax.data import InputError
 
 # Its own flag set: the training settings share names (sigma, steps, lr...) with run.py's.
 FV = flags.FlagValues()
@@ -21,19 +19,11 @@ config.define_flags(FV, config.TrainConfig)
 
 
 def main(argv: list[str]) -> int:
-  if config.HELP_ARGS & set(argv[1:]):
-    print(config.usage(__doc__, FV, config.TrainConfig))
-    return 0
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
+  del argv
+  cfg = config.from_flags(FV, config.TrainConfig)
+  config.check(cfg)
   try:
-    cfg = config.parse(FV, argv, config.TrainConfig)
-    config.check(cfg)
-    with cli.stop_on_ctrl_c(lambda: os._exit(130)):
-      summary = denoiser_train.train(cfg)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    summary = denoiser_train.train(cfg)
   except KeyboardInterrupt:
     print(f"interrupted: checkpointed in {cfg.workdir}; the same command with --resume continues", file=sys.stderr)
     return 130
@@ -41,5 +31,9 @@ def main(argv: list[str]) -> int:
   return 0
 
 
+def entry(argv: list[str] | None = None) -> int:
+  return cli.run_script(main, __doc__, FV, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(entry())

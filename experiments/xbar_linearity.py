@@ -1,4 +1,4 @@
-"""Is x_bar linear over a SURE twin's step (issue 34)? The finite-difference divergence of FFDNet,
+"""Is x_bar linear over a SURE twin's step? The finite-difference divergence of FFDNet,
 b . (x_bar(y + eps b) - x_bar(y)) / eps per value, at steps eps of 1/100, 1/10 and 1/2 of sigma: equal
 where x_bar is linear over the step; --stop=sure's twins step by --sure_eps = 0.5 sigma.
 

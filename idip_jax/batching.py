@@ -19,6 +19,7 @@ from absl import logging
 
 from idip_jax import outputs
 from idip_jax.config import FitConfig, NetConfig
+from idip_jax.data import OutputError
 from idip_jax.fit import init_runs, make_fit_chunk, make_init, over_batch, sized
 from idip_jax.train import Batch, make_model, make_optimizer, run_keys, train_step
 
@@ -328,6 +329,6 @@ def choose(
     try:
       os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
       outputs.write_json(path, dict(_read_cache(path), **{key: chosen}))
-    except OSError as e:
-      logging.warning("could not write --batch_cache %s: %s", path, e)
+    except (OSError, OutputError) as e:  # checks.validate warned before any compute
+      logging.info("could not write --batch_cache %s: %s", path, e)
   return chosen

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 from absl import logging
 
-from idip_jax import config, loop, runner
+from idip_jax import checks, config, loop, runner
 from idip_jax.config import JobConfig
 from idip_jax.data import InputError, OutputError
 
@@ -80,15 +80,19 @@ def interrupted_line(workdir: str) -> str:
   return f"interrupted: {left}; run the same command with --workdir={workdir} --resume to continue"
 
 
+def log_to_stderr() -> None:
+  """absl's progress lines at INFO; JAX's "Unable to initialize backend 'tpu'" (INFO on every machine
+  without one, and it preceded every --resume refusal, which resolves the backend's settings) silenced."""
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+
+
 def run_cli(job: JobConfig, flags_text: str = "") -> int:
   """The entry point behind run.py: an exit code, one error line for bad input (before any
   compute) or for an output that cannot be written, progress through absl.logging, one line on
   Ctrl-C saying how to resume."""
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  # JAX logs "Unable to initialize backend 'tpu'" at INFO on every machine without one (and it
-  # preceded every --resume refusal, which resolves the backend's settings).
-  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+  log_to_stderr()
   workdir = job.run.workdir
 
   def quit_now():
@@ -97,11 +101,12 @@ def run_cli(job: JobConfig, flags_text: str = "") -> int:
 
   try:
     config.check(job)
+    checks.unused_flags(job)
     if not job.methods or len(set(job.methods)) != len(job.methods):
       raise InputError(f"--method needs distinct methods (got {','.join(job.methods)})")
     workdir = workdir or f"runs/{'-'.join(job.methods)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     cfgs = [dataclasses.replace(job.run, method=m, workdir=workdir) for m in job.methods]
-    # Reruns skip XLA's compile (a 64 px, 5-step run: 66 s -> 14 s measured in issue 13).
+    # Reruns skip XLA's compile (a 64 px, 5-step run: 66 s -> 14 s, measured).
     cache = job.compile_cache or os.environ.get(
       "IDIP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idip-jax", "jax")
     )
@@ -129,4 +134,48 @@ def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: 
     kw.update(num_processes=num_processes)
   if process_id >= 0:
     kw.update(process_id=process_id)
-  jax.distributed.initialize(**kw)
+  try:
+    jax.distributed.initialize(**kw)
+  except (ValueError, RuntimeError) as e:  # e.g. no coordinator to detect outside a cluster
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise InputError(
+      f"--distributed: jax.distributed.initialize failed ({first}); set --coordinator, --num_processes and "
+      "--process_id, or run under a cluster manager it detects (SLURM, ...)"
+    ) from None
+
+
+def run_script(main: Callable[[list[str]], int | None], doc: str, fv=None, argv: list[str] | None = None) -> int:
+  """The entry point of an experiments/ script, as careful as run.py's: its flags parsed without
+  absl.app (whose refusals are several lines), then main(argv); bad input is one `error:` line and exit 2
+  (main validates before it makes any folder), an output that cannot be written exit 1, Ctrl-C 130."""
+  from absl import flags
+
+  fv = fv if fv is not None else flags.FLAGS
+  argv = list(sys.argv if argv is None else argv)
+  if config.HELP_ARGS & set(argv[1:]):
+    print(doc.strip() + "\n\n" + fv.get_help())
+    return 0
+  log_to_stderr()
+  try:
+    rest = config.parse_argv(fv, argv)
+    with stop_on_ctrl_c(lambda: os._exit(130)):
+      return main(rest) or 0
+  except (InputError, OutputError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2 if isinstance(e, InputError) else 1
+  except KeyboardInterrupt:
+    print("interrupted: finished jobs are kept in their folders; the same command reuses them", file=sys.stderr)
+    return 130
+
+
+def parse_method_counts(name: str, items: list[str]) -> dict[str, int]:
+  """--method_steps=dip=1500,idip=1200 -> {method: N}: a known method and a count in 1..config.STEP_MAX."""
+  out = {}
+  for item in items:
+    method, sep, n = item.partition("=")
+    if not sep or method not in config.METHODS:
+      raise InputError(f"--{name}={item}: give METHOD=N with METHOD one of {', '.join(config.METHODS)}")
+    if not n.strip().isdigit() or not 1 <= int(n) <= config.STEP_MAX:
+      raise InputError(f"--{name}={item}: N must be a step count in 1..{config.STEP_MAX}")
+    out[method] = int(n)
+  return out

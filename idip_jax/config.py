@@ -13,6 +13,7 @@ import types
 
 from idip_jax.config_flags import (  # noqa: F401  (re-exported: config.parse, config.check, ...)
   HELP_ARGS,
+  bounds_text,
   check,
   define_flags,
   flag_name,
@@ -20,11 +21,16 @@ from idip_jax.config_flags import (  # noqa: F401  (re-exported: config.parse, c
   leaves,
   option,
   parse,
+  parse_argv,
   usage,
 )
 from idip_jax.data import NOISE_PROTOCOLS
 
 SEED_MAX = 2**32 - 1  # numpy's default_rng takes no negative seed; JAX's keys hold 32 bits per word
+# Upper bounds of the count and size flags: a step count past int32 would fit for ever (and overflow the
+# step counter); no image side or crop is larger than this.
+STEP_MAX = 10**7
+SIDE_MAX = 65536
 
 
 # IDIP's three changes per method (paper Sec. 3; ablations IDIP-1 and IDIP-2, Table 1 and 2).
@@ -64,14 +70,15 @@ class NetConfig:
     "input channels: DIP's random code z (its input_depth); the runner "
     "sets the image's channels when x_bar is the input (idip2, idip)",
     lo=1,
+    hi=1024,
   )
   out_channels: int = option(3, "image channels (set by the runner from the images)", flag=None)
-  scales: int = option(5, "U-Net scales (official: 5)", lo=1)
-  width: int = option(128, "channels of every down/up block (official skip_n33d = skip_n33u = 128)", lo=1)
-  skip_channels: int = option(4, "channels of each skip (official skip_n11 = 4)", lo=0)
+  scales: int = option(5, "U-Net scales (official: 5)", lo=1, hi=8)
+  width: int = option(128, "channels of every down/up block (official skip_n33d = skip_n33u = 128)", lo=1, hi=4096)
+  skip_channels: int = option(4, "channels of each skip (official skip_n11 = 4)", lo=0, hi=1024)
   complex_connection: bool = option(False, "IDIP change (1) (set by the runner from the method)", flag=None)
   cc_features: int = option(
-    96, "width of the complex connection's FC layer (96: +2.47% params, the paper's 'about 2.4%')", lo=1
+    96, "width of the complex connection's FC layer (96: +2.47% params, the paper's 'about 2.4%')", lo=1, hi=4096
   )
   upsample: str = option("bilinear", "upsampling", choices=("bilinear", "nearest"))
   pad: str = option("reflection", "conv padding", choices=("reflection", "zero"))
@@ -92,7 +99,9 @@ class NetConfig:
     "--batch_strategy=auto's timing, else the backend's measured default: convs.DEFAULT_BATCH_CONV)",
     choices=("auto", "grouped", "loop", "im2col", "hybrid"),
   )
-  hybrid_side: int = option(32, "--batch_conv=hybrid: im2col for outputs up to this many px on a side", lo=1)
+  hybrid_side: int = option(
+    32, "--batch_conv=hybrid: im2col for outputs up to this many px on a side", lo=1, hi=SIDE_MAX
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,19 +112,22 @@ class FitConfig:
     "low-resolution image, x --sr_factor); for inpaint and sr the inputs are ground truth and y is made from them",
     choices=TASKS,
   )
-  sr_factor: int = option(4, "super-resolution factor (DIP's notebook: 4 or 8)", lo=2)
+  sr_factor: int = option(4, "super-resolution factor (DIP's notebook: 4 or 8)", lo=2, hi=16)
   steps: int = option(
     0,
     "Adam steps; 0 = the method's default, chosen on holdout9 (config.DEFAULT_STEPS: dip/idip1 1190, idip2/idip 1500)",
     lo=0,
+    hi=STEP_MAX,
   )
-  lr: float = option(0.01, "Adam learning rate", lo=0)
+  lr: float = option(0.01, "Adam learning rate", lo=0, hi=10)
   lr_schedule: str = option("constant", "learning-rate schedule", choices=("constant", "cosine"))
-  reg_noise_std: float = option(1.0 / 30.0, "std of the per-step perturbation of DIP's code z", lo=0)
-  xbar_noise_std: float = option(1.0 / 30.0, "std of the per-step perturbation of x_bar as input (idip2, idip)", lo=0)
+  reg_noise_std: float = option(1.0 / 30.0, "std of the per-step perturbation of DIP's code z", lo=0, hi=10)
+  xbar_noise_std: float = option(
+    1.0 / 30.0, "std of the per-step perturbation of x_bar as input (idip2, idip)", lo=0, hi=10
+  )
   input_is_prelim: bool = option(False, "the input is x_bar, not z (set by the runner)", flag=None)
-  ema_decay: float = option(0.99, "EMA of the outputs (DIP's exp_weight)", lo=0)
-  backtrack_db: float = option(5.0, "restore when PSNR(out, y) drops by more (0 = off)", lo=0)
+  ema_decay: float = option(0.99, "EMA of the outputs (DIP's exp_weight)", lo=0, hi=1, hi_open=True)
+  backtrack_db: float = option(5.0, "restore when PSNR(out, y) drops by more (0 = off)", lo=0, hi=100)
   backtrack: str = option(
     "safe",
     "safe (restore weights and Adam state, skip the step) | dip (the official notebook's closure)",
@@ -126,17 +138,18 @@ class FitConfig:
     "weight w of IDIP change (3): loss = MSE(out, y) + w MSE(out, "
     "x_bar); the runner sets 0 for methods without change (3)",
     lo=0,
+    hi=1000,
   )
-  input_scale: float = option(0.1, "z ~ U[0, input_scale] (DIP's 'noise' input, var=1/10)", lo=0)
-  chunk: int = option(100, "steps per compiled chunk; metrics reach the host once per chunk", lo=1)
+  input_scale: float = option(0.1, "z ~ U[0, input_scale] (DIP's 'noise' input, var=1/10)", lo=0, hi=100)
+  chunk: int = option(100, "steps per compiled chunk; metrics reach the host once per chunk", lo=1, hi=STEP_MAX)
   seed: int = option(0, "seed of init, z and perturbations", lo=0, hi=SEED_MAX)
-  seeds: int = option(1, "independent runs per image (reported each and averaged)", lo=1)
+  seeds: int = option(1, "independent runs per image (reported each and averaged)", lo=1, hi=1000)
   precision: str = option(
     "tf32",
     "tf32 (JAX's f32 default: TF32 convs on GPUs) | fp32 (full) | bf16 (params and Adam state stay fp32)",
     choices=PRECISIONS,
   )
-  eval_every: int = option(10, "metrics of the clean-input output and EMA every k steps", lo=1)
+  eval_every: int = option(10, "metrics of the clean-input output and EMA every k steps", lo=1, hi=STEP_MAX)
   batch_strategy: str = option(
     "auto",
     "how one call fits its runs: auto (time one run per call and vmap with each --batch_conv lowering on the "
@@ -157,9 +170,11 @@ class FitConfig:
     "step of lowest SURE, and NAME_sure.png, the SURE blend of both with the --sure_candidates; needs --sigma)",
     choices=STOPS,
   )
-  stop_window: int = option(100, "ES-WMV's window W of outputs (its buffer_size); ES-EMV's burn-in", lo=2)
-  stop_patience: int = option(1000, "steps without a new lowest variance before a run stops (ES-WMV's P)", lo=1)
-  stop_alpha: float = option(0.1, "ES-EMV's smoothing alpha", lo=0)
+  stop_window: int = option(100, "ES-WMV's window W of outputs (its buffer_size); ES-EMV's burn-in", lo=2, hi=STEP_MAX)
+  stop_patience: int = option(
+    1000, "steps without a new lowest variance before a run stops (ES-WMV's P)", lo=1, hi=STEP_MAX
+  )
+  stop_alpha: float = option(0.1, "ES-EMV's smoothing alpha", lo=0, hi=1)
   sure_diff: str = option(
     "forward",
     "--stop=sure's divergence: forward (one twin, y + eps b) | central (two, y +- eps b: no second-order "
@@ -174,6 +189,7 @@ class FitConfig:
     "--stop=sure: twins per run, each fitted to y + eps b_k with its own probe b_k; the divergence is their mean "
     "(Monte-Carlo error / sqrt(K); K more rows per run, 2K with central)",
     lo=1,
+    hi=64,
   )
   shard: bool = option(True, "split the runs of a call over all local devices")
   remat: bool = option(False, "recompute each conv block in the backward pass (less memory)")
@@ -198,7 +214,7 @@ class PrelimConfig:
     choices=SURE_CANDIDATES,
   )
   sure_probes: int = option(
-    2, "--prelim=sure_blend, --stop=sure: Monte-Carlo probes per x_bar candidate for its divergence", lo=1
+    2, "--prelim=sure_blend, --stop=sure: Monte-Carlo probes per x_bar candidate for its divergence", lo=1, hi=64
   )
 
 
@@ -207,7 +223,7 @@ class RunConfig:
   input: str = option("", "image file, folder, glob, or skimage:NAME (required)", path=True)
   workdir: str = option("", "output folder (default runs/<method>-<time>)", path=True)
   method: str = option("idip", "the method of this run", choices=tuple(METHODS), flag=None)
-  sigma: float = option(0.0, "AWGN std (0-255 scale) added to clean inputs; 0 = inputs are noisy", lo=0)
+  sigma: float = option(0.0, "AWGN std (0-255 scale) added to clean inputs; 0 = inputs are noisy", lo=0, hi=255)
   noise_seed: int = option(0, "seed of the AWGN (shared by all methods)", lo=0, hi=SEED_MAX)
   noise: str = option(
     "float",
@@ -223,12 +239,13 @@ class RunConfig:
   sr_crop: bool = option(
     True, "--task=sr: center-crop the HR image to a multiple of 32 (DIP's enforse_div32='CROP'); off: it must divide"
   )
-  crop: int = option(0, "center crop to this size (0 = whole image)", lo=0)
+  crop: int = option(0, "center crop to this size (0 = whole image)", lo=0, hi=SIDE_MAX)
   batch_size: int = option(
     0,
     "runs per call (0 = auto: under --batch_strategy=auto the fastest per image measured; otherwise the most "
     "that fit the device's memory, 1 on CPU)",
     lo=0,
+    hi=4096,
   )
   batch_cache: str = option(
     "",
@@ -248,6 +265,7 @@ class RunConfig:
     "steps between checkpoints of a running call, written at the first chunk end past each multiple (0 = none); "
     "Ctrl-C also writes one",
     lo=0,
+    hi=STEP_MAX,
   )
   overwrite: bool = option(False, "replace a non-empty workdir that idip-jax made (others are refused)")
   prelim: PrelimConfig = PrelimConfig()
@@ -267,8 +285,8 @@ class JobConfig:
   )
   distributed: bool = option(False, "jax.distributed: each process fits its share of the images")
   coordinator: str = option("", "host:port of process 0 (--distributed; empty = auto-detect)")
-  num_processes: int = option(0, "processes in all (--distributed; 0 = auto-detect)", lo=0)
-  process_id: int = option(-1, "this process's index (--distributed; -1 = auto-detect)")
+  num_processes: int = option(0, "processes in all (--distributed; 0 = auto-detect)", lo=0, hi=65536)
+  process_id: int = option(-1, "this process's index (--distributed; -1 = auto-detect)", lo=-1, hi=65535)
   compile_cache: str = option(
     "",
     "folder of JAX's persistent compilation cache, so reruns skip XLA's compile ('' = $IDIP_JAX_CACHE or "
@@ -284,7 +302,7 @@ class ExperimentConfig:
 
   out: str = option("", "results path without extension (default: the script's)", path=True)
   data_dir: str = option("", "folder holding the test sets (default $IDIP_SHARED/data or ../shared/data)", path=True)
-  max_images: int = option(0, "first N images of each set (0 = all)", lo=0)
+  max_images: int = option(0, "first N images of each set (0 = all)", lo=0, hi=100000)
   allow_other_code: bool = option(
     False,
     "tables.py, faithfulness.py: reuse finished jobs made by other code (e.g. stored GPU runs); each table row "
@@ -316,24 +334,28 @@ class TrainConfig:
     "clean (supervised DnCNN) | noisy (Noise2Noise: a second, independent noisy draw)",
     choices=("clean", "noisy"),
   )
-  sigma: float = option(25.0, "noise std (0-255) of the training patches", lo=0)
-  sigma_max: float = option(0.0, "blind training: each patch's std ~ U[sigma, sigma_max] (DnCNN-B: 0, 55)", lo=0)
+  sigma: float = option(25.0, "noise std (0-255) of the training patches", lo=0, hi=255)
+  sigma_max: float = option(
+    0.0, "blind training: each patch's std ~ U[sigma, sigma_max] (DnCNN-B: 0, 55)", lo=0, hi=255
+  )
   channels: int = option(1, "image channels (Train400 is gray)", choices=(1, 3))
-  depth: int = option(17, "conv layers (DnCNN-S: 17, DnCNN-B: 20)", lo=3)
-  width: int = option(64, "filters per layer", lo=1)
-  patch: int = option(40, "patch side (DnCNN-S: 40, DnCNN-B: 50)", lo=8)
-  batch: int = option(128, "patches per step (DnCNN: 128)", lo=1)
+  depth: int = option(17, "conv layers (DnCNN-S: 17, DnCNN-B: 20)", lo=3, hi=200)
+  width: int = option(64, "filters per layer", lo=1, hi=4096)
+  patch: int = option(40, "patch side (DnCNN-S: 40, DnCNN-B: 50)", lo=8, hi=SIDE_MAX)
+  batch: int = option(128, "patches per step (DnCNN: 128)", lo=1, hi=65536)
   # DnCNN-S: 50 epochs of 238,400 patches (Train400 at scales 1/0.9/0.8/0.7, 40 px, stride 10) / 128.
-  steps: int = option(93125, "Adam steps (default: the paper's 50 epochs)", lo=1)
-  lr: float = option(1e-3, "Adam learning rate", lo=0)
-  lr_drop: float = option(0.6, "fraction of the steps after which lr is divided by 10 (official: epoch 30 of 50)", lo=0)
+  steps: int = option(93125, "Adam steps (default: the paper's 50 epochs)", lo=1, hi=STEP_MAX)
+  lr: float = option(1e-3, "Adam learning rate", lo=0, hi=10)
+  lr_drop: float = option(
+    0.6, "fraction of the steps after which lr is divided by 10 (official: epoch 30 of 50)", lo=0, hi=1
+  )
   seed: int = option(0, "seed of the init, patches, augmentations and noise", lo=0, hi=SEED_MAX)
-  log_every: int = option(50, "steps per progress line and progress.csv row", lo=1)
-  eval_every: int = option(500, "steps between validation PSNRs (a multiple of --log_every)", lo=1)
-  checkpoint_every: int = option(500, "steps between checkpoints (a multiple of --log_every)", lo=1)
-  val_images: int = option(4, "validation: the first N images of --val_dir", lo=1)
-  val_crop: int = option(128, "validation: center crop side", lo=8)
-  val_sigma: float = option(25.0, "validation: noise std (seeded AWGN, not clipped)", lo=0)
+  log_every: int = option(50, "steps per progress line and progress.csv row", lo=1, hi=STEP_MAX)
+  eval_every: int = option(500, "steps between validation PSNRs (a multiple of --log_every)", lo=1, hi=STEP_MAX)
+  checkpoint_every: int = option(500, "steps between checkpoints (a multiple of --log_every)", lo=1, hi=STEP_MAX)
+  val_images: int = option(4, "validation: the first N images of --val_dir", lo=1, hi=100000)
+  val_crop: int = option(128, "validation: center crop side", lo=8, hi=SIDE_MAX)
+  val_sigma: float = option(25.0, "validation: noise std (seeded AWGN, not clipped)", lo=0, hi=255)
   resume: bool = option(False, "continue the run in --workdir from its last checkpoint")
   overwrite: bool = option(False, "replace a --workdir that idip-jax made")
 
@@ -367,9 +389,7 @@ def flags_markdown() -> str:
         continue
       default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
       allowed = " \\| ".join(map(str, f.metadata["choices"]))
-      bounds = [f">= {f.metadata['lo']:g}" if f.metadata["lo"] is not None else ""]
-      bounds += [f"<= {f.metadata['hi']}" if f.metadata.get("hi") is not None else ""]
-      allowed = allowed or ", ".join(b for b in bounds if b)
+      allowed = allowed or bounds_text(f)
       meaning = f.metadata["help"].replace("|", "\\|")
       row = f"| `--{name}` | `{default!s}` | {allowed} | {meaning} |"
       groups.setdefault(".".join(path[:-1]) or cls.__name__, []).append(row)

@@ -24,14 +24,24 @@ def option(
   choices: tuple = (),
   lo: float | None = None,
   hi: float | None = None,
+  hi_open: bool = False,
   flag: str | None = "",
   path: bool = False,
 ) -> Any:
   """A config field. flag: the flag's name ("" = the field's name, None = set by the library,
-  not a flag); lo, hi: smallest and largest allowed values; path: '~' is expanded."""
-  return dataclasses.field(
-    default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "flag": flag, "path": path}
-  )
+  not a flag); lo, hi: smallest and largest allowed values (hi_open: values must stay below hi);
+  path: '~' is expanded."""
+  meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "hi_open": hi_open, "flag": flag, "path": path}
+  return dataclasses.field(default=default, metadata=meta)
+
+
+def bounds_text(f: dataclasses.Field) -> str:
+  """A numeric field's range as flags.md and the refusals say it: '>= 0, < 1'."""
+  m = f.metadata
+  num = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+  parts = [f">= {num(m['lo'])}" if m["lo"] is not None else ""]
+  parts += [f"{'<' if m.get('hi_open') else '<='} {num(m['hi'])}" if m.get("hi") is not None else ""]
+  return ", ".join(p for p in parts if p)
 
 
 def leaves(cls: type, prefix: tuple[str, ...] = ()):
@@ -94,14 +104,21 @@ def from_flags(fv: flags.FlagValues, cls: type):
 HELP_ARGS = frozenset({"-h", "--help", "-help", "--helpfull", "-?"})
 
 
-def parse(fv: flags.FlagValues, argv: list[str], cls: type):
-  """argv -> a cls instance; a bad flag or a stray argument raises InputError (one line)."""
+def parse_argv(fv: flags.FlagValues, argv: list[str]) -> list[str]:
+  """Parses argv into fv -> the program name and what is left; a bad flag or a stray argument raises
+  InputError (one line)."""
   try:
     rest = fv(argv)
   except flags.Error as e:
     raise InputError(str(e)) from None
   if len(rest) > 1:
     raise InputError(f"unexpected arguments: {' '.join(rest[1:])}")
+  return rest
+
+
+def parse(fv: flags.FlagValues, argv: list[str], cls: type):
+  """argv -> a cls instance; a bad flag or a stray argument raises InputError (one line)."""
+  parse_argv(fv, argv)
   return from_flags(fv, cls)
 
 
@@ -134,7 +151,6 @@ def check(cfg) -> None:
     for item in v if isinstance(v, tuple) else (v,):
       if choices and item not in choices:
         raise InputError(f"unknown --{name}={item}; choose one of {', '.join(map(str, choices))}")
-    if f.metadata["lo"] is not None and v < f.metadata["lo"]:
-      raise InputError(f"--{name} must be >= {f.metadata['lo']:g} (got {v})")
-    if f.metadata.get("hi") is not None and v > f.metadata["hi"]:
-      raise InputError(f"--{name} must be <= {f.metadata['hi']} (got {v})")
+    lo, hi = f.metadata["lo"], f.metadata.get("hi")
+    if (lo is not None and v < lo) or (hi is not None and (v >= hi if f.metadata.get("hi_open") else v > hi)):
+      raise InputError(f"--{name} must be {bounds_text(f).replace(', ', ' and ')} (got {v})")

@@ -6,7 +6,7 @@ Under plain `vmap` a convolution whose weights are batched becomes a grouped con
 batching and transpose rules). XLA:CPU rewrites the latter with a size-B dilated dimension, about
 B times the work (xla/service/convolution_group_converter.cc), and cuDNN's grouped kernels are
 slow (jax #26568, #13800): a batch was slower per image than one run at a time on both
-(experiments/results/bench_{cpu,gpu}.md before issue 30). `per_run_conv` owns its batching rule
+(experiments/results/bench_{cpu,gpu}.md: the `grouped` rows). `per_run_conv` owns its batching rule
 (`jax.custom_batching.custom_vmap` on the forward pass and on each gradient, tied together by
 `jax.custom_vjp`), so none of those grouped convolutions is ever emitted:
 

@@ -47,7 +47,12 @@ def find_image(folder: str, name: str) -> str | None:
     path = os.path.join(folder, name + ext)
     if os.path.isfile(path):
       return path
-  return None
+  # The extension in any case (A.PNG), as list_inputs accepts the inputs themselves.
+  try:
+    found = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[0] == name and f.lower().endswith(IMAGE_EXTS))
+  except OSError:
+    return None
+  return next((os.path.join(folder, f) for f in found if os.path.isfile(os.path.join(folder, f))), None)
 
 
 def list_inputs(spec: str) -> list[str]:
@@ -100,11 +105,17 @@ def to_float(img: np.ndarray, where: str, channels: int = 0) -> np.ndarray:
     if x[..., -1].min() < 1.0:
       raise InputError(f"{where}: has a transparent alpha channel; flatten it first")
     x = x[..., :-1]
-  if channels == 1 and x.shape[-1] == 3:
-    x = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]  # ITU-R 601, as MATLAB rgb2gray
-  elif channels == 3 and x.shape[-1] == 1:
-    x = np.repeat(x, 3, axis=-1)
-  return np.ascontiguousarray(x)
+  return to_float_channels(x, channels)
+
+
+def to_float_channels(x_HxWxC: np.ndarray, channels: int) -> np.ndarray:
+  """A float image converted to `channels` (0: as it is): RGB -> gray by ITU-R 601, as MATLAB's
+  rgb2gray; gray -> RGB by copying."""
+  if channels == 1 and x_HxWxC.shape[-1] == 3:
+    x_HxWxC = (x_HxWxC @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+  elif channels == 3 and x_HxWxC.shape[-1] == 1:
+    x_HxWxC = np.repeat(x_HxWxC, 3, axis=-1)
+  return np.ascontiguousarray(x_HxWxC)
 
 
 def read_image(path: str, channels: int = 0) -> np.ndarray:
@@ -125,6 +136,10 @@ def read_image(path: str, channels: int = 0) -> np.ndarray:
       msg = "not a PNG/JPEG/BMP/TIFF image (or a corrupt one)"
     raise InputError(f"cannot read image {path}: {msg or type(e).__name__}") from None
   img = np.asarray(img)
+  if img.ndim == 4 or (img.ndim == 3 and img.shape[-1] not in (1, 2, 3, 4) and path.lower().endswith(".gif")):
+    if img.shape[0] != 1:  # an animation (GIF, multi-page TIFF): which frame is meant is the user's choice
+      raise InputError(f"{path} holds {img.shape[0]} frames (an animation or a stack): save the one frame to use")
+    img = img[0]
   if mode in ("P", "PA") and img.ndim == 3 and np.ptp(img[..., :3].astype(np.int32), axis=-1).max() == 0:
     img = img[..., 0]
   return to_float(img, path, channels)

@@ -1,4 +1,4 @@
-"""Training the preliminary denoisers in JAX (issue 17): DnCNN (Zhang et al., TIP 2017: residual
+"""Training the preliminary denoisers in JAX: DnCNN (Zhang et al., TIP 2017: residual
 learning, BatchNorm, 17 3x3 conv layers of 64 filters, patches of Train400) with clean targets,
 or Noise2Noise (Lehtinen et al., ICML 2018: the same net, the target a second, independent noisy
 draw of the same patch, no clean image in the loss).
@@ -25,10 +25,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from idip_jax import checkpoint, data, loop, metrics, outputs
+from idip_jax import checkpoint, data, locks, loop, metrics, outputs
 from idip_jax.config import TrainConfig
 from idip_jax.data import InputError
 from idip_jax.denoisers import DnCNN
+from idip_jax.resume import read_stored, settings_difference
 
 CSV_COLUMNS = ("step", "loss", "train_psnr", "val_psnr", "lr", "patches_per_s", "seconds")
 
@@ -137,7 +138,11 @@ def load_validation(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
   paths = data.list_inputs(folder)[: cfg.val_images] if os.path.isdir(folder) else []
   if not paths:
     raise InputError(f"--val_dir={folder}: no validation images there")
-  clean = np.stack([data.center_crop(data.read_image(p, cfg.channels), cfg.val_crop) for p in paths])
+  images = [data.read_image(p, cfg.channels) for p in paths]
+  for p, im in zip(paths, images):
+    if min(im.shape[:2]) < cfg.val_crop:  # every validation crop has one size (they are stacked)
+      raise InputError(f"validation image {p} is {im.shape[0]}x{im.shape[1]}, smaller than --val_crop={cfg.val_crop}")
+  clean = np.stack([data.center_crop(im, cfg.val_crop) for im in images])
   names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   noisy = np.stack([data.add_awgn(x, cfg.val_sigma, 0, n) for x, n in zip(clean, names)])
   return noisy.astype(np.float32), clean.astype(np.float32)
@@ -158,6 +163,30 @@ def restore(workdir: str, like: TrainState) -> TrainState:
     raise InputError(str(e)) from None
 
 
+# Settings a --resume may change: where and how often it writes, not what it trains.
+RESUME_FREE = ("workdir", "resume", "overwrite", "checkpoint_every", "log_every", "eval_every")
+
+
+def check_resume(cfg: TrainConfig) -> dict | None:
+  """--resume's rule, as run.py's: the stored run's folder (locked for this process) and the same settings;
+  a finished run's stored summary (nothing is trained or rewritten), else None."""
+  path = os.path.join(cfg.workdir, "config.json")
+  if not os.path.isfile(path):
+    raise InputError(f"--resume: no training run in --workdir={cfg.workdir}")
+  locks.lock(cfg.workdir, os.path.join(cfg.workdir, outputs.MARKER))
+  diff = settings_difference(dataclasses.asdict(cfg), read_stored(path), skip_top=RESUME_FREE)
+  if diff:
+    raise InputError(f"--resume: the settings differ from the stored run in {cfg.workdir}: {diff}")
+  summary = os.path.join(cfg.workdir, "summary.json")
+  if os.path.isfile(summary):
+    done = read_stored(summary)
+    if done.get("steps") == cfg.steps and done.get("val_psnr") is not None:
+      logging.info("%s finished its %d steps: nothing to resume", cfg.workdir, cfg.steps)
+      return done
+  return None
+
+
+@locks.held()
 def train(cfg: TrainConfig) -> dict:
   """Trains (or resumes) the denoiser of `cfg` in cfg.workdir: checkpoints, progress.csv,
   progress.png (validation PSNR vs step) and summary.json."""
@@ -167,8 +196,9 @@ def train(cfg: TrainConfig) -> dict:
   images = jnp.asarray(load_training_images(cfg))
   val_noisy, val_clean = map(jnp.asarray, load_validation(cfg))
   if cfg.resume:
-    if not os.path.isfile(os.path.join(cfg.workdir, "config.json")):
-      raise InputError(f"--resume: no training run in --workdir={cfg.workdir}")
+    stored = check_resume(cfg)
+    if stored is not None:
+      return stored
   else:
     outputs.prepare_workdir(cfg.workdir, cfg.overwrite, tuple(p for p in (cfg.train_dir, cfg.val_dir) if p))
     outputs.write_json(os.path.join(cfg.workdir, "config.json"), dataclasses.asdict(cfg))
@@ -188,6 +218,10 @@ def train(cfg: TrainConfig) -> dict:
   start = int(state.step)
   val_psnr = float("nan")
 
+  def validation_psnr(state) -> float:
+    out = denoise(state.params, state.batch_stats, val_noisy)
+    return float(jnp.mean(jax.vmap(metrics.psnr)(out, val_clean)))
+
   def chunk(state, done, length):
     t, ms = time.perf_counter(), []
     for _ in range(length):
@@ -200,8 +234,7 @@ def train(cfg: TrainConfig) -> dict:
     nonlocal val_psnr
     evaluated = step % cfg.eval_every == 0 or step == cfg.steps
     if evaluated:
-      out = denoise(state.params, state.batch_stats, val_noisy)
-      val_psnr = float(jnp.mean(jax.vmap(metrics.psnr)(out, val_clean)))
+      val_psnr = validation_psnr(state)
     row = {
       "step": step,
       "loss": float(np.mean([s["loss"] for s in m["steps"]])),
@@ -231,6 +264,8 @@ def train(cfg: TrainConfig) -> dict:
     save_last=True,
     timing=timing,
   )
+  if np.isnan(val_psnr):  # nothing left to train (a run killed after its last checkpoint): validate it now
+    val_psnr = validation_psnr(state)
   summary = {
     **outputs.provenance(),
     "target": cfg.target,

@@ -13,6 +13,7 @@ import tempfile
 
 import numpy as np
 
+from idip_jax import locks
 from idip_jax.data import InputError, OutputError
 
 MARKER = ".idip-jax-workdir"  # written into every workdir this tool creates; lists what it wrote
@@ -59,6 +60,7 @@ def check_workdir(path: str, overwrite: bool, reads: tuple[str, ...] = ()) -> No
       f"--workdir={path} was not made by idip-jax (no {MARKER} in it); --overwrite "
       "only replaces folders this tool made: choose another --workdir"
     )
+  locks.lock(path, os.path.join(path, MARKER))  # a live run in it is refused before anything is deleted
   top = os.path.realpath(path)
   for read in reads:
     real = os.path.realpath(read)
@@ -110,13 +112,15 @@ def not_written_by_tool(path: str) -> list[str]:
 
 def prepare_workdir(path: str, overwrite: bool, reads: tuple[str, ...] = ()) -> None:
   """Refuses a non-empty workdir unless --overwrite and it holds only what this tool wrote
-  (check_workdir); never deletes anything else."""
+  (check_workdir); never deletes anything else. The new folder is locked for this process (locks.py)."""
   check_workdir(path, overwrite, reads)
-  if os.path.isdir(path) and os.listdir(path):
-    shutil.rmtree(path)
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, MARKER), "w") as f:
+  real = os.path.realpath(path)  # a --workdir that is a link: its folder is replaced, the link kept
+  if os.path.isdir(real) and os.listdir(real):
+    shutil.rmtree(real)
+  os.makedirs(real, exist_ok=True)
+  with open(os.path.join(real, MARKER), "w") as f:
     f.write("made by idip-jax; --overwrite may replace this folder if it holds only the files listed here\n")
+  locks.lock(path, os.path.join(real, MARKER))
 
 
 def note_written(path: str) -> None:

@@ -107,7 +107,11 @@ def file_for(pc: PrelimConfig, name: str) -> str:
 
 def _read_prelim_file(spec: XbarSpec, im: Image) -> np.ndarray:
   path = file_for(spec.prelim, im.name)
-  x = data.read_image(path, channels=im.noisy_HxWxC.shape[-1])
+  want = im.noisy_HxWxC.shape[-1]
+  x = data.read_image(path)
+  if x.shape[-1] < want:  # a gray x_bar copied to three channels would be no colour denoiser's output
+    raise InputError(f"x_bar {path} has {x.shape[-1]} channel, its input {im.name} {want}: give a colour x_bar")
+  x = data.to_float_channels(x, want)
   data.check_size(path, "x_bar", x, im)  # before --crop, which would cut any larger image to fit
   if spec.crop:
     x = data.center_crop(x, spec.crop)

@@ -12,7 +12,7 @@ import types
 
 import numpy as np
 
-from idip_jax import config, data, outputs, prelim, tasks
+from idip_jax import config, data, locks, outputs, prelim, tasks
 from idip_jax.config import RunConfig
 from idip_jax.data import Image, InputError
 
@@ -52,11 +52,14 @@ def read_stored(path: str) -> dict:
   """A stored run's JSON file (config.json, results.json); one line if it is damaged."""
   try:
     with open(path) as f:
-      return json.load(f)
+      stored = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise InputError(
-      f"stored run file {path} is damaged ({type(e).__name__}: {e}); restore it, or run again into a new --workdir"
-    ) from None
+    why = f"{type(e).__name__}: {e}"
+  else:
+    if isinstance(stored, dict):
+      return stored
+    why = f"it holds a JSON {type(stored).__name__}, not an object"
+  raise InputError(f"stored run file {path} is damaged ({why}); restore it, or run again into a new --workdir")
 
 
 # Settings that may differ between a run and its --resume: where and how outputs are written.
@@ -93,6 +96,7 @@ def check_output_folder(cfg: RunConfig, resolved: RunConfig, images: list[Image]
   path = os.path.join(cfg.workdir, "config.json")
   if not os.path.isfile(path):
     raise InputError(f"--resume: no run to continue in --workdir={cfg.workdir} (no config.json)")
+  locks.lock(cfg.workdir, os.path.join(cfg.workdir, outputs.MARKER))  # one run at a time continues it
   have = read_stored(path)
   if os.path.isfile(os.path.join(cfg.workdir, "results.json")):
     read_stored(os.path.join(cfg.workdir, "results.json"))
@@ -118,7 +122,8 @@ def check_output_folder(cfg: RunConfig, resolved: RunConfig, images: list[Image]
 
 # How a job runs, not what it computes: a job stored by a GPU run is reused on a CPU.
 HOW = ("weights_dir", "loop", "conv", "shard", "remat", "batch_strategy", "batch_conv", "hybrid_side")
-# Renamed in issue 14; stored jobs (e.g. the GPU runs in experiments/results/gpu_h100/jobs) keep the old names.
+# Renamed when the flags were generated from config.py; stored jobs (e.g. the GPU runs in
+# experiments/results/gpu_h100/jobs) keep the old names.
 LEGACY_KEYS = types.MappingProxyType({"channels": "image_channels", "net.channels": "net.width"})
 
 
@@ -189,3 +194,24 @@ def finished_job(
       return None, f"{resolved.workdir} was made by other code ({res.get('commit', '?')})"
     return res, f"reusing {resolved.workdir} from other code ({res.get('commit', '?')}, --allow_other_code)"
   return res, f"reusing finished job {resolved.workdir}"
+
+
+def missing_outputs(workdir: str, names: list[str]) -> dict[str, str]:
+  """Per finished image: the first of its files (images/, history/) that the workdir's marker lists as
+  written but that is gone since (deleted by the user), so that --resume fits that image again rather than
+  report it complete. A file belongs to the longest image name it starts with (NAME_..., NAME.csv)."""
+  marker = os.path.join(workdir, outputs.MARKER)
+  if not os.path.isfile(marker):
+    return {}
+  with open(marker) as f:
+    listed = [ln[len("wrote ") :].rstrip("\n") for ln in f if ln.startswith("wrote ")]
+  by_length = sorted(names, key=len, reverse=True)
+  missing: dict[str, str] = {}
+  for rel in listed:
+    folder, base = os.path.split(rel)
+    if folder not in ("images", "history") or os.path.exists(os.path.join(workdir, rel)):
+      continue
+    owner = next((n for n in by_length if base.startswith((n + "_", n + "."))), None)
+    if owner is not None:
+      missing.setdefault(owner, os.path.join(workdir, rel))
+  return missing

@@ -12,63 +12,24 @@ import jax
 import numpy as np
 from absl import logging
 
-from idip_jax import batching, buckets, checkpoint, config, data, fit, outputs, prelim, results, resume, sure_fit, tasks
+from idip_jax import (
+  batching,
+  buckets,
+  checkpoint,
+  config,
+  data,
+  fit,
+  locks,
+  outputs,
+  prelim,
+  results,
+  resume,
+  sure_fit,
+  tasks,
+)
+from idip_jax.checks import validate
 from idip_jax.config import DEFAULT_STEPS, METHODS, RunConfig
 from idip_jax.data import Image, InputError
-
-
-def validate(cfg: RunConfig) -> None:
-  """Every rule on the settings alone (before reading any file): one InputError line."""
-  config.check(cfg)
-
-  def need(ok, msg):
-    if not ok:
-      raise InputError(msg)
-
-  need(bool(cfg.input), "--input is required (a file, folder, glob or skimage:NAME)")
-  need(bool(cfg.workdir), "--workdir is empty")
-  need(cfg.net.scales <= 8, f"--scales must be in 1..8 (got {cfg.net.scales})")
-  need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
-  m = METHODS[cfg.method]
-  need(
-    not (m.prelim_input or m.prelim_loss) or cfg.prelim.name != "none",
-    f"--method={cfg.method} needs a preliminary denoiser: set --prelim (bm3d, file, ffdnet, dncnn)",
-  )
-  task = cfg.fit.task
-  need(
-    task == "denoise" or not (m.prelim_input or m.prelim_loss) or (task == "sr" and cfg.prelim.name == "bicubic"),
-    f"--task={task} runs --method=dip or idip1 (x_bar, IDIP's changes 2 and 3, is a denoiser's output; "
-    "for --task=sr: --prelim=bicubic)",
-  )
-  need(task == "sr" or cfg.prelim.name != "bicubic", "--prelim=bicubic is super-resolution's x_bar: set --task=sr")
-  need(
-    not cfg.prelim.x8 or cfg.prelim.name in ("ffdnet", "dncnn"),
-    f"--x8 is the self-ensemble of a CNN x_bar: --prelim=ffdnet or dncnn (got {cfg.prelim.name})",
-  )
-  need(task != "sr" or cfg.sigma == 0, "--task=sr fits noise-free low-resolution images: leave --sigma at 0")
-  if task == "inpaint":
-    tasks.parse_keep(cfg.mask)  # a bad bernoulli:P fails here
-    need(
-      cfg.mask.startswith("bernoulli:") or os.path.exists(cfg.mask),
-      f"--mask={cfg.mask}: no such file or folder (or use bernoulli:P)",
-    )
-  steps = cfg.fit.steps or DEFAULT_STEPS[cfg.method]
-  need(
-    cfg.fit.stop not in ("wmv", "emv") or cfg.fit.stop_window + 1 < steps,
-    f"--stop={cfg.fit.stop} needs --stop_window ({cfg.fit.stop_window}) below --steps - 1 ({steps - 1}): "
-    "its variance is first known after the window fills",
-  )
-  if cfg.fit.stop == "sure":
-    need(cfg.sigma > 0, "--stop=sure needs the noise level: set --sigma (SURE is unbiased only at a known sigma)")
-    need(task == "denoise", f"--stop=sure estimates a denoiser's error: --task=denoise (got {task})")
-    need(
-      cfg.prelim.name not in ("file",) or not (m.prelim_input or m.prelim_loss),
-      "--stop=sure fits a twin to y + eps b, whose x_bar must be made too: --prelim=file cannot",
-    )
-  need(
-    not (m.complex_connection and cfg.net.skip_channels == 0),
-    "the complex connection lives on the skips: --skip_channels must be > 0",
-  )
 
 
 def image_channels(images: list[Image]) -> int:
@@ -145,6 +106,7 @@ def check_xbar(cfg: RunConfig, images: list[Image]) -> None:
     prelim.check_candidates(prelim.spec_of(cfg), images)
 
 
+@locks.held()  # the workdir's lock, taken while checking it, is released when the job returns
 def run(
   cfg: RunConfig,
   flags_text: str = "",
@@ -195,6 +157,9 @@ def fit_and_record(
   records: dict[str, dict] = {}
   if cfg.resume and os.path.isfile(results_path):
     records = {r["name"]: r for r in resume.read_stored(results_path)["images"]}
+    for name, path in resume.missing_outputs(cfg.workdir, list(records)).items():
+      logging.warning("--resume: %s is gone since the stored run; fitting %s again", path, name)
+      del records[name]
     logging.info("resuming %s: %d of %d images finished", cfg.workdir, len(records), len(images))
 
   prelims: list[np.ndarray | None] = [None] * len(images)
@@ -323,6 +288,7 @@ def _prelim_sigmas(cfg: RunConfig, images: list[Image]) -> dict[str, float]:
   return sigmas
 
 
+@locks.held()
 def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
   """Several methods on the same inputs, noise and x_bar (made once), each in its own
   sub-folder of the first config's workdir; prints and writes a comparison (summary.json)."""
@@ -344,6 +310,7 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
     check_xbar(c, images)
   resolved = [resolve(c, image_channels(images)) for c in subs]
   if cfgs[0].resume:
+    locks.lock(top, os.path.join(top, outputs.MARKER))
     for c, r in zip(subs, resolved):
       resume.check_output_folder(c, r, images)
   else:

@@ -1,4 +1,4 @@
-"""SURE along a DIP/IDIP fit (issue 34, item 4): the fit is a function of y, so its MC-SURE needs
+"""SURE along a DIP/IDIP fit (--stop=sure): the fit is a function of y, so its MC-SURE needs
 the divergence of the whole fit with respect to y. Each run gets a twin fitted to y + eps b (same
 seed, so the same init, code z and per-step noise; for IDIP the x_bar of y + eps b too); at every
 eval step div ~ b . (f_twin - f) / eps. With --sure_twins=K each twin k has its own probe b_k and div is

@@ -1,4 +1,5 @@
-"""Deep Image Prior beyond denoising (issue 18): the degradation operator A of each task, applied
+"""Deep Image Prior beyond denoising (DIP paper Sec. 4: inpainting, super-resolution): the degradation
+operator A of each task, applied
 inside the pure loss ||A(net(z)) - y||^2, and the observations y made from ground-truth images.
 
 denoise: A = identity, y = the noisy image. inpaint: A = identity on the observed pixels (the loss
@@ -143,13 +144,19 @@ def sr_images(images: list[Image], factor: int, crop_to: int) -> list[Image]:
   for im in images:
     hr = im.clean_HxWxC
     h, w, _ = hr.shape
+    if crop_to and min(h, w) < crop_to:
+      raise InputError(
+        f"{im.name}: {h}x{w} is smaller than {crop_to} px, the multiple --sr_crop crops the HR image to: "
+        f"use an image of at least {crop_to} px per side"
+      )
     if crop_to:
       nh, nw = h - h % crop_to, w - w % crop_to
       top, left = (h - nh) // 2, (w - nw) // 2
       hr = hr[top : top + nh, left : left + nw]
       h, w = nh, nw
     if h % factor or w % factor or not h or not w:
-      raise InputError(f"{im.name}: {h}x{w} is not divisible by the SR factor {factor} (or use --sr_crop)")
+      hint = f" after --sr_crop's crop to a multiple of {crop_to}" if crop_to else " (or use --sr_crop)"
+      raise InputError(f"{im.name}: {h}x{w} is not divisible by the SR factor {factor}{hint}")
     lr = lanczos_resize(hr, h // factor, w // factor)
     # Clipped as PIL's 8-bit bicubic image would be (the baseline DIP's notebook reports).
     out.append(Image(im.name, np.clip(bicubic_resize(lr, h, w), 0.0, 1.0), hr, lr_HxWxC=lr))

@@ -68,7 +68,8 @@ NET, _ = fit.for_backend(
 TINY_ARGS = [
   f"--{k}={getattr(config.TINY_NET, k)}" for k in ("in_channels", "scales", "width", "skip_channels", "cc_features")
 ] + ["--chunk=5", "--batch_strategy=vmap"]
-# --batch_strategy=vmap in TINY_ARGS: one run per call on CPU, as before issue 30; the auto strategy's timing
+# --batch_strategy=vmap in TINY_ARGS: one run per call on CPU, as before --batch_strategy=auto existed; the auto
+# strategy's timing
 # (a compile per candidate) would dominate these tiny fits. It is tested in test_convs.py.
 
 

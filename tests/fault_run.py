@@ -1,4 +1,4 @@
-"""run.py with a fault injected from outside the package (issue 33: no test hook in production
+"""run.py with a fault injected from outside the package (no test hook in production
 code): SIGKILL, which no handler sees, right after EVENT: "checkpoint" (a checkpoint was written)
 or "image" (results.json was written, i.e. an image finished).
 

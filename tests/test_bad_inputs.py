@@ -1,4 +1,4 @@
-"""Bad and hostile input (issue 31): each case gets one error line and a non-zero exit before any
+"""Bad and hostile input: each case gets one error line and a non-zero exit before any
 compute, and every file that existed before is still there, byte for byte. docs/reliability.md is
 the table of these cases; this battery keeps it true."""
 
@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_ARGS, smooth_image, write_png
+from conftest import ROOT, TINY_ARGS, import_experiment, smooth_image, write_png
 from test_cli import run_cli
 
 from idip_jax import outputs
@@ -62,6 +62,13 @@ def _truncate(path):
 def _xbar(t, side):
   (t / "xbar").mkdir()
   write_png(str(t / "xbar" / "b.png"), smooth_image(side, side, 1, seed=3))
+
+
+def _animation(t):
+  import imageio.v3 as iio
+
+  frames = np.stack([np.full((32, 32, 3), v, np.uint8) for v in (0, 200)])  # two different frames
+  iio.imwrite(t / "anim.gif", frames)
 
 
 def _mask(t, side, name="m.png"):
@@ -194,7 +201,13 @@ CASES = [
   # Flag values.
   ("noise_seed_negative", None, ["--input={t}/a.png", "--workdir={t}/new", "--noise_seed=-1"], 2, "--noise_seed must"),
   ("seed_negative", None, ["--input={t}/a.png", "--workdir={t}/new", "--seed=-5"], 2, "--seed must be >= 0"),
-  ("seed_beyond_64_bits", None, ["--input={t}/a.png", "--workdir={t}/new", f"--seed={2**70}"], 2, "--seed must be <="),
+  (
+    "seed_beyond_64_bits",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", f"--seed={2**70}"],
+    2,
+    "--seed must be >= 0 and <= 4294967295",
+  ),
   ("unknown_method", None, ["--input={t}/a.png", "--workdir={t}/new", "--method=foo"], 2, "--method"),
   ("unknown_flag", None, ["--input={t}/a.png", "--workdir={t}/new", "--stepz=3"], 2, "stepz"),
   ("sigma_nan", None, ["--input={t}/a.png", "--workdir={t}/new", "--sigma=nan"], 2, "must be finite"),
@@ -313,6 +326,88 @@ CASES = [
     ["--input={t}/a.png", "--workdir={t}/new", "--method=idip", "--prelim=ffdnet", "--weights={t}/none.mat"],
     2,
     "none.mat",
+  ),
+  # Silent wrong results: every numeric flag has its range, every count a bound (a step count of 1e20 fitted
+  # for ever), and a flag that another flag makes meaningless is refused, not ignored.
+  ("ema_decay_above_one", None, ["--input={t}/a.png", "--workdir={t}/new", "--ema_decay=1.5"], 2, "< 1 (got 1.5)"),
+  ("lr_negative", None, ["--input={t}/a.png", "--workdir={t}/new", "--lr=-0.1"], 2, "--lr must be >= 0"),
+  ("steps_beyond_bound", None, ["--input={t}/a.png", "--workdir={t}/new", f"--steps={10**20}"], 2, "--steps must be"),
+  ("sigma_above_255", None, ["--input={t}/a.png", "--workdir={t}/new", "--sigma=300"], 2, "--sigma must be"),
+  (
+    "mask_without_inpaint",
+    lambda t: _mask(t, 32),
+    ["--input={t}/a.png", "--workdir={t}/new", "--mask={t}/m.png"],
+    2,
+    "needs --task=inpaint",
+  ),
+  (
+    "prelim_dir_with_bm3d",
+    lambda t: _xbar(t, 32),
+    ["--input={t}/a.png", "--workdir={t}/new", "--method=idip", "--prelim=bm3d", "--prelim_dir={t}/xbar"],
+    2,
+    "needs --prelim=file",
+  ),
+  ("sr_factor_without_sr", None, ["--input={t}/a.png", "--workdir={t}/new", "--sr_factor=8"], 2, "needs --task=sr"),
+  (
+    "weights_without_a_cnn_xbar",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", "--weights={t}/w.mat"],
+    2,
+    "needs --prelim=ffdnet, dncnn or sure_blend",
+  ),
+  (
+    "coordinator_without_distributed",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", "--coordinator=h:1"],
+    2,
+    "--distributed",
+  ),
+  (
+    "distributed_without_coordinator",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", "--distributed"],
+    2,
+    "jax.distributed.initialize failed",
+  ),
+  (
+    "xbar_gray_for_rgb_input",
+    lambda t: [
+      write_png(str(t / "c.png"), smooth_image(32, 32, 3)),
+      _xbar(t, 32),
+      shutil.move(t / "xbar" / "b.png", t / "xbar" / "c.png"),
+    ],
+    ["--input={t}/c.png", "--workdir={t}/new", "--method=idip", "--prelim=file", "--prelim_dir={t}/xbar"],
+    2,
+    "give a colour x_bar",
+  ),
+  (
+    "resume_config_json_not_an_object",
+    lambda t: (t / "wd" / "config.json").write_text("[1, 2]"),
+    ["--input={t}/in", "--workdir={t}/wd", "--resume"],
+    2,
+    "holds a JSON list, not an object",
+  ),
+  (
+    "batch_cache_is_a_folder",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", "--batch_strategy=auto", "--batch_cache={t}/in"],
+    2,
+    "is a folder",
+  ),
+  # Unclear or wrong refusals, now saying what is wrong.
+  (
+    "gif_animation",
+    _animation,
+    ["--input={t}/anim.gif", "--workdir={t}/new"],
+    2,
+    "holds 2 frames",
+  ),
+  (
+    "sr_image_smaller_than_sr_crop",
+    lambda t: write_png(str(t / "s20.png"), smooth_image(20, 20, 1)),
+    ["--input={t}/s20.png", "--workdir={t}/new", "--task=sr", "--sigma=0"],
+    2,
+    "is smaller than 32 px",
   ),
   (
     "weights_damaged",
@@ -438,10 +533,193 @@ def test_resume_refusal_is_one_line_without_jax_backend_chatter(case_dir):
     timeout=300,
     env=env,
   )
-  assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "fit.steps" in p.stderr, p.stderr
+  lines = error_lines(p.stderr)  # absl's lines aside (TINY_ARGS' --cc_features warns for dip)
+  assert p.returncode == 2 and len(lines) == 1 and "fit.steps" in lines[0], p.stderr
+  assert "Unable to initialize backend" not in p.stderr, p.stderr
 
 
 def test_reliability_table_lists_every_case():
   doc = open(os.path.join(ROOT, "docs", "reliability.md")).read()
   table = set(re.findall(r"^\| `([a-z0-9_]+)` \|", doc, re.M))
-  assert table == {c[0] for c in CASES}, table ^ {c[0] for c in CASES}
+  ids = {c[0] for c in CASES + SCRIPT_CASES}
+  assert table == ids, table ^ ids
+
+
+def test_overwrite_through_a_symlinked_workdir_replaces_its_folder_and_keeps_the_link(case_dir, capsys):
+  """--workdir a link to a tool-made folder (was a traceback: rmtree refuses links)."""
+  t = case_dir
+  os.symlink(t / "wd", t / "link")
+  code, err = run_cli(FIT + [f"--input={t / 'a.png'}", f"--workdir={t / 'link'}", "--overwrite"], capsys)
+  assert code == 0, err
+  assert os.path.islink(t / "link") and json.loads((t / "wd" / "results.json").read_text())["complete"]
+
+
+def test_single_frame_gif_and_an_upper_case_xbar_file_are_read(tmp_path, capsys):
+  """A one-frame GIF is an image (was 'unsupported image shape (1, 32, 32, 3)'); x_bar/A.PNG is found for
+  input A as A.PNG itself is (the lookup was case-sensitive in the extension)."""
+  import imageio.v3 as iio
+
+  rgb = (smooth_image(32, 32, 3) * 255).astype(np.uint8)
+  iio.imwrite(tmp_path / "A.gif", rgb[None])
+  (tmp_path / "xbar").mkdir()
+  iio.imwrite(tmp_path / "xbar" / "A.PNG", rgb)
+  args = ["--method=idip2", "--prelim=file", f"--prelim_dir={tmp_path / 'xbar'}", f"--workdir={tmp_path / 'wd'}"]
+  code, err = run_cli(FIT + [f"--input={tmp_path / 'A.gif'}"] + args, capsys)
+  assert code == 0, err
+  res = json.loads((tmp_path / "wd" / "results.json").read_text())["images"][0]
+  assert res["name"] == "A" and res["psnr_prelim"] > 30  # x_bar is the file's own (quantised) image
+
+
+def test_resume_fits_again_an_image_whose_output_was_deleted(case_dir, capsys, caplog):
+  """--resume of a finished run after the user deleted one of its images: that image is fitted again
+  (with a warning naming the file), not reported complete with a file missing."""
+  t = case_dir
+  gone = t / "wd" / "images" / "a_final.png"
+  before = gone.read_bytes()
+  gone.unlink()
+  code, err = run_cli(FIT + [f"--input={t / 'in'}", f"--workdir={t / 'wd'}", "--resume"], capsys)
+  assert code == 0, err
+  assert "a_final.png is gone since the stored run; fitting a again" in caplog.text
+  assert gone.read_bytes() == before  # the same fit, made again
+  assert json.loads((t / "wd" / "results.json").read_text())["complete"] is True
+
+
+def _start_run(t, workdir, steps):
+  return subprocess.Popen(
+    [sys.executable, "run.py"] + FIT + [f"--input={t / 'a.png'}", f"--workdir={workdir}", f"--steps={steps}"],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def test_a_workdir_in_use_is_locked_and_a_killed_run_leaves_no_lock(case_dir):
+  """Two real processes: run A fits into wd2; B's --overwrite of wd2 (it deleted A's live folder, both
+  exiting 0) is refused in one line naming A's pid, and changes nothing; once A is killed (SIGKILL: no
+  cleanup runs), the kernel has dropped A's lock and B's --overwrite goes through."""
+  import time
+
+  t = case_dir
+  a = _start_run(t, t / "wd2", 100000)
+  try:
+    deadline = time.time() + 120
+    while not (t / "wd2" / "config.json").exists():  # A has made and locked its folder, and is fitting
+      assert a.poll() is None and time.time() < deadline, a.stdout.read() if a.poll() is not None else "timeout"
+      time.sleep(0.2)
+    before = {k: v for k, v in snapshot(t).items() if "/wd2/" not in k}
+    argv = [sys.executable, "run.py"] + FIT + [f"--input={t / 'a.png'}", f"--workdir={t / 'wd2'}", "--overwrite"]
+    b = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = error_lines(b.stderr)
+    assert b.returncode == 2 and len(lines) == 1 and f"is in use by pid {a.pid} (" in lines[0], b.stderr
+    assert "Traceback" not in b.stderr and a.poll() is None  # A goes on
+    assert (t / "wd2" / "config.json").exists() and {k: v for k, v in snapshot(t).items() if "/wd2/" not in k} == before
+  finally:
+    a.kill()
+    a.wait()
+  b = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert b.returncode == 0, b.stderr[-2000:]
+  assert json.loads((t / "wd2" / "results.json").read_text())["complete"] is True
+
+
+# Every entry point the README names, each as careful as run.py: (case, script, setup(t), arguments, phrase).
+# Each is called in-process through its own entry(argv); t holds a training set, a validation set and the
+# folder a stored training run would be in.
+def _training_sets(t):
+  for d, sides in (("train", (48, 48)), ("val", (32, 64))):
+    (t / d).mkdir()
+    for i, side in enumerate(sides):
+      write_png(str(t / d / f"{d}{i}.png"), smooth_image(side, side, 1, seed=i))
+
+
+def _stored_training_run(t):
+  from idip_jax import config
+
+  (t / "tw").mkdir()
+  (t / "tw" / outputs.MARKER).write_text("made by idip-jax\nwrote config.json\n")
+  cfg = config.TrainConfig(workdir=str(t / "tw"), train_dir=str(t / "train"), val_dir=str(t / "val"), patch=16)
+  (t / "tw" / "config.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, val_crop=32))))
+
+
+# Where the scripts would write: each case also checks that no results folder is made.
+OUTPUT_FLAGS = {"tables": ["--results_dir={t}/res"], "bench": ["--out={t}/res/b"]}
+TRAIN = ["--train_dir={t}/train", "--val_dir={t}/val", "--patch=16", "--workdir={t}/tw"]
+SCRIPT_CASES = [
+  ("tables_empty", "tables", None, ["--tables="], "--tables is empty"),
+  ("tables_lower_case_name", "tables", None, ["--tables=t2"], "did you mean T2?"),
+  ("tables_unknown_name", "tables", None, ["--tables=T9"], "unknown table --tables=T9"),
+  ("tables_method_steps_without_count", "tables", None, ["--method_steps=dip"], "give METHOD=N"),
+  ("tables_report_steps_not_a_number", "tables", None, ["--report_steps=dip=abc"], "N must be a step count"),
+  ("tables_unknown_row", "tables", None, ["--rows=Nope"], "--rows=Nope is no row of T2"),
+  ("tables_run_flag_out_of_range", "tables", None, ["--ema_decay=1.5"], "--ema_decay must be"),
+  ("bench_sizes_not_numbers", "bench", None, ["--sizes=abc"], "--sizes=abc: give integers"),
+  ("bench_size_below_the_net", "bench", None, ["--sizes=16"], "at least 64"),
+  ("bench_unknown_lowering", "bench", None, ["--lowerings=foo"], "unknown --lowerings=foo"),
+  ("bench_zero_repeats", "bench", None, ["--repeats=0"], "--repeats=0"),
+  ("bench_merge_missing_file", "bench", None, ["--merge={t}/none.json"], "no results file"),
+  ("train_unknown_target", "train_denoiser", None, ["--target=both"] + TRAIN, "--target"),
+  ("train_steps_beyond_bound", "train_denoiser", None, [f"--steps={10**20}"] + TRAIN, "--steps must be"),
+  (
+    "train_validation_smaller_than_crop",
+    "train_denoiser",
+    _training_sets,
+    ["--val_crop=48"] + TRAIN,
+    "val0.png is 32x32, smaller than --val_crop=48",
+  ),
+  (
+    "train_resume_changed_settings",
+    "train_denoiser",
+    lambda t: [_training_sets(t), _stored_training_run(t)],
+    ["--val_crop=32", "--resume", "--sigma=50"] + TRAIN,
+    "sigma (stored 25.0, now 50.0)",
+  ),
+  (
+    "train_resume_nothing_there",
+    "train_denoiser",
+    _training_sets,
+    ["--val_crop=32", "--resume"] + TRAIN,
+    "no training run",
+  ),
+  ("catalogue_stray_argument", "catalogue", None, ["extra"], "unexpected arguments: extra"),
+  ("demo_cold_unknown_flag", "demo_cold", None, ["--fast"], "Unknown command line flag 'fast'"),
+]
+
+
+@pytest.mark.parametrize("name,script,setup,args,phrase", SCRIPT_CASES, ids=[c[0] for c in SCRIPT_CASES])
+def test_experiment_entry_points_one_line_nothing_touched(tmp_path, capsys, name, script, setup, args, phrase):
+  from absl import flags
+
+  t = tmp_path
+  (t / "keep.txt").write_text("a file that was here")
+  if setup:
+    setup(t)
+  before = snapshot(t)
+  module = import_experiment(script)
+  getattr(module, "FV", flags.FLAGS).unparse_flags()
+  capsys.readouterr()
+  code = module.entry([script + ".py"] + [a.format(t=t) for a in OUTPUT_FLAGS.get(script, []) + args])
+  err = capsys.readouterr().err
+  getattr(module, "FV", flags.FLAGS).unparse_flags()
+  lines = error_lines(err)
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], (code, err[-3000:])
+  assert "Traceback" not in err and snapshot(t) == before  # nothing made: no results folder, no workdir
+
+
+def test_bench_dry_run_lists_its_groups_and_times_nothing(tmp_path, capsys):
+  from absl import flags
+
+  bench = import_experiment("bench")
+  flags.FLAGS.unparse_flags()
+  code = bench.entry(["bench.py", "--dry_run", "--sizes=64,128", "--batches=1,2", f"--out={tmp_path}/b"])
+  flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert code == 0 and "size 64: loop tf32 batch 1, loop tf32 batch 2, im2col tf32 batch 2" in out, out
+  assert "size 128:" in out and not os.listdir(tmp_path)  # no results file: nothing was timed
+
+
+def test_battery_covers_every_entry_point_the_readme_names():
+  """Each `python X.py` / `python -m X` of the README has cases in a battery (run.py: CASES)."""
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  named = set(re.findall(r"python (?:-m )?((?:experiments[./])?[\w/.]+?)(?:\.py)?[\s`]", readme))
+  covered = {"run"} | {f"experiments/{c[1]}" for c in SCRIPT_CASES} | {f"experiments.{c[1]}" for c in SCRIPT_CASES}
+  assert named - {"pytest"} <= covered, named - covered  # pytest: the test command itself

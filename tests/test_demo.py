@@ -27,7 +27,7 @@ def test_demo_flags_end_to_end(tmp_path, capsys):
     os.chdir(cwd)
   out, err = capsys.readouterr()
   assert code == 0, err
-  # The demo ends with one line saying where its images and curves are (issue 32).
+  # The demo ends with one line saying where its images and curves are.
   last = out.strip().splitlines()[-1]
   assert last.startswith(f"outputs in {tmp_path / 'demo'}/: images in {{dip,idip}}/images/"), last
   assert "psnr_curve.png" in last and (tmp_path / "demo" / "idip" / "psnr_curve.png").is_file(), last
@@ -39,7 +39,7 @@ def test_demo_flags_end_to_end(tmp_path, capsys):
   assert summary["idip"]["steps"] == summary["dip"]["steps"] == 40
   assert summary["idip"]["psnr_final"] == r["psnr_final"]
   assert dip["psnr_prelim"] is None  # DIP does not use x_bar
-  # config.json: the settings as run, not as defaulted (issue 14)
+  # config.json: the settings as run, not as defaulted (every "auto" resolved)
   ran = {m: json.loads((tmp_path / "demo" / m / "config.json").read_text()) for m in ("dip", "idip")}
   assert ran["idip"]["net"]["in_channels"] == 1 and ran["idip"]["net"]["out_channels"] == 1  # x_bar in, gray out
   assert ran["idip"]["net"]["complex_connection"] and not ran["dip"]["net"]["complex_connection"]

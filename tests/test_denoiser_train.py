@@ -1,4 +1,4 @@
-"""Issue 17: training DnCNN (supervised) and Noise2Noise in JAX, checkpoints, use as x_bar; issue 33: on the
+"""Training DnCNN (supervised) and Noise2Noise in JAX, checkpoints, use as x_bar; on the
 fits' loop (loop.run) and checkpoints (checkpoint.py), with denoisers.DnCNN."""
 
 import dataclasses
@@ -106,6 +106,14 @@ def test_checkpoint_resumes_bit_identically_and_loads_as_x_bar(folder, tmp_path,
   assert int(denoiser_train.restore(cut.workdir, like).step) == 4  # saved on Ctrl-C (no multiple of 6 yet)
   resumed = denoiser_train.train(dataclasses.replace(cut, resume=True))
   assert resumed["resumed_from"] == 4 and resumed["steps_this_call"] == 2
+  # --resume of the finished run: its stored summary, nothing trained and no file rewritten (it rewrote
+  # summary.json with a null validation PSNR); changed settings are refused as run.py refuses them.
+  stored = {n: open(os.path.join(cut.workdir, n), "rb").read() for n in ("summary.json", "progress.csv")}
+  again = denoiser_train.train(dataclasses.replace(cut, resume=True))
+  assert again["val_psnr"] == pytest.approx(resumed["val_psnr"]) and again["steps_this_call"] == 2
+  assert stored == {n: open(os.path.join(cut.workdir, n), "rb").read() for n in stored}
+  with pytest.raises(data.InputError, match=r"settings differ .* sigma \(stored 25.0, now 50.0\)"):
+    denoiser_train.train(dataclasses.replace(cut, resume=True, sigma=50.0))
   again = denoiser_train.restore(cut.workdir, like)
   for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,4 +1,4 @@
-"""Issue 16's knob table (experiments/idipplus_knobs.py) on a made-up set of finished IDIPplus jobs."""
+"""The IDIPplus knob table (experiments/idipplus_knobs.py) on a made-up set of finished IDIPplus jobs."""
 
 import json
 import os

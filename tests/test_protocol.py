@@ -1,4 +1,4 @@
-"""The measurement protocol (issue 11): what the history, the records and the tables report."""
+"""The measurement protocol: what the history, the records and the tables report."""
 
 import dataclasses
 import json
@@ -232,7 +232,7 @@ def test_finished_jobs_are_keyed_by_code(tmp_path, capsys):
 
 
 def test_tables_reuse_jobs_stored_by_older_code(tmp_path):
-  """A config.json written before issue 14 (old names, unresolved net, loop "auto") still
+  """A config.json written by older code (old names, unresolved net, loop "auto") still
   matches the same job, so stored GPU runs rebuild their tables."""
   tables = import_experiment("tables")
   with parsed_flags(["tables.py", "--noise=clip"]):
@@ -251,7 +251,7 @@ def test_tables_reuse_jobs_stored_by_older_code(tmp_path):
 
 @pytest.mark.parametrize("change", ["sigma", "crop", "noise", "x_bar", "code"])
 def test_one_same_settings_rule_refuses_another_job(tmp_path, change):
-  """Issue 33: one rule (resume.settings_difference) says whether a stored run has the same settings,
+  """One rule (stored.settings_difference) says whether a stored run has the same settings,
   for --resume (every setting) and for reusing a finished job (experiments/tables.py and faithfulness.py
   through resume.finished_job): another sigma, crop, noise protocol or x_bar source is refused by both;
   other code by the job reuse (unless --allow_other_code)."""

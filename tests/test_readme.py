@@ -94,7 +94,7 @@ def test_readme_links_resolve():
 
 
 def test_layout_names_every_module_and_none_is_over_400_lines():
-  """Issue 33: the README's Layout gives every module of the package its one concern, and no module
+  """The README's Layout gives every module of the package its one concern, and no module
   grows past 400 lines (split it by concern instead)."""
   layout = open(README).read().split("## Layout")[1].split("\n## ")[0]
   package = os.path.join(ROOT, "idip_jax")
@@ -104,3 +104,18 @@ def test_layout_names_every_module_and_none_is_over_400_lines():
     assert f"`{name}`" in layout or f"`idip_jax/{name}`" in layout, f"README Layout does not name {name}"
     n = len(open(os.path.join(package, name)).read().splitlines())
     assert n <= 400, f"idip_jax/{name} has {n} lines"
+
+
+def test_no_issue_numbers_anywhere_in_the_project():
+  """A reader has no access to the project's tracker: code, docs, flagfiles, tests and results name the
+  question or the measurement, never 'issue N'."""
+  pattern = re.compile(r"\bissues? ?#?\d+", re.I)
+  found = []
+  for d, subdirs, files in os.walk(ROOT):
+    subdirs[:] = [s for s in subdirs if not s.startswith(".") and s not in ("__pycache__", "runs", "build")]
+    for name in files:
+      if name.endswith((".py", ".md", ".flags", ".toml", ".json", ".txt")) and not name.startswith("."):
+        path = os.path.join(d, name)
+        with open(path, errors="replace") as f:
+          found += [f"{os.path.relpath(path, ROOT)}: {m.group(0)}" for m in pattern.finditer(f.read(100_000))]
+  assert not found, found[:10]

@@ -1,4 +1,4 @@
-"""Issue 33: the runner is a straight line; each check and the resolution run once per method."""
+"""The runner is a straight line; each check and the resolution run once per method."""
 
 import collections
 

@@ -1,4 +1,4 @@
-"""Issue 16: automatic stopping (ES-WMV / ES-EMV) per run inside a batch, and seed ensembles."""
+"""Automatic stopping (ES-WMV / ES-EMV) per run inside a batch, and seed ensembles."""
 
 import dataclasses
 import json

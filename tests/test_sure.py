@@ -1,4 +1,4 @@
-"""MC-SURE (issue 34): the divergence of linear maps is their trace, SURE tracks the true MSE of real
+"""MC-SURE (Ramani et al. 2008): the divergence of linear maps is their trace, SURE tracks the true MSE of real
 denoisers, the blend weights are the closed form, x8 of an equivariant map is that map."""
 
 import os

@@ -1,4 +1,4 @@
-"""Issue 34, items 4-5: SURE along a fit from a twin run fitted to y + eps b (--stop=sure), and
+"""SURE along a fit from a twin run fitted to y + eps b (--stop=sure), and
 NAME_sure.png, the SURE blend of the fit with the x_bar candidates."""
 
 import dataclasses

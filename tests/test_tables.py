@@ -31,7 +31,7 @@ def test_table_flagfiles_parse(capsys):
 
 
 def test_every_table_of_the_catalogue_lists_its_jobs():
-  """Issue 33: the catalogue (catalogue.TABLES, TABLES_PER_SET) gives each table its rows without fitting: distinct
+  """The catalogue (catalogue.TABLES, TABLES_PER_SET) gives each table its rows without fitting: distinct
   labels, methods and x_bar sources the runner knows, K runs per image where asked, and an unknown table refused."""
   catalogue, jobs = import_experiment("catalogue"), import_experiment("jobs")
   names = list(catalogue.TABLES) + ["T4_Set12", "SR4_Set5", "IDIPplus_holdout9", "IDIPplus_Set12"]
@@ -51,7 +51,7 @@ def test_every_table_of_the_catalogue_lists_its_jobs():
 
 
 def test_every_study_of_the_catalogue_lists_its_jobs(tmp_path):
-  """Issue 33: the studies are configurations too (catalogue.STUDIES): each lists jobs the one runner knows, each job
+  """The studies are configurations too (catalogue.STUDIES): each lists jobs the one runner knows, each job
   with its own folder (noise protocol and overrides in the name); the knob table reads the IDIPplus table's jobs."""
   catalogue, jobs = import_experiment("catalogue"), import_experiment("jobs")
   for name, (command, rows) in catalogue.STUDIES.items():
@@ -119,7 +119,8 @@ def test_smoke_tables_are_well_formed(tmp_path):
   assert fs["images"] == 3 and set(next(iter(fs["per_image"].values()))) >= {"dip_steps", "idip_steps"}
   color = json.loads((out / "DIPcolor.json").read_text())["methods"]["DIP"]
   assert "mean_psnr_avg_runs_ema" in color
-  # The tasks of issue 18: the paper's per-image Table 1 beside ours; SR's bicubic row is its input's PSNR.
+  # The tasks (inpainting, super-resolution): the paper's per-image Table 1 beside ours; SR's bicubic row is
+  # its input's PSNR.
   inp = json.loads((out / "inpaint_heide11.json").read_text())
   assert inp["paper_per_image"]["barbara"] == 32.22 and set(inp["methods"]) == {"DIP"}
   for sr in ("SR4_Set5", "SR4_Set14"):
@@ -283,7 +284,8 @@ def test_faithfulness_merge_per_image_studies(tmp_path, capsys):
 
 
 def test_idipplus_table_rows_share_one_watched_job(tmp_path):
-  """Issue 16's table: per sigma, x_bar, IDIP (fixed steps), IDIP-auto (ES-WMV), IDIP-xK (ensemble) and the
+  """The IDIPplus table (can IDIP beat its x_bar?): per sigma, x_bar, IDIP (fixed steps), IDIP-auto (ES-WMV),
+  IDIP-xK (ensemble) and the
   oracle, the last four read from one job of K watched runs per image."""
   need_path(os.path.join(DATA, "holdout9"))
   need_path(WEIGHTS)
@@ -371,7 +373,7 @@ REBUILT = [
 
 @pytest.mark.parametrize("script,writer,stems", REBUILT)
 def test_stored_results_rebuild_from_their_json(script, writer, stems, tmp_path):
-  """Issue 33: a study's or table's markdown is a pure function of its stored JSON (written together), so the
+  """A study's or table's markdown is a pure function of its stored JSON (written together), so the
   committed files rebuild byte for byte without refitting."""
   write = getattr(import_experiment(script), writer)
   for stem in stems:
@@ -389,7 +391,7 @@ def test_stored_results_rebuild_from_their_json(script, writer, stems, tmp_path)
 
 @pytest.mark.parametrize("study", ["noise_protocol", "prelim_psnr"])
 def test_x_bar_studies_run_at_smoke_scale_through_the_one_runner(tmp_path, study):
-  """Issue 33: noise_protocol.py and prelim_psnr.py are lists of x_bar-only jobs (catalogue.STUDIES) run by
+  """noise_protocol.py and prelim_psnr.py are lists of x_bar-only jobs (catalogue.STUDIES) run by
   jobs.Runner: at smoke scale (32 px crops of 3 images) each row's PSNRs are those of the denoiser called directly."""
   for d in ("classic10", "Set12", "cbm3d9"):
     need_path(os.path.join(DATA, d))
@@ -428,7 +430,7 @@ def test_batch_equality_table_from_its_json():
 
 
 def test_batch_equality_runs_its_jobs_through_the_one_runner(tmp_path, capsys):
-  """Issue 33: batch_equality.py is a list of jobs (catalogue.batch_equality_jobs) run by jobs.Runner; the way each
+  """batch_equality.py is a list of jobs (catalogue.batch_equality_jobs) run by jobs.Runner; the way each
   runs (one per call, a vmap lowering, lax.map) is in its overrides and folder, and a stored job that ran another
   way is not reused, although the same-settings rule ignores how a job runs."""
   need_path(os.path.join(DATA, "holdout9"))
@@ -496,7 +498,7 @@ STORED_SETS = {
 
 @pytest.mark.parametrize("flags,folder,names", STORED_JOBS)
 def test_stored_jobs_rebuild_their_tables(tmp_path, monkeypatch, flags, folder, names):
-  """Issue 33: committed job folders (histories, results.json, config.json) rebuild their tables through the one
+  """Committed job folders (histories, results.json, config.json) rebuild their tables through the one
   job runner, with every field of the committed tables (only the table's own commit and date differ); a job
   that is not reused would fit, which fails here."""
   for name in names:

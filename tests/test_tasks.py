@@ -1,4 +1,4 @@
-"""Issue 18: inpainting and super-resolution in the same engine (--task)."""
+"""Inpainting and super-resolution in the same engine (--task)."""
 
 import dataclasses
 
