@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import report
+from experiments.harness import report
 from idip_jax import batching, cli, config, fit, outputs
 from idip_jax.config import FitConfig, NetConfig
 from idip_jax.data import InputError
@@ -290,7 +290,7 @@ def main(_):
   if have_torch:
     import torch
 
-    from experiments.torch_reference import time_fit
+    from experiments.speed.torch_reference import time_fit
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":

@@ -3,9 +3,9 @@
 python experiments/tables.py --flagfile=experiments/tables/t2.flags
 Writes <results_dir>/<table>.md, <table>.json and <table>_curves.png (PSNR vs step).
 Identical jobs (dataset, sigma, method, x_bar source, steps, seeds) run once per process. The tables'
-rows are in experiments/catalogue.py; this entry point reads the flags and makes each table's numbers
-(make_table); experiments/jobs.py runs the jobs (the one job runner) and experiments/report.py writes the
-markdown and curves.
+rows are in experiments/harness/catalogue.py; this entry point reads the flags and makes each table's
+numbers (make_table); experiments/harness/jobs.py runs the jobs (the one job runner) and
+experiments/harness/report.py writes the markdown and curves.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import sys
 import numpy as np
 from absl import flags
 
-from experiments.catalogue import ALL_TABLES, PAPER, PAPER_PER_IMAGE, table_jobs
-from experiments.jobs import (
+from experiments.harness.catalogue import ALL_TABLES, PAPER, PAPER_PER_IMAGE, table_jobs
+from experiments.harness.jobs import (
   EMA_OF,
   REPORT,
   Job,
@@ -28,7 +28,7 @@ from experiments.jobs import (
   blend_psnrs,
   mean_curve_peak,
 )
-from experiments.report import plot_curves, write_markdown
+from experiments.harness.report import plot_curves, write_markdown
 from idip_jax import cli, config, outputs, runner
 from idip_jax.data import InputError
 

@@ -8,7 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from idip_jax import batching, data, fit, sure_fit
+from idip_jax import batch_choice, batching, data, fit, sure_fit
 from idip_jax.config import RunConfig
 from idip_jax.data import Image
 from idip_jax.train import Batch, run_keys
@@ -23,7 +23,7 @@ def plan(cfg: RunConfig, images: list[Image], done: set[str]) -> list[dict]:
     has_gt = images[idx[0]].clean_HxWxC is not None
     bucket = {"shape": [ph, pw, c], "images": len(idx), "runs": runs}
     if cfg.fit.batch_strategy == "auto":  # a bucket with no runs left (--resume) times nothing: one candidate
-      choice = batching.choose(
+      choice = batch_choice.choose(
         cfg.net, cfg.fit, (ph, pw, c), max(len(runs), 1), cfg.batch_size, has_gt, cfg.batch_cache
       )
       bucket.update({k: choice[k] for k in ("batch_size", "batch_strategy", "batch_conv")}, batch_choice=choice)
@@ -49,7 +49,7 @@ def configs(cfg: RunConfig, bucket: dict) -> tuple:
 def call_batch(
   cfg: RunConfig, images: list[Image], prelims: list, part: list[tuple[int, int]], shape: list[int], twins=None
 ) -> tuple[Batch, list]:
-  """The batch of a call's runs; with twins (--stop=sure: sure_fit.inputs' twins of each image and their
+  """The batch of a call's runs; with twins (--stop=sure: sure_twins.inputs' twins of each image and their
   x_bar) each run's row is followed by its twins' rows: same seed, y + eps b_k (and y - eps b_k)."""
   if twins is not None:
     group = 1 + len(twins)

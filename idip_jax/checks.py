@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from absl import logging
 
-from idip_jax import batching, config, tasks
+from idip_jax import batch_choice, config, tasks
 from idip_jax.config import DEFAULT_STEPS, METHODS, JobConfig, RunConfig
 from idip_jax.data import InputError
 
@@ -66,7 +66,7 @@ def validate(cfg: RunConfig) -> None:
     not (m.complex_connection and cfg.net.skip_channels == 0),
     "the complex connection lives on the skips: --skip_channels must be > 0",
   )
-  cache = batching.cache_file(cfg.batch_cache) if cfg.fit.batch_strategy == "auto" else ""
+  cache = batch_choice.cache_file(cfg.batch_cache) if cfg.fit.batch_strategy == "auto" else ""
   need(not os.path.isdir(cache), f"--batch_cache={cache} is a folder: name a JSON file in it (or none)")
   if cache and not _writable(cache):
     logging.warning("--batch_cache %s cannot be written: the batch choice is timed but not cached", cache)

@@ -152,8 +152,9 @@ class FitConfig:
   eval_every: int = option(10, "metrics of the clean-input output and EMA every k steps", lo=1, hi=STEP_MAX)
   batch_strategy: str = option(
     "auto",
-    "how one call fits its runs: auto (time one run per call and vmap with each --batch_conv lowering on the "
-    "bucket's shape at startup, keep the fastest per image; cached in --batch_cache) | vmap (per-run weights, "
+    "how one call fits its runs: auto (the backend's measured default, vmap:loop x4 on CPU; where the job is long "
+    "enough to repay it, time the candidates within 3% of the fit's expected time and keep the fastest; cached in "
+    "--batch_cache; batch_choice.py) | vmap (per-run weights, "
     "convolutions lowered by --batch_conv) | map (lax.map: one after another inside a loop) | unroll (a Python "
     "loop over the runs inside the compiled step)",
     choices=("auto", "vmap", "map", "unroll"),
@@ -242,8 +243,8 @@ class RunConfig:
   crop: int = option(0, "center crop to this size (0 = whole image)", lo=0, hi=SIDE_MAX)
   batch_size: int = option(
     0,
-    "runs per call (0 = auto: under --batch_strategy=auto the fastest per image measured; otherwise the most "
-    "that fit the device's memory, 1 on CPU)",
+    "runs per call (0 = auto: under --batch_strategy=auto its choice; otherwise the most that fit the device's "
+    "memory, 1 on CPU)",
     lo=0,
     hi=4096,
   )
@@ -308,7 +309,7 @@ class ExperimentConfig:
     "tables.py, faithfulness.py: reuse finished jobs made by other code (e.g. stored GPU runs); each table row "
     "records the commit and code hash of its job",
   )
-  dry_run: bool = option(False, "tables.py and the studies (experiments/catalogue.py): list the jobs, run nothing")
+  dry_run: bool = option(False, "tables.py, bench.py and the studies (harness/catalogue.py): list, run nothing")
   smoke: bool = option(
     False,
     "tables.py, noise_protocol.py, prelim_psnr.py: 32 px crops of 3 images (fits: config.TINY_NET, 4 steps): the "

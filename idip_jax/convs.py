@@ -58,7 +58,7 @@ def conv_cpu(lhs, rhs, window_strides, padding, **kw):
   XLA:CPU (NetConfig.conv="cpu", the runner's choice on CPU).
 
   On XLA:CPU (jax 0.10.2) a conv with no padding (our reflection-padded input) runs
-  ~3x slower than the same conv with any zero padding (experiments/cpu_conv_paths.py:
+  ~3x slower than the same conv with any zero padding (experiments/speed/cpu_conv_paths.py:
   91 vs 27 ms, 3x3, 132->128 ch, 128 px). So an unpadded conv gets one zero row and
   column at the far edge and the extra output row/column is dropped. A 1x1 conv is a
   matmul: XLA:CPU's dot beats its 1x1 conv and, under vmap, becomes a batched dot.

@@ -55,6 +55,14 @@ def find_image(folder: str, name: str) -> str | None:
   return next((os.path.join(folder, f) for f in found if os.path.isfile(os.path.join(folder, f))), None)
 
 
+def xbar_file(prelim_dir: str, name: str) -> str:
+  """--prelim=file: the x_bar image of input `name` in --prelim_dir."""
+  path = find_image(prelim_dir, name)
+  if path is not None:
+    return path
+  raise InputError(f"--prelim=file: no image named '{name}' ({'/'.join(IMAGE_EXTS)}) in --prelim_dir={prelim_dir}")
+
+
 def list_inputs(spec: str) -> list[str]:
   """A file, a folder (its images, sorted), a glob, or 'skimage:NAME'."""
   if spec.startswith("skimage:"):

@@ -29,7 +29,7 @@ from idip_jax import checkpoint, data, locks, loop, metrics, outputs
 from idip_jax.config import TrainConfig
 from idip_jax.data import InputError
 from idip_jax.denoisers import DnCNN
-from idip_jax.resume import read_stored, settings_difference
+from idip_jax.stored import read_stored, settings_difference
 
 CSV_COLUMNS = ("step", "loss", "train_psnr", "val_psnr", "lr", "patches_per_s", "seconds")
 

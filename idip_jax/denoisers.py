@@ -137,11 +137,8 @@ def load_ffdnet(path: str, channels: int):
 
 @functools.lru_cache(maxsize=8)
 def load_dncnn(path: str, channels: int):
-  """The official weights (.mat), or a DnCNN this project trained (its training folder)."""
-  if os.path.isdir(path):
-    from idip_jax import denoiser_train
-
-    return denoiser_train.load_denoiser(path, channels)
+  """The official weights (.mat); a DnCNN this project trained (a training folder) is loaded by
+  denoiser_train.load_denoiser (prelim picks which)."""
   _, convs = matconvnet.load(path, "dncnn")
   if convs[0][0].shape[2] != channels:
     raise InputError(

@@ -50,7 +50,7 @@ def for_backend(net_cfg: NetConfig, cfg: FitConfig, backend: str) -> tuple[NetCo
   cpu = backend == "cpu"
   if net_cfg.conv == "auto":
     net_cfg = dataclasses.replace(net_cfg, conv="cpu" if cpu else "lax")
-  if cfg.batch_strategy == "auto":  # without the runner's timing (batching.choose): vmap
+  if cfg.batch_strategy == "auto":  # without the runner's timing (batch_choice.choose): vmap
     cfg = dataclasses.replace(cfg, batch_strategy="vmap")
   if net_cfg.batch_conv == "auto":
     net_cfg = dataclasses.replace(net_cfg, batch_conv=convs.DEFAULT_BATCH_CONV.get(backend, "loop"))

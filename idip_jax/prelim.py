@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idip_jax import data, denoisers, sure
+from idip_jax import data, denoiser_train, denoisers, sure
 from idip_jax.config import PrelimConfig, RunConfig
 from idip_jax.data import Image, InputError
 from idip_jax.noise_level import estimate_sigma
@@ -96,17 +96,8 @@ def _run_bm3d(spec, images):
   return out
 
 
-def file_for(pc: PrelimConfig, name: str) -> str:
-  path = data.find_image(pc.prelim_dir, name)
-  if path is not None:
-    return path
-  raise InputError(
-    f"--prelim=file: no image named '{name}' ({'/'.join(data.IMAGE_EXTS)}) in --prelim_dir={pc.prelim_dir}"
-  )
-
-
 def _read_prelim_file(spec: XbarSpec, im: Image) -> np.ndarray:
-  path = file_for(spec.prelim, im.name)
+  path = data.xbar_file(spec.prelim.prelim_dir, im.name)
   want = im.noisy_HxWxC.shape[-1]
   x = data.read_image(path)
   if x.shape[-1] < want:  # a gray x_bar copied to three channels would be no colour denoiser's output
@@ -144,6 +135,13 @@ def _ffdnet_file(spec, channels):
   return spec.prelim.weights or denoisers.ffdnet_path(spec.prelim.weights_dir, channels)
 
 
+def load_dncnn(path: str, channels: int):
+  """A DnCNN as x -> x_bar: the official weights (.mat), or a DnCNN this project trained (its training folder)."""
+  if os.path.isdir(path):
+    return denoiser_train.load_denoiser(path, channels)
+  return denoisers.load_dncnn(path, channels)
+
+
 def _dncnn_file(spec, sigma):
   return spec.prelim.weights or denoisers.dncnn_path(spec.prelim.weights_dir, sigma)
 
@@ -177,14 +175,14 @@ def _check_dncnn(spec, images):
   levels = [spec.sigma] if spec.sigma > 0 else list(denoisers.DNCNN_SIGMAS) + [35.0]
   for c in sorted({im.noisy_HxWxC.shape[-1] for im in images}):
     for s in levels:
-      denoisers.load_dncnn(_dncnn_file(spec, s), c)
+      load_dncnn(_dncnn_file(spec, s), c)
 
 
 def _run_dncnn(spec, images):
   sigmas = sigmas_for(spec, images)
 
   def denoise(idx, noisy):
-    fn = denoisers.load_dncnn(_dncnn_file(spec, sigmas[idx[0]]), noisy.shape[-1])
+    fn = load_dncnn(_dncnn_file(spec, sigmas[idx[0]]), noisy.shape[-1])
     return np.asarray(fn(jnp.asarray(noisy)))
 
   return _run_batched(spec, images, lambda i: _dncnn_file(spec, sigmas[i]), denoise)
@@ -273,23 +271,12 @@ def sure_blend(spec: XbarSpec, images: list[Image]) -> tuple[list[np.ndarray], l
   names, outs, divs = candidate_outputs(spec, images)
   xbars, infos = [], []
   for i, im in enumerate(images):
-    blend, info = blend_image(
+    blend, info = sure.blend_image(
       im.noisy_HxWxC, names, [outs[c][i] for c in names], [divs[c][i] for c in names], spec.sigma
     )
     xbars.append(np.clip(blend, 0.0, 1.0))
     infos.append(info)
   return xbars, infos
-
-
-def blend_image(y: np.ndarray, names: list[str], cand: list, div: list[float], sigma: float) -> tuple:
-  """One image's SURE blend (unclipped) at the known sigma (0-255) and its record: the weights and SURE's PSNR
-  estimate of every candidate and of the blend."""
-  s = sigma / 255.0
-  w = sure.blend_weights(y, cand, div, s)
-  blend = sure.blend(cand, w)
-  est = {c: sure.psnr_of_mse(sure.sure(y, o, s, d)) for c, o, d in zip(names, cand, div)}
-  est["blend"] = sure.psnr_of_mse(sure.sure(y, blend, s, float(np.dot(w, div))))
-  return blend, {"sure_weights": dict(zip(names, map(float, w))), "sure_psnr": est}
 
 
 def _run_sure_blend(spec, images):

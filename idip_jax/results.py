@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idip_jax import metrics, outputs, prelim, sure
+from idip_jax import metrics, outputs, sure
 from idip_jax.config import RunConfig
 from idip_jax.data import Image
 from idip_jax.fit import FitResult
@@ -170,7 +170,7 @@ def run_record(
   candidates: dict | None = None,
 ) -> dict:
   """Run j of a fit (its row in res); candidates (--stop=sure): the image's x_bar candidates
-  (sure_fit.inputs) that NAME_sure.png blends with the run's output and EMA."""
+  (sure_twins.inputs) that NAME_sure.png blends with the run's output and EMA."""
   h, w, _ = im.noisy_HxWxC.shape
   final, ema = res.final_NxHxWxC[j, :h, :w], res.ema_NxHxWxC[j, :h, :w]
   tag = im.name if rc.seeds == 1 else f"{im.name}_seed{k}"
@@ -232,8 +232,8 @@ def sure_record(rc: Recording, im: Image, sure_n: dict, j: int, final, ema, cand
     return rec
   y, names, outs, divs = im.noisy_HxWxC, candidates["names"], candidates["outputs"], candidates["divs"]
   fit_div = [float(sure_n["div"][j]), float(sure_n["div_ema"][j])]
-  blend, info = prelim.blend_image(y, ["fit", "fit_ema", *names], [final, ema, *outs], fit_div + divs, rc.sigma)
-  xbar_blend, xinfo = prelim.blend_image(y, names, outs, divs, rc.sigma)
+  blend, info = sure.blend_image(y, ["fit", "fit_ema", *names], [final, ema, *outs], fit_div + divs, rc.sigma)
+  xbar_blend, xinfo = sure.blend_image(y, names, outs, divs, rc.sigma)
   rec |= {
     "sure": np.clip(blend, 0.0, 1.0),
     "xbar_blend": np.clip(xbar_blend, 0.0, 1.0),

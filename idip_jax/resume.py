@@ -8,13 +8,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
 
 import numpy as np
 
-from idip_jax import config, data, locks, outputs, prelim, tasks
+from idip_jax import config, data, locks, outputs, tasks
 from idip_jax.config import RunConfig
 from idip_jax.data import Image, InputError
+from idip_jax.stored import read_stored, settings_difference
 
 
 def paths_read(cfg: RunConfig) -> tuple[str, ...]:
@@ -42,24 +42,10 @@ def input_digests(cfg: RunConfig, images: list[Image]) -> dict[str, str]:
       if a is not None:
         h.update(np.ascontiguousarray(a, np.float32).tobytes())
     if cfg.prelim.name == "file":
-      with open(prelim.file_for(cfg.prelim, im.name), "rb") as f:
+      with open(data.xbar_file(cfg.prelim.prelim_dir, im.name), "rb") as f:
         h.update(f.read())
     out[im.name] = h.hexdigest()[:16]
   return out
-
-
-def read_stored(path: str) -> dict:
-  """A stored run's JSON file (config.json, results.json); one line if it is damaged."""
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    why = f"{type(e).__name__}: {e}"
-  else:
-    if isinstance(stored, dict):
-      return stored
-    why = f"it holds a JSON {type(stored).__name__}, not an object"
-  raise InputError(f"stored run file {path} is damaged ({why}); restore it, or run again into a new --workdir")
 
 
 # Settings that may differ between a run and its --resume: where and how outputs are written.
@@ -122,9 +108,6 @@ def check_output_folder(cfg: RunConfig, resolved: RunConfig, images: list[Image]
 
 # How a job runs, not what it computes: a job stored by a GPU run is reused on a CPU.
 HOW = ("weights_dir", "loop", "conv", "shard", "remat", "batch_strategy", "batch_conv", "hybrid_side")
-# Renamed when the flags were generated from config.py; stored jobs (e.g. the GPU runs in
-# experiments/results/gpu_h100/jobs) keep the old names.
-LEGACY_KEYS = types.MappingProxyType({"channels": "image_channels", "net.channels": "net.width"})
 
 
 def job_settings(resolved: RunConfig) -> dict:
@@ -144,33 +127,6 @@ def job_settings(resolved: RunConfig) -> dict:
     out[key] = v
   out["input"] = os.path.basename(os.path.normpath(out["input"]))
   return json.loads(json.dumps(out))
-
-
-def _dotted(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
-  return out
-
-
-def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), lenient: bool = False) -> str | None:
-  """The one rule for "same settings as a stored run": the first setting, in sorted dotted names,
-  in which a stored config.json (`have`) differs from `want` (nested, or with dotted names), as "name (stored
-  X, now Y)", or None. --resume compares every setting but those named in skip_top (RESUME_FREE).
-  lenient (experiments reusing a finished job, `want` = job_settings): only `want`'s settings, and one
-  the stored run does not record (older code; LEGACY_KEYS renamed) or recorded as "auto" (older code
-  recorded it unresolved) matches; the input set is compared by its folder's name."""
-  a, b = _dotted(want), _dotted(have)
-  if lenient:
-    b = {LEGACY_KEYS.get(k, k): v for k, v in b.items()}
-    if "input" in b:
-      b["input"] = os.path.basename(os.path.normpath(b["input"]))
-  for k in sorted(a if lenient else set(a) | set(b)):
-    if k.split(".")[0] in skip_top or (lenient and (k not in b or b[k] == "auto")):
-      continue
-    if a.get(k) != b.get(k):
-      return f"{k} (stored {b.get(k)!r}, now {a.get(k)!r})"
-  return None
 
 
 def finished_job(

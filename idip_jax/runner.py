@@ -24,7 +24,9 @@ from idip_jax import (
   prelim,
   results,
   resume,
+  stored,
   sure_fit,
+  sure_twins,
   tasks,
 )
 from idip_jax.checks import validate
@@ -61,7 +63,7 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
   net, fit_cfg = fit.for_backend(net, fit_cfg, backend)
   batch_size = cfg.batch_size
   if cfg.fit.batch_strategy == "auto":
-    # Chosen per bucket by timing the candidates on its shape (buckets.plan -> batching.choose),
+    # Chosen per bucket by timing the candidates on its shape (buckets.plan -> batch_choice.choose),
     # not by the backend's default; config.json records the choice per bucket.
     fit_cfg = dataclasses.replace(fit_cfg, batch_strategy="auto")
     net = dataclasses.replace(net, batch_conv=cfg.net.batch_conv)
@@ -156,7 +158,7 @@ def fit_and_record(
   digests = resume.input_digests(cfg, all_images)
   records: dict[str, dict] = {}
   if cfg.resume and os.path.isfile(results_path):
-    records = {r["name"]: r for r in resume.read_stored(results_path)["images"]}
+    records = {r["name"]: r for r in stored.read_stored(results_path)["images"]}
     for name, path in resume.missing_outputs(cfg.workdir, list(records)).items():
       logging.warning("--resume: %s is gone since the stored run; fitting %s again", path, name)
       del records[name]
@@ -172,7 +174,7 @@ def fit_and_record(
   prelim_sigmas = _prelim_sigmas(cfg, images)
   twins, candidates = None, None
   if cfg.fit.stop == "sure" and images:
-    twins, candidates = sure_fit.inputs(cfg, images, prelims)
+    twins, candidates = sure_twins.inputs(cfg, images, prelims)
   plan = buckets.plan(cfg, images, set(records))
   recording = results.recording_of(cfg)
   if proc == 0 and not cfg.resume:

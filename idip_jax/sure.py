@@ -98,3 +98,14 @@ def self_ensemble(f: Denoiser) -> Denoiser:
     return np.mean(outs, axis=0).astype(np.float32)
 
   return f8
+
+
+def blend_image(y: np.ndarray, names: list[str], cand: list, div: list[float], sigma: float) -> tuple:
+  """One image's SURE blend (unclipped) at the known sigma (0-255) and its record: the weights and SURE's PSNR
+  estimate of every candidate and of the blend."""
+  s = sigma / 255.0
+  w = blend_weights(y, cand, div, s)
+  mixed = blend(cand, w)
+  est = {c: psnr_of_mse(sure(y, o, s, d)) for c, o, d in zip(names, cand, div)}
+  est["blend"] = psnr_of_mse(sure(y, mixed, s, float(np.dot(w, div))))
+  return mixed, {"sure_weights": dict(zip(names, map(float, w))), "sure_psnr": est}

@@ -12,16 +12,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are dominated by XLA:CPU compilation of many small programs; optimisation level 0
 # halves the suite's time (test_fit.py: 110 s -> 56 s) and changes results only by rounding.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-# run.py enables JAX's persistent compilation cache; each test process (xdist worker) gets its
-# own folder, so workers never share one and no run of the suite reads another's programs.
-# --batch_strategy=auto's choices (batching.cache_file) go to a temporary folder, not the user's ~/.cache.
-# Both are removed when the process exits (~100 MB of compiled programs per worker otherwise stays in /tmp).
-_TEMP = {"XDG_CACHE_HOME": "idip-jax-xdg-"} | (
-  {} if "IDIP_JAX_CACHE" in os.environ else {"IDIP_JAX_CACHE": "idip-jax-cache-"}
-)
-for _var, _prefix in _TEMP.items():
-  os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
-  atexit.register(shutil.rmtree, os.environ[_var], ignore_errors=True)
+# One persistent compilation cache for the whole suite: made by the first process (pytest's controller, before
+# the xdist workers start, which inherit it), shared by the workers and every subprocess a test starts (run.py,
+# tables.py), and removed by the process that made it when it exits. Every program is cached, however fast it
+# compiled (min compile time 0): the suite compiles the same tiny nets in many modules and processes, and
+# fresh_compile_caches below drops the in-memory ones after each module. No run of the suite reads another's.
+# --batch_strategy=auto's choices (batch_choice.cache_file) go to a temporary folder per process, not ~/.cache.
+if "IDIP_JAX_CACHE" not in os.environ:
+  os.environ["IDIP_JAX_CACHE"] = tempfile.mkdtemp(prefix="idip-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["IDIP_JAX_CACHE"], ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["IDIP_JAX_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="idip-jax-xdg-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 import dataclasses
 
@@ -90,10 +93,15 @@ def parsed_flags(argv: list[str]):
 
 
 def import_experiment(name: str):
-  """An experiments/ script as a module (experiments.NAME), in this process."""
+  """An experiments/ script as a module, in this process: an entry point (experiments.NAME) or one in a folder
+  named for its purpose (experiments.harness.NAME, .studies.NAME, .speed.NAME)."""
   import importlib
+  import importlib.util
 
-  return importlib.import_module(f"experiments.{name}")
+  for package in ("experiments", "experiments.harness", "experiments.studies", "experiments.speed"):
+    if importlib.util.find_spec(f"{package}.{name}") is not None:
+      return importlib.import_module(f"{package}.{name}")
+  raise ModuleNotFoundError(f"no experiments script named {name}")
 
 
 @pytest.fixture(autouse=True, scope="module")

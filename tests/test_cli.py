@@ -181,16 +181,17 @@ def test_unknown_flag_value_subprocess(tmp_path):
 def test_every_flagfile_parses():
   import dataclasses
 
-  from idip_jax import config, runner
+  from idip_jax import checks, config, runner
 
   files = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.flags")))
   files += sorted(glob.glob(os.path.join(ROOT, "experiments", "tasks", "*.flags")))  # run.py's, per task
-  files += sorted(glob.glob(os.path.join(ROOT, "experiments", "sure", "*.flags")))  # SURE along fits
+  files += sorted(glob.glob(os.path.join(ROOT, "experiments", "studies", "sure", "*.flags")))  # SURE along fits
   assert len(files) >= 6
   for f in files:
     with parsed_flags(["run.py", "--flagfile=" + f]) as fv:
       job = config.from_flags(fv, config.JobConfig)
     if not os.path.basename(f).startswith("base"):  # base*.flags are include-only
+      checks.unused_flags(job)  # no flag that another makes meaningless
       for method in job.methods:  # and turn into valid configs
         runner.validate(dataclasses.replace(job.run, method=method, workdir="runs/x"))
     assert open(f).readline().startswith("#"), f

@@ -2,6 +2,7 @@
 dense convolutions, no grouped convolution in the batched step, every conv path reaching the net,
 and --batch_strategy=auto's choice."""
 
+import collections
 import dataclasses
 import json
 import re
@@ -13,7 +14,7 @@ import pytest
 from conftest import NET, smooth_image
 from test_fit import CFG
 
-from idip_jax import batching, config, convs, models, train
+from idip_jax import batch_choice, batching, config, convs, models, train
 
 LOWERINGS = ("loop", "im2col", "hybrid", "grouped")
 # (kernel, stride, input side, padding): SkipUNet's convolutions take a reflection-padded input
@@ -109,51 +110,119 @@ def test_every_conv_path_reaches_the_net(conv):
   np.testing.assert_allclose(model.apply({"params": params}, x), y_plain, atol=1e-5)
 
 
-def test_auto_strategy_picks_the_fastest_and_caches_it(tmp_path):
-  cache = str(tmp_path / "choice.json")
-  rates = {
-    ("vmap", "loop", 1): 10.0,
-    ("vmap", "loop", 2): 11.0,
-    ("vmap", "im2col", 2): 14.0,
-    ("vmap", "hybrid", 2): 12.0,
-  }
-  rates.update({("vmap", "loop", 4): 9.0, ("vmap", "im2col", 4): 13.0, ("vmap", "hybrid", 4): 13.5})
-  timed = []
+class FakeClock:
+  """An injected clock: each timing of a candidate costs `per_timing` fake seconds."""
 
-  def timer(c):
+  def __init__(self, per_timing: float):
+    self.now, self.per_timing = 0.0, per_timing
+
+  def __call__(self) -> float:
+    return self.now
+
+
+def fake_timer(rates: dict, clock: FakeClock, timed: list, drift: dict | None = None):
+  """timer(c, repeats) of batch_choice.choose: a candidate's rate (image-steps/s) from `rates`, its later
+  repeats from `drift` (a first timing that noise made look better or worse)."""
+
+  def timer(c, repeats):
+    key = (c.batch_conv, c.batch)
+    rate = (drift or {}).get(key, rates[key]) if key in [(t.batch_conv, t.batch) for t in timed] else rates[key]
     timed.append(c)
-    return 1.0 / rates[(c.strategy, c.batch_conv, c.batch)], 0.5
+    clock.now += clock.per_timing
+    return [1.0 / rate] * repeats, 0.5
 
-  net = dataclasses.replace(NET, batch_conv="auto")
-  cfg = dataclasses.replace(CFG, batch_strategy="auto")
-  pick = batching.choose(net, cfg, (32, 32, 1), 5, cache_path=cache, timer=timer)
+  return timer
+
+
+RATES = {
+  ("loop", 1): 10.0,
+  ("loop", 2): 11.0,
+  ("im2col", 2): 14.0,
+  ("hybrid", 2): 12.0,
+  ("loop", 4): 9.0,
+  ("im2col", 4): 13.0,
+  ("hybrid", 4): 13.5,
+}
+NET_AUTO = dataclasses.replace(NET, batch_conv="auto")
+LONG = dataclasses.replace(CFG, batch_strategy="auto", steps=10**6)  # long enough to time every candidate
+
+
+def test_auto_strategy_picks_the_fastest_median_and_caches_it(tmp_path):
+  """A long job: the default (vmap:loop x4 on CPU) first, then every candidate; those within reach of the best
+  are timed again, interleaved, and the best median wins; the choice is cached (another shape is timed again)."""
+  cache, clock, timed = str(tmp_path / "choice.json"), FakeClock(1.0), []
+  timer = fake_timer(RATES, clock, timed)
+  pick = batch_choice.choose(NET_AUTO, LONG, (32, 32, 1), 5, cache_path=cache, timer=timer, clock=clock)
   assert (pick["batch_strategy"], pick["batch_conv"], pick["batch_size"]) == ("vmap", "im2col", 2)
-  assert {(c.batch_conv, c.batch) for c in timed} == {(lw, b) for lw, b in [(k[1], k[2]) for k in rates]}
+  assert (timed[0].batch_conv, timed[0].batch) == ("loop", 4)  # the default first
+  assert {(c.batch_conv, c.batch) for c in timed} == set(RATES)
   assert pick["timings"]["one run per call"]["image_steps_per_s"] == pytest.approx(10.0)
+  assert pick["why"].startswith("fastest median") and pick["choosing_s"] == pytest.approx(clock.now)
   stored = json.load(open(cache))
   assert [v["label"] for v in stored.values()] == ["vmap:im2col x2"]
-  # Cached: the same key is answered without timing; another shape or net is timed again.
   n = len(timed)
-  again = batching.choose(net, cfg, (32, 32, 1), 5, cache_path=cache, timer=timer)
+  again = batch_choice.choose(NET_AUTO, LONG, (32, 32, 1), 5, cache_path=cache, timer=timer, clock=clock)
   assert len(timed) == n and again["batch_conv"] == "im2col" and again["from_cache"] == cache
-  batching.choose(net, cfg, (64, 32, 1), 5, cache_path=cache, timer=timer)
+  batch_choice.choose(NET_AUTO, LONG, (64, 32, 1), 5, cache_path=cache, timer=timer, clock=clock)
   assert len(timed) == 2 * n and len(json.load(open(cache))) == 2
   # Two runs cap the batch at 2; an explicit lowering is the only one timed; one run: no timing.
   timed.clear()
-  two = batching.choose(dataclasses.replace(net, batch_conv="loop"), cfg, (32, 32, 1), 2, timer=timer)
-  assert [(c.batch_conv, c.batch) for c in timed] == [("loop", 1), ("loop", 2)] and two["batch_size"] == 2
+  two = batch_choice.choose(dataclasses.replace(NET, batch_conv="loop"), LONG, (32, 32, 1), 2, timer=timer, clock=clock)
+  assert {(c.batch_conv, c.batch) for c in timed} == {("loop", 1), ("loop", 2)} and two["batch_size"] == 2
   timed.clear()
-  one = batching.choose(net, cfg, (32, 32, 1), 1, timer=timer)
-  assert timed == [] and one["batch_size"] == 1
+  one = batch_choice.choose(NET_AUTO, LONG, (32, 32, 1), 1, timer=timer, clock=clock)
+  assert timed == [] and one["batch_size"] == 1 and one["why"] == "the only candidate"
+
+
+def test_auto_strategy_times_nothing_for_a_short_job():
+  """The 4-image, 200-step 64 px job of the official net: at the stored CPU rate it fits in ~150 s, and 3% of
+  that does not repay one candidate's compile: the backend's default, no timing at all."""
+  clock, timed = FakeClock(1.0), []
+  net = dataclasses.replace(config.NetConfig(), out_channels=1)  # the official net
+  short = dataclasses.replace(CFG, batch_strategy="auto", steps=200)
+  pick = batch_choice.choose(net, short, (64, 64, 1), 4, timer=fake_timer(RATES, clock, timed), clock=clock)
+  assert timed == [] and (pick["batch_conv"], pick["batch_size"]) == ("loop", 4) and "too short" in pick["why"]
+  # The same job at 1000x the steps is worth timing.
+  long = dataclasses.replace(short, steps=200_000)
+  pick = batch_choice.choose(net, long, (64, 64, 1), 4, timer=fake_timer(RATES, clock, timed), clock=clock)
+  assert len({(c.batch_conv, c.batch) for c in timed}) == len(RATES)
+
+
+def test_auto_strategy_drops_a_candidate_clearly_behind_and_keeps_to_its_budget():
+  """After one repeat, a candidate under 85% of the best rate is not timed again; the others are (interleaved).
+  The budget (3% of the fit's expected seconds at the default's measured rate) stops the timing of further
+  candidates once the clock says it is spent."""
+  clock, timed = FakeClock(1.0), []
+  rates = {**RATES, ("loop", 1): 5.0}  # one run per call: half the best
+  pick = batch_choice.choose(NET_AUTO, LONG, (32, 32, 1), 5, timer=fake_timer(rates, clock, timed), clock=clock)
+  counts = collections.Counter((c.batch_conv, c.batch) for c in timed)
+  assert counts[("loop", 1)] == 1 and counts[("im2col", 2)] == 1 + batch_choice.TIMING_REPEATS
+  assert "one run per call" in pick["why"] and pick["batch_conv"] == "im2col"
+  # A first timing that noise flattered: the repeats decide (median), not the first.
+  timed.clear()
+  pick = batch_choice.choose(
+    NET_AUTO, LONG, (32, 32, 1), 5, timer=fake_timer(RATES, clock, timed, drift={("im2col", 2): 9.5}), clock=clock
+  )
+  assert pick["batch_conv"] == "hybrid" and pick["batch_size"] == 4
+  # Budget: the default's rate 9 image-steps/s, 5 runs x 6000 steps -> 3333 s, 3% = 100 s; each timing costs 40 s.
+  timed.clear()
+  clock = FakeClock(40.0)
+  mid = dataclasses.replace(LONG, steps=6000)
+  timer = fake_timer(RATES, clock, timed)
+  pick = batch_choice.choose(NET_AUTO, mid, (32, 32, 1), 5, timer=timer, clock=clock, speed=None)  # rate: measured
+  assert len(timed) == 2 and "not timed (budget 100 s)" in pick["why"]
 
 
 def test_auto_strategy_times_real_steps_and_config_json_records_it(tmp_path):
-  # The default timer on a real (tiny) bucket: every candidate gets a positive rate, and the run's
-  # config.json records the choice per bucket (buckets.plan).
+  # The default timer on a real (tiny) bucket: every candidate gets a positive rate per repeat; and a run's
+  # config.json records the choice per bucket (buckets.plan), with why it was made.
   from conftest import write_png
 
   from idip_jax import runner
 
+  net = dataclasses.replace(NET, batch_conv="hybrid")
+  times, first = batch_choice.time_candidate(net, CFG, batch_choice.Candidate("vmap", "hybrid", 2), 32, 32, True, 2)
+  assert len(times) == 2 and all(t > 0 for t in times) and first > 0
   for s in range(2):
     write_png(str(tmp_path / f"im{s}.png"), smooth_image(32, 32, 1, seed=s))
   cfg = config.RunConfig(
@@ -162,7 +231,7 @@ def test_auto_strategy_times_real_steps_and_config_json_records_it(tmp_path):
     method="dip",
     sigma=25,
     batch_cache="none",
-    net=dataclasses.replace(config.TINY_NET, batch_conv="hybrid"),  # two candidates: two compiles
+    net=dataclasses.replace(config.TINY_NET, batch_conv="hybrid"),
     fit=config.FitConfig(steps=4, chunk=2),
   )
   runner.run(cfg)
@@ -170,9 +239,41 @@ def test_auto_strategy_times_real_steps_and_config_json_records_it(tmp_path):
   assert stored["fit"]["batch_strategy"] == "auto"
   (bucket,) = stored["buckets"]
   choice = bucket["batch_choice"]
-  assert set(choice["timings"]) == {"one run per call", "vmap:hybrid x2"}
-  assert all(t["image_steps_per_s"] > 0 for t in choice["timings"].values())
-  best = max(choice["timings"], key=lambda k: choice["timings"][k]["image_steps_per_s"])
-  assert choice["label"] == best and bucket["batch_size"] == choice["batch_size"]
+  assert "too short" in choice["why"] and choice["label"] == "vmap:hybrid x2" and bucket["batch_size"] == 2
   res = json.load(open(tmp_path / "w" / "results.json"))
   assert res["complete"] and len(res["images"]) == 2
+
+
+def test_a_fit_that_timed_candidates_equals_the_same_fit_with_its_choice_fixed(tmp_path, monkeypatch):
+  """Timing happens on made-up images before the fit: the fit's runs are those of the chosen strategy, fixed
+  (budget forced open so that the real timer times both candidates of a 2-image bucket: one run per call and
+  vmap:loop x2)."""
+  from conftest import write_png
+
+  from idip_jax import runner
+
+  monkeypatch.setattr(batch_choice, "TIMING_BUDGET", 1e9)
+  for s in range(2):
+    write_png(str(tmp_path / f"im{s}.png"), smooth_image(32, 32, 1, seed=s))
+  base = config.RunConfig(
+    input=str(tmp_path / "im*.png"),
+    method="dip",
+    sigma=25,
+    batch_cache="none",
+    net=dataclasses.replace(config.TINY_NET, batch_conv="loop"),
+    fit=config.FitConfig(steps=6, chunk=3, eval_every=3),
+  )
+  auto = runner.run(dataclasses.replace(base, workdir=str(tmp_path / "auto")))
+  (bucket,) = json.load(open(tmp_path / "auto" / "config.json"))["buckets"]
+  assert bucket["batch_choice"]["why"].startswith("fastest median") and len(bucket["batch_choice"]["timings"]) == 2
+  fixed = dataclasses.replace(
+    base,
+    workdir=str(tmp_path / "fixed"),
+    batch_size=bucket["batch_size"],
+    net=dataclasses.replace(config.TINY_NET, batch_conv=bucket["batch_conv"]),
+    fit=dataclasses.replace(base.fit, batch_strategy=bucket["batch_strategy"]),
+  )
+  res = runner.run(fixed)
+  for a, b in zip(auto["images"], res["images"]):
+    assert a["name"] == b["name"] and a["psnr_final"] == pytest.approx(b["psnr_final"], abs=1e-5)
+    assert a["psnr_ema"] == pytest.approx(b["psnr_ema"], abs=1e-5)

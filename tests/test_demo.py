@@ -17,8 +17,8 @@ def test_demo_flags_end_to_end(tmp_path, capsys):
     code, err = run_cli(
       [
         "--flagfile=experiments/demo.flags",
-        "--steps=40",
-        "--chunk=20",
+        "--steps=20",
+        "--chunk=10",
         "--crop=64",
         "--workdir=" + str(tmp_path / "demo"),
       ],
@@ -34,9 +34,12 @@ def test_demo_flags_end_to_end(tmp_path, capsys):
   dip, r = (json.loads((tmp_path / "demo" / m / "results.json").read_text())["images"][0] for m in ("dip", "idip"))
   assert r["name"] == "camera" and r["psnr_prelim"] > r["psnr_noisy"] + 5
   assert r["psnr_final"] > r["psnr_noisy"] + 3, r
-  assert dip["psnr_noisy"] == r["psnr_noisy"] and r["psnr_final"] > dip["psnr_final"] + 1, (dip, r)  # 1.8 dB measured
+  assert dip["psnr_noisy"] == r["psnr_noisy"] and r["psnr_final"] > dip["psnr_final"] + 1, (
+    dip,
+    r,
+  )  # IDIP starts at x_bar
   summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-  assert summary["idip"]["steps"] == summary["dip"]["steps"] == 40
+  assert summary["idip"]["steps"] == summary["dip"]["steps"] == 20
   assert summary["idip"]["psnr_final"] == r["psnr_final"]
   assert dip["psnr_prelim"] is None  # DIP does not use x_bar
   # config.json: the settings as run, not as defaulted (every "auto" resolved)

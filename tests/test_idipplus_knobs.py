@@ -1,4 +1,4 @@
-"""The IDIPplus knob table (experiments/idipplus_knobs.py) on a made-up set of finished IDIPplus jobs."""
+"""The IDIPplus knob table (experiments/studies/idipplus_knobs.py) on a made-up set of finished IDIPplus jobs."""
 
 import json
 import os

@@ -14,7 +14,7 @@ from conftest import NET, ROOT, TINY_ARGS, import_experiment, parsed_flags, smoo
 from test_cli import run_cli
 from test_fit import CFG, make_batch, states_and_step
 
-from idip_jax import config, data, fit, metrics, outputs, results, resume, runner, train
+from idip_jax import config, data, fit, metrics, outputs, results, resume, runner, stored, train
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +244,9 @@ def test_tables_reuse_jobs_stored_by_older_code(tmp_path):
   old["prelim"].update(sigma=30, crop=0, batch_size=0)
   del old["net"]["conv"]
   want = resume.job_settings(runner.resolve(cfg, 1))
-  assert resume.settings_difference(want, old, lenient=True) is None
+  assert stored.settings_difference(want, old, lenient=True) is None
   old["fit"]["steps"] = 999
-  assert resume.settings_difference(want, old, lenient=True) == "fit.steps (stored 999, now 1500)"
+  assert stored.settings_difference(want, old, lenient=True) == "fit.steps (stored 999, now 1500)"
 
 
 @pytest.mark.parametrize("change", ["sigma", "crop", "noise", "x_bar", "code"])

@@ -144,7 +144,7 @@ def test_x8_prelim_is_the_mean_over_the_eight_transforms():
 
 
 def test_sure_blend_experiment_writes_its_table(tmp_path):
-  """experiments/sure_blend.py at toy scale: per sigma, each candidate, the oracle and SURE blends;
+  """experiments/studies/sure_blend.py at toy scale: per sigma, each candidate, the oracle and SURE blends;
   the oracle blend (least squares with the clean image) is at least as good as every candidate."""
   pytest.importorskip("bm3d")
   import json
@@ -161,7 +161,7 @@ def test_sure_blend_experiment_writes_its_table(tmp_path):
   doc = json.loads((tmp_path / "out" / "toy.json").read_text())
   assert doc["candidates"] == ["bm3d", "noisy"] and len(doc["rows"]) == 2 and doc["commit"]
   # the command reproduces this file (absl consumed the flags; the set and the non-default candidates are in it)
-  want = "python experiments/sure_blend.py --sets=toy --sigmas=25 --sure_blend_probes=1"
+  want = "python experiments/studies/sure_blend.py --sets=toy --sigmas=25 --sure_blend_probes=1"
   assert doc["command"] == want + " --sure_blend_candidates=bm3d,noisy"
   for r in doc["rows"]:
     assert r["psnr_oracle_blend"] >= max(r["psnr"].values()) - 0.01, r
@@ -169,9 +169,9 @@ def test_sure_blend_experiment_writes_its_table(tmp_path):
 
 
 def test_local_sure_blend_follows_where_each_candidate_is_better():
-  """experiments/sure_local.py: weights on a grid of nodes (bilinear between them) chosen by SURE, no clean image.
-  Left half flat, right half fine texture: a blur wins on the left, y itself on the right; the local SURE blend
-  finds that (close to its oracle) and beats one weight per candidate, which must compromise."""
+  """experiments/studies/sure_local.py: weights on a grid of nodes (bilinear between them) chosen by SURE, no
+  clean image. Left half flat, right half fine texture: a blur wins on the left, y itself on the right; the local
+  SURE blend finds that (close to its oracle) and beats one weight per candidate, which must compromise."""
   from conftest import import_experiment
 
   local = import_experiment("sure_local")

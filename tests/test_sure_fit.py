@@ -11,7 +11,7 @@ import pytest
 from conftest import NET, TINY_ARGS, import_experiment, smooth_image, write_png
 from test_cli import run_cli
 
-from idip_jax import config, data, fit, results, sure, sure_fit, train
+from idip_jax import config, data, fit, results, sure, sure_fit, sure_twins, train
 
 SIGMA = 25 / 255
 # lr 3e-3: batched and single fits agree to ~1e-6 over 10 steps (test_fit.py), so a pair's SURE can
@@ -142,7 +142,7 @@ def test_sure_follows_the_true_psnr_along_a_fit(tmp_path, capsys):
 
 
 def test_sure_fits_experiment_writes_its_table(tmp_path, capsys):
-  """experiments/sure_fits.py on a toy --stop=sure run and its --stop=wmv twin: the table's steps and
+  """experiments/studies/sure_fits.py on a toy --stop=sure run and its --stop=wmv twin: the table's steps and
   PSNRs are the records', the gaps their means, the oracle columns no worse than the chosen ones."""
   from conftest import import_experiment, parsed_flags
 
@@ -192,7 +192,7 @@ def test_twin_xbar_is_xbars_linear_response(monkeypatch, image, diff):
     sigma=25.0, method="idip", fit=config.FitConfig(stop="sure", sure_diff=diff, input_is_prelim=True)
   )
   im = data.Image("im", y, clean)
-  twins, _ = sure_fit.inputs(cfg, [im], [np.square(y)])
+  twins, _ = sure_twins.inputs(cfg, [im], [np.square(y)])
   assert calls == [["im"]]  # one call of the x_bar maker, at y + delta b, under the image's own name
   eps = cfg.fit.sure_eps * SIGMA
   for (twin_images, (xbar,)), sign in zip(twins, (1, -1)):
@@ -211,8 +211,8 @@ def test_twins_carry_x_bar_only_where_the_fit_reads_it(image, monkeypatch):
   clean, y, _ = image
   im, xbar = data.Image("im", y, clean), np.full_like(y, 0.5)
   slope = lambda spec, images, prelims, k: [np.full_like(y, k + 1.0)]
-  monkeypatch.setattr(sure_fit, "twin_xbar_slopes", slope)
-  monkeypatch.setattr(sure_fit.prelim, "candidate_outputs", lambda spec, images: ([], {}, {}))
+  monkeypatch.setattr(sure_twins, "twin_xbar_slopes", slope)
+  monkeypatch.setattr(sure_twins.prelim, "candidate_outputs", lambda spec, images: ([], {}, {}))
   for method in ("dip", "idip"):
     cfg = config.RunConfig(
       method=method,
@@ -220,7 +220,7 @@ def test_twins_carry_x_bar_only_where_the_fit_reads_it(image, monkeypatch):
       prelim=config.PrelimConfig(name="ffdnet"),
       fit=config.FitConfig(stop="sure", sure_twins=2),
     )
-    twins, _ = sure_fit.inputs(cfg, [im], [xbar])
+    twins, _ = sure_twins.inputs(cfg, [im], [xbar])
     assert [t[0][0].name for t in twins] == ["im~sure", "im~sure1"]
     eps = 0.5 * 25 / 255
     for k, (ims, xbars) in enumerate(twins):
@@ -230,8 +230,8 @@ def test_twins_carry_x_bar_only_where_the_fit_reads_it(image, monkeypatch):
 
 
 def test_noise_shortfall_is_what_white_noise_costs_the_best_step():
-  """experiments/sure_fits.py's estimate-noise analysis: no noise picks the best step; noise far smaller than the
-  curve's peak costs nothing; noise far larger picks steps at random (mean shortfall: peak minus the mean)."""
+  """experiments/studies/sure_fits.py's estimate-noise analysis: no noise picks the best step; noise far smaller
+  than the curve's peak costs nothing; noise far larger picks steps at random (mean shortfall: peak minus the mean)."""
   sf = import_experiment("sure_fits")
   curve = np.zeros(20)
   curve[7] = 1.0

@@ -145,14 +145,14 @@ def test_fit_speed_counts_first_step_reaching_dips_best():
 
 
 def test_faithfulness_study_plumbing(tmp_path, capsys):
-  """experiments/faithfulness.py on one tiny crop: each variant's record and the markdown."""
+  """experiments/studies/faithfulness.py on one tiny crop: each variant's record and the markdown."""
   need_path(os.path.join(DATA, "classic10"))
   need_path(WEIGHTS)
   study = import_experiment("faithfulness")
   out = tmp_path / "study"
   args = [
     "faithfulness.py",
-    "--flagfile=experiments/faithfulness/study.flags",
+    "--flagfile=experiments/studies/faithfulness/study.flags",
     *TINY_ARGS,
     "--crop=32",
     "--steps=4",
@@ -201,19 +201,21 @@ def test_faithfulness_study_plumbing(tmp_path, capsys):
 def test_faithfulness_flagfiles():
   """full.flags is study.flags at full size, one image per fit."""
   import_experiment("faithfulness")  # defines its flags
-  with parsed_flags(["faithfulness.py", "--flagfile=experiments/faithfulness/study.flags"]) as fv:
+  with parsed_flags(["faithfulness.py", "--flagfile=experiments/studies/faithfulness/study.flags"]) as fv:
     study = {k: fv[k].value for k in ("crop", "steps", "batch_size", "sigma", "prelim", "noise", "eval_every")}
-  with parsed_flags(["faithfulness.py", "--flagfile=experiments/faithfulness/full.flags"]) as fv:
+  with parsed_flags(["faithfulness.py", "--flagfile=experiments/studies/faithfulness/full.flags"]) as fv:
     full = {k: fv[k].value for k in study}
     assert fv.batch_strategy == "vmap" and fv.variants == fv["variants"].default
   assert study["crop"] == 96 and study["steps"] == 600 and study["batch_size"] == 3
   assert full == {**study, "crop": 0, "steps": 1000, "batch_size": 1}
   for f in ("study", "full"):
-    assert open(os.path.join(ROOT, "experiments", "faithfulness", f + ".flags")).readline().startswith("# IDIP")
+    assert (
+      open(os.path.join(ROOT, "experiments", "studies", "faithfulness", f + ".flags")).readline().startswith("# IDIP")
+    )
 
 
 def fake_study(variants: dict, **kw) -> dict:
-  """A study file as experiments/faithfulness.py writes it: variant -> image -> (peak, x_bar)."""
+  """A study file as experiments/studies/faithfulness.py writes it: variant -> image -> (peak, x_bar)."""
   row = lambda peak, xbar: {
     "xbar": xbar,
     "peak": peak,
@@ -412,7 +414,7 @@ def test_x_bar_studies_run_at_smoke_scale_through_the_one_runner(tmp_path, study
 
 
 def test_batch_equality_table_from_its_json():
-  """experiments/batch_equality.py writes its table through report.py from the JSON it stores: per image each
+  """experiments/studies/batch_equality.py writes its table through report.py from the JSON it stores: per image each
   lowering's PSNR and difference to one run per call, then each lowering's summary and lax.map's exact check."""
   report = import_experiment("report")
   doc = {"device": "cpu", "commit": "abc", "date": "d", "crop": 64, "steps": 300, "lowerings": ["loop", "grouped"]}
@@ -435,7 +437,7 @@ def test_batch_equality_runs_its_jobs_through_the_one_runner(tmp_path, capsys):
   way is not reused, although the same-settings rule ignores how a job runs."""
   need_path(os.path.join(DATA, "holdout9"))
   script, jobs, report = import_experiment("batch_equality"), import_experiment("jobs"), import_experiment("report")
-  argv = ["batch_equality.py", "--flagfile=experiments/bench/batch_equality.flags", "--smoke", "--lowerings=loop"]
+  argv = ["batch_equality.py", "--flagfile=experiments/studies/batch_equality.flags", "--smoke", "--lowerings=loop"]
   argv += ["--max_images=2", "--map_steps=3"]
   with parsed_flags(argv + [f"--workdir={tmp_path}/jobs", f"--out={tmp_path}/be"]):
     script.main([])

@@ -1,0 +1,1 @@
+"""Speed tools: compile time, the cold demo, CPU probes and profiles, the PyTorch reference loop."""

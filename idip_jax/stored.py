@@ -1,0 +1,57 @@
+"""Stored run files (config.json, results.json, a training run's summary.json): reading them, and the one
+rule for "same settings as a stored run" that --resume (fits and denoiser training) and the experiments'
+reuse of finished jobs share."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+from idip_jax.data import InputError
+
+
+def read_stored(path: str) -> dict:
+  """A stored run's JSON file (config.json, results.json); one line if it is damaged."""
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    why = f"{type(e).__name__}: {e}"
+  else:
+    if isinstance(stored, dict):
+      return stored
+    why = f"it holds a JSON {type(stored).__name__}, not an object"
+  raise InputError(f"stored run file {path} is damaged ({why}); restore it, or run again into a new --workdir")
+
+
+# Renamed when the flags were generated from config.py; stored jobs (e.g. the GPU runs in
+# experiments/results/gpu_h100/jobs) keep the old names.
+LEGACY_KEYS = types.MappingProxyType({"channels": "image_channels", "net.channels": "net.width"})
+
+
+def _dotted(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+  return out
+
+
+def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), lenient: bool = False) -> str | None:
+  """The one rule for "same settings as a stored run": the first setting, in sorted dotted names,
+  in which a stored config.json (`have`) differs from `want` (nested, or with dotted names), as "name (stored
+  X, now Y)", or None. --resume compares every setting but those named in skip_top (RESUME_FREE).
+  lenient (experiments reusing a finished job, `want` = job_settings): only `want`'s settings, and one
+  the stored run does not record (older code; LEGACY_KEYS renamed) or recorded as "auto" (older code
+  recorded it unresolved) matches; the input set is compared by its folder's name."""
+  a, b = _dotted(want), _dotted(have)
+  if lenient:
+    b = {LEGACY_KEYS.get(k, k): v for k, v in b.items()}
+    if "input" in b:
+      b["input"] = os.path.basename(os.path.normpath(b["input"]))
+  for k in sorted(a if lenient else set(a) | set(b)):
+    if k.split(".")[0] in skip_top or (lenient and (k not in b or b[k] == "auto")):
+      continue
+    if a.get(k) != b.get(k):
+      return f"{k} (stored {b.get(k)!r}, now {a.get(k)!r})"
+  return None
