@@ -213,16 +213,13 @@ def test_auto_strategy_drops_a_candidate_clearly_behind_and_keeps_to_its_budget(
   assert len(timed) == 2 and "not timed (budget 100 s)" in pick["why"]
 
 
-def test_auto_strategy_times_real_steps_and_config_json_records_it(tmp_path):
-  # The default timer on a real (tiny) bucket: every candidate gets a positive rate per repeat; and a run's
-  # config.json records the choice per bucket (buckets.plan), with why it was made.
+def test_auto_strategy_config_json_records_the_choice_and_why(tmp_path):
+  # A run's config.json records the choice per bucket (buckets.plan), with why it was made: this tiny job is
+  # too short to time anything (the real timer: test_a_fit_that_timed_candidates_equals_...).
   from conftest import write_png
 
   from idip_jax import runner
 
-  net = dataclasses.replace(NET, batch_conv="hybrid")
-  times, first = batch_choice.time_candidate(net, CFG, batch_choice.Candidate("vmap", "hybrid", 2), 32, 32, True, 2)
-  assert len(times) == 2 and all(t > 0 for t in times) and first > 0
   for s in range(2):
     write_png(str(tmp_path / f"im{s}.png"), smooth_image(32, 32, 1, seed=s))
   cfg = config.RunConfig(
@@ -265,7 +262,12 @@ def test_a_fit_that_timed_candidates_equals_the_same_fit_with_its_choice_fixed(t
   )
   auto = runner.run(dataclasses.replace(base, workdir=str(tmp_path / "auto")))
   (bucket,) = json.load(open(tmp_path / "auto" / "config.json"))["buckets"]
-  assert bucket["batch_choice"]["why"].startswith("fastest median") and len(bucket["batch_choice"]["timings"]) == 2
+  timings = bucket["batch_choice"]["timings"]
+  assert bucket["batch_choice"]["why"].startswith("fastest median") and len(timings) == 2
+  # each timed on real steps, and again (interleaved) unless dropped early or alone in the race
+  assert all(
+    t["image_steps_per_s"] > 0 and t["repeats"] in (1, 1 + batch_choice.TIMING_REPEATS) for t in timings.values()
+  )
   fixed = dataclasses.replace(
     base,
     workdir=str(tmp_path / "fixed"),
