@@ -61,8 +61,9 @@ def make_inputs(job: str, folder: str) -> None:
 def run_once(job: str, inputs: str, strategy: str, caches: str, work: str) -> dict:
   _, steps = JOBS[job]
   args = [f"--input={inputs}", "--sigma=25", "--method=dip", f"--steps={steps}", "--save_images=false"]
-  args += [f"--workdir={work}", f"--compile_cache={caches}/jax", f"--batch_cache={caches}/batch_choice.json"]
-  args += STRATEGIES[strategy]
+  args += [f"--workdir={work}", f"--compile_cache={caches}/jax"] + STRATEGIES[strategy]
+  if strategy == "default":  # the choice's cache (run.py refuses it beside a fixed strategy)
+    args.append(f"--batch_cache={caches}/batch_choice.json")
   drop = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")  # as a user runs it
   env = {k: v for k, v in os.environ.items() if k not in drop}
   t = time.perf_counter()
