@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from absl import logging
 
 from idip_jax.config import FitConfig, NetConfig
-from idip_jax.fit import make_init, over_batch, sized
-from idip_jax.train import Batch, make_model, make_optimizer, train_step
+from idip_jax.fit import make_init, over_batch
+from idip_jax.train import Batch, init_size, make_model, make_optimizer, sized, train_step
 
 MEMORY_HEADROOM = 0.85  # of the device's bytes_limit; XLA's estimate misses allocator slack
 
@@ -25,7 +25,8 @@ def lower_step(net_cfg: NetConfig, cfg: FitConfig, batch: int, height: int, widt
   step = jax.jit(over_batch(functools.partial(train_step, model, tx, cfg), cfg.batch_strategy), donate_argnums=0)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
   # The init's traced output shapes (calling it inside eval_shape would nest its compiler options).
-  states = jax.eval_shape(lambda s: sized(s, height, width), make_init(net_cfg, cfg).trace(keys).out_info)
+  init = make_init(net_cfg, cfg, init_size(cfg, height, width))
+  states = jax.eval_shape(lambda s: sized(s, height, width), init.trace(keys).out_info)
   img = lambda c, f=1: jax.ShapeDtypeStruct((batch, height // f, width // f, c), jnp.float32)
   f = cfg.sr_factor if cfg.task == "sr" else 1  # super-resolution's y is low-resolution
   b = Batch(

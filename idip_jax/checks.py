@@ -62,6 +62,7 @@ def validate(cfg: RunConfig) -> None:
       cfg.prelim.name not in ("file",) or not (m.prelim_input or m.prelim_loss),
       "--stop=sure fits a twin to y + eps b, whose x_bar must be made too: --prelim=file cannot",
     )
+  need(bool(cfg.fit.train), "--train is empty: name what the fit trains (weights, norms, seed)")
   need(
     not (m.complex_connection and cfg.net.skip_channels == 0),
     "the complex connection lives on the skips: --skip_channels must be > 0",
@@ -113,6 +114,7 @@ NEEDS: tuple[tuple[str, Callable[[RunConfig], bool], str], ...] = (
   ("fit.reg_noise_std", lambda c: not _M(c).prelim_input, "a method whose input is z (dip, idip1)"),
   ("net.in_channels", lambda c: not _M(c).prelim_input, "a method whose input is z (dip, idip1)"),
   ("fit.xbar_noise_std", lambda c: _M(c).prelim_input, "a method whose input is x_bar (idip2, idip)"),
+  ("fit.input_dist", lambda c: not _M(c).prelim_input, "a method whose input is z (dip, idip1)"),
   ("fit.prelim_weight", lambda c: _M(c).prelim_loss, "a method with x_bar in its loss (idip)"),
   ("net.cc_features", lambda c: _M(c).complex_connection, "a method with the complex connection (idip1, idip2, idip)"),
 )
@@ -120,6 +122,7 @@ SOFT = (
   *("fit.reg_noise_std", "net.in_channels", "fit.xbar_noise_std", "fit.prelim_weight", "net.cc_features"),
   *("prelim.sure_candidates", "prelim.sure_probes", "fit.sure_diff", "fit.sure_eps", "fit.sure_twins"),
   *("fit.stop_window", "fit.stop_patience", "fit.stop_alpha", "fit.backtrack", "net.hybrid_side", "noise"),
+  "fit.input_dist",
 )
 _JOB_NEEDS = (("coordinator", "num_processes", "process_id"), "--distributed")
 

@@ -19,6 +19,7 @@ from idip_jax.config_flags import (  # noqa: F401  (re-exported: config.parse, c
   flag_name,
   from_flags,
   leaves,
+  markdown,
   option,
   parse,
   parse_argv,
@@ -61,15 +62,16 @@ PRECISIONS = ("tf32", "fp32", "bf16")  # train.PRECISIONS implements each
 ACTIVATIONS = ("leaky_relu", "relu", "elu")  # models.ACTIVATIONS implements each
 STOPS = ("fixed", "wmv", "emv", "sure")  # train.stop_score: wmv, emv; sure_fit: sure
 TASKS = ("denoise", "inpaint", "sr")  # tasks.degrade and the runner implement each
+INPUT_DISTS = ("uniform", "normal")  # train.random_input draws each
 
 
 @dataclasses.dataclass(frozen=True)
 class NetConfig:
   in_channels: int = option(
     32,
-    "input channels: DIP's random code z (its input_depth); the runner "
+    "input channels: DIP's random code z (its input_depth; 0 = the image's, as DRP's seed); the runner "
     "sets the image's channels when x_bar is the input (idip2, idip)",
-    lo=1,
+    lo=0,
     hi=1024,
   )
   out_channels: int = option(3, "image channels (set by the runner from the images)", flag=None)
@@ -194,6 +196,18 @@ class FitConfig:
   )
   shard: bool = option(True, "split the runs of a call over all local devices")
   remat: bool = option(False, "recompute each conv block in the backward pass (less memory)")
+  train: tuple[str, ...] = option(
+    ("weights", "norms"),
+    "what a fit trains: weights (conv and FC kernels and biases), norms (BatchNorm scales and biases), seed (a "
+    "trainable offset of the net's input, through a BatchNorm of its own: Deep Random Projector, Li et al. CVPR "
+    "2023: --train=seed,norms); the rest stays as initialised",
+    choices=("weights", "norms", "seed"),
+  )
+  data_loss: str = option("mse", "the data term: mse | rmse (its square root, DRP's)", choices=("mse", "rmse"))
+  tv_weight: float = option(0.0, "+ w TV(out), the mean absolute difference of neighbours (DRP: 0.45)", lo=0, hi=100)
+  input_dist: str = option(
+    "uniform", "DIP's code z: uniform U[0, input_scale] | normal N(0, input_scale^2) (DRP's seed)", choices=INPUT_DISTS
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,31 +384,10 @@ def flags_markdown() -> str:
   """docs/flags.md: every flag of run.py, the experiment scripts and train_denoiser.py, from the
   dataclasses above (tests/test_readme.py fails when the file is stale). Regenerate with
   python -c 'from idip_jax import config; print(config.flags_markdown(), end="")' > docs/flags.md"""
-  out = [
-    "# Flags",
-    "",
-    "Generated from `idip_jax/config.py` by `config.flags_markdown()`; do not edit by hand. Regenerate:",
-    "`python -c 'from idip_jax import config; print(config.flags_markdown(), end=\"\")' > docs/flags.md`.",
-    "Every flag file (`--flagfile=FILE`) holds one `--name=value` per line and may include others.",
-  ]
-  sections = (
-    ("`run.py`", JobConfig),
-    ("experiment scripts (`experiments/*.py`, beside run.py's)", ExperimentConfig),
-    ("`experiments/train_denoiser.py`", TrainConfig),
+  return markdown(
+    (
+      ("`run.py`", JobConfig),
+      ("experiment scripts (`experiments/*.py`, beside run.py's)", ExperimentConfig),
+      ("`experiments/train_denoiser.py`", TrainConfig),
+    )
   )
-  for title, cls in sections:
-    groups: dict[str, list[str]] = {}
-    for path, f, _ in leaves(cls):
-      name = flag_name(f)
-      if name is None:
-        continue
-      default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-      allowed = " \\| ".join(map(str, f.metadata["choices"]))
-      allowed = allowed or bounds_text(f)
-      meaning = f.metadata["help"].replace("|", "\\|")
-      row = f"| `--{name}` | `{default!s}` | {allowed} | {meaning} |"
-      groups.setdefault(".".join(path[:-1]) or cls.__name__, []).append(row)
-    out += ["", f"## {title}"]
-    for group, rows in groups.items():
-      out += ["", f"### {group}", "", "| flag | default | allowed | meaning |", "|---|---|---|---|"] + rows
-  return "\n".join(out) + "\n"

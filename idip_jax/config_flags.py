@@ -154,3 +154,30 @@ def check(cfg) -> None:
     lo, hi = f.metadata["lo"], f.metadata.get("hi")
     if (lo is not None and v < lo) or (hi is not None and (v >= hi if f.metadata.get("hi_open") else v > hi)):
       raise InputError(f"--{name} must be {bounds_text(f).replace(', ', ' and ')} (got {v})")
+
+
+def markdown(sections: tuple[tuple[str, type], ...]) -> str:
+  """docs/flags.md (config.flags_markdown): a table of every flag per (title, config dataclass)."""
+  out = [
+    "# Flags",
+    "",
+    "Generated from `idip_jax/config.py` by `config.flags_markdown()`; do not edit by hand. Regenerate:",
+    "`python -c 'from idip_jax import config; print(config.flags_markdown(), end=\"\")' > docs/flags.md`.",
+    "Every flag file (`--flagfile=FILE`) holds one `--name=value` per line and may include others.",
+  ]
+  for title, cls in sections:
+    groups: dict[str, list[str]] = {}
+    for path, f, _ in leaves(cls):
+      name = flag_name(f)
+      if name is None:
+        continue
+      default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+      allowed = " \\| ".join(map(str, f.metadata["choices"]))
+      allowed = allowed or bounds_text(f)
+      meaning = f.metadata["help"].replace("|", "\\|")
+      row = f"| `--{name}` | `{default!s}` | {allowed} | {meaning} |"
+      groups.setdefault(".".join(path[:-1]) or cls.__name__, []).append(row)
+    out += ["", f"## {title}"]
+    for group, rows in groups.items():
+      out += ["", f"### {group}", "", "| flag | default | allowed | meaning |", "|---|---|---|---|"] + rows
+  return "\n".join(out) + "\n"

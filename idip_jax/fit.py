@@ -28,12 +28,15 @@ from idip_jax.train import (
   EVAL_KEYS,
   Batch,
   FitState,
+  apply_net,
   create_fit_state,
   eval_step,
+  init_size,
   is_eval_step,
   make_model,
   make_optimizer,
   random_input,
+  sized,
   train_step,
 )
 
@@ -123,7 +126,7 @@ def make_fit_chunk(net_cfg: NetConfig, cfg: FitConfig, length: int, n_dev: int =
   if cfg.loop == "scan":
     model = make_model(net_cfg, cfg)
     step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
-    evaluate = jax.vmap(functools.partial(eval_step, model))
+    evaluate = jax.vmap(functools.partial(eval_step, model, cfg))
 
     def scan_chunk(states, batch, keys, done):
       names = eval_keys(batch)
@@ -181,7 +184,7 @@ def _host_programs(net_cfg: NetConfig, cfg: FitConfig, n_dev: int) -> tuple[Call
   (2.5 s of XLA:CPU compile at 64 px, docs/performance.md)."""
   model = make_model(net_cfg, cfg)
   step = over_batch(functools.partial(train_step, model, make_optimizer(cfg), cfg), cfg.batch_strategy)
-  evaluate = functools.partial(evaluate_runs, jax.vmap(functools.partial(eval_step, model, with_output=True)), cfg)
+  evaluate = functools.partial(evaluate_runs, jax.vmap(functools.partial(eval_step, model, cfg, with_output=True)), cfg)
   run_spec = PartitionSpec("runs")
   return (
     jax.jit(over_runs(step, n_dev), donate_argnums=0),
@@ -213,7 +216,7 @@ def make_predict(net_cfg: NetConfig, cfg: FitConfig, n_dev: int = 1) -> Callable
   """Output of each run on its unperturbed input (the "final" image)."""
   model = make_model(net_cfg, cfg)
   return jax.jit(
-    over_runs(jax.vmap(lambda params, x: model.apply({"params": params}, x[None])[0]), n_dev),
+    over_runs(jax.vmap(lambda params, x: apply_net(model, cfg, params, x)), n_dev),
     compiler_options=_once_options(),
   )
 
@@ -236,29 +239,19 @@ class FitResult:
 
 
 @functools.lru_cache(maxsize=64)
-def make_init(net_cfg: NetConfig, cfg: FitConfig) -> Callable:
-  """init keys_N -> states_N (EMA sized later)."""
-  init = functools.partial(create_fit_state, make_model(net_cfg, cfg), make_optimizer(cfg), cfg, height=1, width=1)
+def make_init(net_cfg: NetConfig, cfg: FitConfig, size: tuple[int, int] = (1, 1)) -> Callable:
+  """init keys_N -> states_N (EMA sized later); size: train.init_size's."""
+  init = functools.partial(
+    create_fit_state, make_model(net_cfg, cfg), make_optimizer(cfg), cfg, height=size[0], width=size[1]
+  )
   return jax.jit(jax.vmap(init), compiler_options=_once_options())
-
-
-def sized(states: FitState, height: int, width: int) -> FitState:
-  """States of N runs with their image buffers (the EMA, and the stopping window and snapshot)
-  zeroed at HxW: make_init builds them 1x1 so that one compiled init serves every bucket."""
-  resize = lambda a: jnp.zeros((*a.shape[:-3], height, width, a.shape[-1]), jnp.float32)
-  states = states.replace(ema=resize(states.ema))
-  if states.stop is not None:
-    states = states.replace(stop=states.stop.replace(window=resize(states.stop.window), ema=resize(states.stop.ema)))
-  if states.sure is not None:
-    states = states.replace(sure=states.sure.replace(out=resize(states.sure.out), ema=resize(states.sure.ema)))
-  return states
 
 
 def init_runs(
   net_cfg: NetConfig, cfg: FitConfig, keys: list[dict[str, jax.Array]], height: int, width: int
 ) -> tuple[FitState, jax.Array]:
   """Initial states and per-step noise keys of N runs (keys: each run's run_keys)."""
-  states = make_init(net_cfg, cfg)(jnp.stack([k["init"] for k in keys]))
+  states = make_init(net_cfg, cfg, init_size(cfg, height, width))(jnp.stack([k["init"] for k in keys]))
   return sized(states, height, width), jnp.stack([k["noise"] for k in keys])
 
 
@@ -281,7 +274,9 @@ def make_batch(
   if cfg.input_is_prelim:
     net_input = prelim
   else:
-    net_input = jnp.stack([random_input(k["input"], h, w, net_cfg.in_channels, cfg.input_scale) for k in keys])
+    net_input = jnp.stack(
+      [random_input(k["input"], h, w, net_cfg.in_channels, cfg.input_scale, cfg.input_dist) for k in keys]
+    )
   mask = jnp.ones((n, h, w, 1), jnp.float32) if mask_NxHxWx1 is None else jnp.asarray(mask_NxHxWx1, jnp.float32)
   return Batch(
     net_input=net_input,

@@ -13,6 +13,14 @@ def masked_mse(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array) ->
   return err.sum() / (mask_HxWx1.sum() * a_HxWxC.shape[-1])
 
 
+def masked_tv(x_HxWxC: jax.Array, mask_HxWx1: jax.Array) -> jax.Array:
+  """Anisotropic total variation per value over the unpadded extent: (sum |dy| + sum |dx|) / (pixels x channels),
+  as DRP's tv1_loss (Li et al. 2023) on a whole image."""
+  dy = jnp.abs(x_HxWxC[1:] - x_HxWxC[:-1]) * mask_HxWx1[1:] * mask_HxWx1[:-1]
+  dx = jnp.abs(x_HxWxC[:, 1:] - x_HxWxC[:, :-1]) * mask_HxWx1[:, 1:] * mask_HxWx1[:, :-1]
+  return (dy.sum() + dx.sum()) / (mask_HxWx1.sum() * x_HxWxC.shape[-1])
+
+
 def psnr(a_HxWxC: jax.Array, b_HxWxC: jax.Array, mask_HxWx1: jax.Array | None = None, clip: bool = True) -> jax.Array:
   """PSNR in dB with peak 1, after clipping `a` to [0, 1] as a saved image would be
   (clip=False: `a` as it is, e.g. a noisy image whose AWGN was not clipped)."""

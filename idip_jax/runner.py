@@ -52,7 +52,7 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
     cfg.net,
     out_channels=channels,
     complex_connection=m.complex_connection,
-    in_channels=channels if m.prelim_input else cfg.net.in_channels,
+    in_channels=channels if m.prelim_input or not cfg.net.in_channels else cfg.net.in_channels,
   )
   fit_cfg = dataclasses.replace(
     cfg.fit,

@@ -15,7 +15,7 @@ import optax
 
 from idip_jax import metrics, tasks
 from idip_jax.config import FitConfig, NetConfig
-from idip_jax.models import SkipUNet, init_skip_unet
+from idip_jax.models import ImageNorm, SkipUNet, init_skip_unet
 from idip_jax.sure_fit import SureState, eval_dots, init_state
 
 # config.PRECISIONS -> (compute dtype, lax precision of the convolutions). "tf32" is JAX's
@@ -89,13 +89,49 @@ def make_model(net_cfg: NetConfig, fit_cfg: FitConfig) -> SkipUNet:
 
 
 def make_optimizer(fit_cfg: FitConfig) -> optax.GradientTransformation:
+  """Adam; with --train other than weights and norms (DIP's), the parameters of the groups not trained get
+  no update at all (optax.set_to_zero: they stay bit for bit as initialised)."""
   lr = fit_cfg.lr
   if fit_cfg.lr_schedule == "cosine":
     lr = optax.cosine_decay_schedule(fit_cfg.lr, max(fit_cfg.steps, 1))
-  return optax.adam(lr)
+  if set(fit_cfg.train) == {"weights", "norms"}:
+    return optax.adam(lr)
+  label = lambda path, _: "train" if param_group(path) in fit_cfg.train else "frozen"
+  labels = lambda params: jax.tree_util.tree_map_with_path(label, params)
+  return optax.multi_transform({"train": optax.adam(lr), "frozen": optax.set_to_zero()}, labels)
 
 
-def random_input(key: jax.Array, height: int, width: int, channels: int, scale: float) -> jax.Array:
+def param_group(path) -> str:
+  """--train's group of a parameter: seed (the input offset and its BatchNorm), norms (BatchNorm), weights."""
+  names = [getattr(p, "key", str(p)) for p in path]
+  if names[0] in ("seed", "seed_norm"):
+    return "seed"
+  return "norms" if any(n.startswith("ImageNorm") for n in names) else "weights"
+
+
+def seeded(cfg: FitConfig) -> bool:
+  return "seed" in cfg.train
+
+
+def init_size(cfg: FitConfig, height: int, width: int) -> tuple[int, int]:
+  """The size a run's state is initialised at: 1x1 (one compiled init serves every bucket; sized makes the
+  image buffers) unless the input offset is trained (--train=seed), a parameter of the image's size."""
+  return (height, width) if seeded(cfg) else (1, 1)
+
+
+def apply_net(model: SkipUNet, cfg: FitConfig, params, input_HxWxC: jax.Array) -> jax.Array:
+  """The net's output on its input; with --train=seed, on BatchNorm(input + the trained offset) (DRP's BNNet of
+  the seed), the net's own parameters under params["net"]."""
+  if not seeded(cfg):
+    return model.apply({"params": params}, input_HxWxC[None])[0]
+  x = ImageNorm().apply({"params": params["seed_norm"]}, (input_HxWxC + params["seed"])[None])
+  return model.apply({"params": params["net"]}, x)[0]
+
+
+def random_input(key: jax.Array, height: int, width: int, channels: int, scale: float, dist: str = "uniform"):
+  """DIP's code z, HxWxC: U[0, scale] (its 'noise' input) or N(0, scale^2) (DRP's seed)."""
+  if dist == "normal":
+    return scale * jax.random.normal(key, (height, width, channels), jnp.float32)
   return jax.random.uniform(key, (height, width, channels), jnp.float32, 0.0, scale)
 
 
@@ -106,6 +142,10 @@ def create_fit_state(
   # key and module path only, so one compiled init (at the smallest valid size, in
   # models._init_plan) gives the full-size parameters and serves every bucket.
   params = init_skip_unet(model, key)
+  if seeded(cfg):  # DRP: the offset starts at 0 (the input itself), its BatchNorm at the identity's affine part
+    c = model.cfg.in_channels
+    seed_norm = {"scale": jnp.ones((c,), jnp.float32), "bias": jnp.zeros((c,), jnp.float32)}
+    params = {"net": params, "seed": jnp.zeros((height, width, c), jnp.float32), "seed_norm": seed_norm}
   opt_state = tx.init(params)
   ema = jnp.zeros((height, width, model.cfg.out_channels), jnp.float32)
   stop = None
@@ -132,6 +172,18 @@ def create_fit_state(
     stop=stop,
     sure=init_state(ema.shape) if cfg.stop == "sure" else None,
   )
+
+
+def sized(states: FitState, height: int, width: int) -> FitState:
+  """States of N runs with their image buffers (the EMA, and the stopping window and snapshot)
+  zeroed at HxW: make_init builds them 1x1 so that one compiled init serves every bucket."""
+  resize = lambda a: jnp.zeros((*a.shape[:-3], height, width, a.shape[-1]), jnp.float32)
+  states = states.replace(ema=resize(states.ema))
+  if states.stop is not None:
+    states = states.replace(stop=states.stop.replace(window=resize(states.stop.window), ema=resize(states.stop.ema)))
+  if states.sure is not None:
+    states = states.replace(sure=states.sure.replace(out=resize(states.sure.out), ema=resize(states.sure.ema)))
+  return states
 
 
 def stop_score(cfg: FitConfig, stop: StopState, step: jax.Array, out: jax.Array) -> tuple[StopState, jax.Array]:
@@ -182,10 +234,14 @@ def train_step(
   loss_mask = batch.mask if batch.loss_mask is None else batch.loss_mask
 
   def loss_fn(params):
-    out = model.apply({"params": params}, net_in[None])[0]
+    out = apply_net(model, cfg, params, net_in)
     # ||A(out) - y||^2 (tasks.degrade: the identity, or the SR downsampler) over the observed pixels.
     observed = tasks.degrade(cfg.task, cfg.sr_factor, out)
     loss = metrics.masked_mse(observed, batch.noisy, loss_mask)
+    if cfg.data_loss == "rmse":  # DRP's sqrt(MSE)
+      loss = jnp.sqrt(loss)
+    if cfg.tv_weight:  # DRP's tv1_loss
+      loss += cfg.tv_weight * metrics.masked_tv(out, batch.mask)
     if cfg.prelim_weight:
       loss += cfg.prelim_weight * metrics.masked_mse(out, batch.prelim, batch.mask)
     return loss, (out, observed)
@@ -261,11 +317,11 @@ def _backtrack_dip(tx, cfg: FitConfig, state: FitState, grads, psnr_y, ema):
 EVAL_KEYS = ("psnr", "ssim", "psnr_ema", "ssim_ema")
 
 
-def eval_step(model: SkipUNet, state: FitState, batch: Batch, with_output: bool = False) -> dict:
+def eval_step(model: SkipUNet, cfg: FitConfig, state: FitState, batch: Batch, with_output: bool = False) -> dict:
   """Metrics of the images a fit reports after `state.step` steps: the output on the
   unperturbed input (what psnr_final measures at the end) and the EMA; with_output adds that
   output ("out"), so one compiled program also gives the final image."""
-  out = model.apply({"params": state.params}, batch.net_input[None])[0]
+  out = apply_net(model, cfg, state.params, batch.net_input)
   gt, mask = batch.clean, batch.mask
   ev = {"out": out} if with_output or batch.probe is not None else {}
   if gt is not None:

@@ -686,6 +686,9 @@ SCRIPT_CASES = [
     "no training run",
   ),
   ("catalogue_stray_argument", "catalogue", None, ["extra"], "unexpected arguments: extra"),
+  ("time_to_psnr_unknown_method", "time_to_psnr", None, ["--ttp_methods=DIP,FOO"], "--ttp_methods must name DIP"),
+  ("time_to_psnr_steps_not_a_count", "time_to_psnr", None, ["--ttp_steps=DIP=abc"], "--ttp_steps=DIP=abc"),
+  ("auto_first_run_unknown_job", "auto_first_run", None, ["--afr_jobs=nope"], "unknown --afr_jobs=nope"),
   ("demo_cold_unknown_flag", "demo_cold", None, ["--fast"], "Unknown command line flag 'fast'"),
 ]
 

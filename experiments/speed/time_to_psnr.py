@@ -1,0 +1,217 @@
+"""How many seconds of fitting does each method need to reach DIP's best PSNR on the same image?
+
+Per method (DIP; DRP, Li et al. CVPR 2023: frozen random weights, the seed and the BatchNorms trained, one
+scale; IDIP with FFDNet's x_bar), each image is fitted one run per call (so a run's seconds are its own) with
+its history every --ttp_eval_every steps. DIP's best PSNR of an image is the oracle (found with the ground
+truth); a method's seconds to it are its first evaluated step at or above it times its fitting seconds per
+step (compile excluded, reported apart). Also the PSNR after --ttp_budget seconds of fitting per image.
+
+  python experiments/speed/time_to_psnr.py --ttp_set=holdout9 --ttp_max_images=3 --ttp_crop=64 --ttp_sigma=25
+
+Writes experiments/results/time_to_psnr/<set>_s<sigma>_<crop>.{json,md,png}; the JSON's `summary` holds one
+record per (method, set, sigma, size): seconds_to_dip_best, steps_to_dip_best, speedup_vs_dip, psnr_at_30s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import numpy as np
+from absl import flags
+
+from idip_jax import cli, config, data, outputs, results, runner
+from idip_jax.data import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# method -> (run.py's method, x_bar, FitConfig overrides, NetConfig overrides). DRP: its denoising script
+# (sun-umn/Deep-Random-Projector, 1_Denoising): skip net at 1 scale of width 64, the seed N(0, 0.1^2) with
+# as many channels as the image, Adam at 0.1, sqrt(MSE) + 0.45 TV, no input perturbation.
+DRP_FIT = (
+  ("train", ("seed", "norms")),
+  ("lr", 0.1),
+  ("tv_weight", 0.45),
+  ("data_loss", "rmse"),
+  ("input_dist", "normal"),
+  ("reg_noise_std", 0.0),
+)
+METHODS = {
+  "DIP": ("dip", "none", (), ()),
+  "DRP": ("dip", "none", DRP_FIT, (("scales", 1), ("width", 64), ("in_channels", 0))),
+  "IDIP": ("idip", "ffdnet", (), ()),
+}
+
+F = flags.FLAGS
+flags.DEFINE_string("ttp_set", "holdout9", "test set (settings are chosen on holdout9 only)")
+flags.DEFINE_integer("ttp_max_images", 3, "first N images of the set (0 = all)", lower_bound=0, upper_bound=1000)
+flags.DEFINE_integer("ttp_crop", 64, "center crop side (0 = whole images)", lower_bound=0, upper_bound=65536)
+flags.DEFINE_float("ttp_sigma", 25.0, "AWGN sigma (0-255), clipped as DIP's notebooks", lower_bound=1, upper_bound=255)
+flags.DEFINE_list("ttp_methods", list(METHODS), f"methods: {', '.join(METHODS)}")
+flags.DEFINE_list("ttp_steps", ["DIP=1500", "DRP=1500", "IDIP=600"], "METHOD=steps of each fit")
+flags.DEFINE_integer("ttp_eval_every", 10, "steps between history rows", lower_bound=1, upper_bound=10000)
+flags.DEFINE_float("ttp_budget", 30.0, "seconds of fitting per image for the PSNR-at-budget column", lower_bound=0.1)
+flags.DEFINE_string("ttp_workdir", "runs/time_to_psnr", "where the fits go (a finished fit of the same job is reused)")
+flags.DEFINE_string("ttp_out", os.path.join(ROOT, "experiments", "results", "time_to_psnr"), "results folder")
+
+
+def check_flags() -> tuple[list[str], dict[str, int]]:
+  unknown = [m for m in F.ttp_methods if m not in METHODS]
+  if unknown or not F.ttp_methods or "DIP" not in F.ttp_methods:
+    raise InputError(f"--ttp_methods must name DIP and any of {', '.join(METHODS)} (got {','.join(F.ttp_methods)})")
+  steps = {}
+  for item in F.ttp_steps:
+    m, _, n = item.partition("=")
+    if m not in METHODS or not n.isdigit() or not 1 <= int(n) <= config.STEP_MAX:
+      raise InputError(f"--ttp_steps={item}: give METHOD=N, METHOD one of {', '.join(METHODS)}")
+    steps[m] = int(n)
+  missing = [m for m in F.ttp_methods if m not in steps]
+  if missing:
+    raise InputError(f"--ttp_steps names no step count for {missing[0]}")
+  return F.ttp_methods, steps
+
+
+def fit_method(name: str, steps: int, folder: str) -> dict:
+  """One method's fits of every image, one run per call: per image, PSNR per evaluated step, fitting seconds
+  per step and the compile seconds."""
+  method, prelim, fit_over, net_over = METHODS[name]
+  base = config.RunConfig()
+  cfg = dataclasses.replace(
+    base,
+    input=folder,
+    workdir=os.path.join(F.ttp_workdir, f"{F.ttp_set}_s{F.ttp_sigma:g}_{F.ttp_crop}", name),
+    method=method,
+    sigma=F.ttp_sigma,
+    noise="clip",
+    crop=F.ttp_crop,
+    batch_size=1,
+    save_images=False,
+    prelim=dataclasses.replace(base.prelim, name=prelim),
+    net=dataclasses.replace(base.net, **dict(net_over)),
+    fit=dataclasses.replace(
+      base.fit, steps=steps, eval_every=F.ttp_eval_every, batch_strategy="vmap", **dict(fit_over)
+    ),
+  )
+  done = os.path.join(cfg.workdir, "results.json")
+  if not (os.path.isfile(done) and outputs.read_json(done).get("complete")):
+    res = runner.run(dataclasses.replace(cfg, overwrite=True))
+  else:
+    res = outputs.read_json(done)
+  per = {}
+  for r in res["images"]:
+    hist = results.read_history(os.path.join(cfg.workdir, "history", r["name"] + ".csv"))
+    fitting = (r["seconds"] - (r["compile_seconds"] or 0.0)) / r["steps"]
+    evaluated = ~np.isnan(hist["psnr"])
+    per[r["name"]] = {
+      "steps": (np.flatnonzero(evaluated) + 1).tolist(),
+      "psnr": hist["psnr"][evaluated].tolist(),
+      "seconds_per_step": fitting,
+      "compile_seconds": r["compile_seconds"],
+    }
+  return per
+
+
+def summarize(fits: dict[str, dict], budget: float) -> list[dict]:
+  """Per method: mean over images of the seconds and steps to DIP's oracle best, DIP's seconds over them,
+  and the PSNR after `budget` seconds of fitting."""
+  out = []
+  dip = fits["DIP"]
+  target = {n: max(v["psnr"]) for n, v in dip.items()}
+  dip_best_s = {n: v["steps"][int(np.argmax(v["psnr"]))] * v["seconds_per_step"] for n, v in dip.items()}
+  for m, per in fits.items():
+    steps, secs, at = [], [], []
+    for n, v in per.items():
+      hit = next((s for s, p in zip(v["steps"], v["psnr"]) if p >= target[n]), None)
+      steps.append(hit)
+      secs.append(None if hit is None else hit * v["seconds_per_step"])
+      within = [p for s, p in zip(v["steps"], v["psnr"]) if s * v["seconds_per_step"] <= budget]
+      at.append(within[-1] if within else None)
+    reached = [s for s in secs if s is not None]
+    mean_s = float(np.mean(reached)) if len(reached) == len(secs) else None
+    out.append(
+      {
+        "method": m,
+        "set": F.ttp_set,
+        "sigma": F.ttp_sigma,
+        "size": F.ttp_crop,
+        "images": len(per),
+        "reached_dip_best": len(reached),
+        "seconds_to_dip_best": mean_s,
+        "steps_to_dip_best": float(np.mean(steps)) if mean_s is not None else None,
+        "speedup_vs_dip": float(np.mean(list(dip_best_s.values()))) / mean_s if mean_s else None,
+        "psnr_at_30s" if budget == 30 else f"psnr_at_{budget:g}s": (
+          float(np.mean(at)) if all(a is not None for a in at) else None
+        ),
+        "dip_oracle_best_psnr": float(np.mean(list(target.values()))),
+        "best_psnr": float(np.mean([max(v["psnr"]) for v in per.values()])),
+        "seconds_per_step": float(np.mean([v["seconds_per_step"] for v in per.values()])),
+        "compile_seconds": float(np.mean([v["compile_seconds"] or 0.0 for v in per.values()])),
+      }
+    )
+  return out
+
+
+def markdown(doc: dict) -> str:
+  budget = f"psnr_at_{doc['budget']:g}s" if doc["budget"] != 30 else "psnr_at_30s"
+  fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
+  lines = [
+    f"# Time to DIP's best PSNR: {doc['set']}, sigma {doc['sigma']:g}, {doc['size'] or 'full'} px\n\n",
+    f"`{doc['command']}`; {doc['device']}, commit {doc['commit']}, {doc['date']}. Per image, one run per call; "
+    "DIP's best PSNR is the oracle (the ground truth picks the step); seconds are fitting seconds (compile apart), "
+    f"the mean over {doc['summary'][0]['images']} images; a method that never reached it on an image has no mean.\n\n",
+    f"| method | DIP's best (oracle) | its best | seconds to DIP's best | steps | speedup vs DIP | PSNR at "
+    f"{doc['budget']:g} s | s/step | compile s |\n|---|---|---|---|---|---|---|---|---|\n",
+  ]
+  for s in doc["summary"]:
+    lines.append(
+      f"| {s['method']} | {s['dip_oracle_best_psnr']:.2f} | {s['best_psnr']:.2f} | "
+      f"{fmt(s['seconds_to_dip_best'], '{:.1f}')} ({s['reached_dip_best']}/{s['images']} reached) | "
+      f"{fmt(s['steps_to_dip_best'], '{:.0f}')} | "
+      f"{fmt(s['speedup_vs_dip'])}x | {fmt(s[budget])} | {s['seconds_per_step']:.3f} | {s['compile_seconds']:.1f} |\n"
+    )
+  return "".join(lines)
+
+
+def plot(doc: dict, path: str) -> None:
+  """Mean PSNR against seconds of fitting, one curve per method (each image's PSNR at its last evaluated step
+  within the time)."""
+  lines, horizon = {}, max(v["steps"][-1] * v["seconds_per_step"] for f in doc["fits"].values() for v in f.values())
+  grid = np.linspace(0, horizon, 200)[1:]
+  for m, per in doc["fits"].items():
+    curves = []
+    for v in per.values():
+      t = np.asarray(v["steps"]) * v["seconds_per_step"]
+      idx = np.searchsorted(t, grid, side="right") - 1
+      curves.append(np.where(idx >= 0, np.asarray(v["psnr"])[np.maximum(idx, 0)], np.nan))
+    lines[m] = (grid, np.nanmean(curves, axis=0), "-")
+  title = f"{doc['set']} sigma {doc['sigma']:g}, {doc['size'] or 'full'} px: mean PSNR vs fitting seconds"
+  outputs.plot_xy(path, title, lines, "seconds of fitting per image", "PSNR (dB)")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  methods, steps = check_flags()
+  folder = os.path.join(data.shared_dir(), "data", F.ttp_set)
+  paths = data.list_inputs(folder)[: F.ttp_max_images or None]
+  stem = os.path.join(F.ttp_out, f"{F.ttp_set}_s{F.ttp_sigma:g}_{F.ttp_crop}")
+  inputs = os.path.join(F.ttp_workdir, "inputs", os.path.basename(stem))
+  os.makedirs(inputs, exist_ok=True)
+  for p in paths:  # the first N images, as they are (run.py crops them)
+    target = os.path.join(inputs, os.path.basename(p))
+    if not os.path.exists(target):
+      os.symlink(os.path.abspath(p), target)
+  fits = {m: fit_method(m, steps[m], inputs) for m in methods}
+  doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/speed/time_to_psnr.py"] + sys.argv[1:]))
+  doc.update(set=F.ttp_set, sigma=F.ttp_sigma, size=F.ttp_crop, budget=F.ttp_budget, steps=steps, fits=fits)
+  doc["summary"] = summarize(fits, F.ttp_budget)
+  outputs.write_table(os.path.dirname(stem), os.path.basename(stem), doc, markdown(doc))
+  plot(doc, stem + ".png")
+  print(markdown(doc))
+
+
+def entry(argv: list[str] | None = None) -> int:
+  return cli.run_script(main, __doc__, F, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(entry())
