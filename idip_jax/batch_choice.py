@@ -58,11 +58,13 @@ class Speed:
   candidate_s: float  # one candidate's timing: compiling its step and eval, warm-up, timed steps
 
 
-# By device kind (a substring of jax's device_kind; "cpu" for XLA:CPU): bench_cpu.md (64 px: 5.17 image-steps/s;
-# compile_time.md: step 5.7 s + eval 1.9 s to compile cold), bench_gpu.md (H100 256 px: 4.9 ms per step; the
-# GPU's compiles take 12-40 s per candidate). Other devices: the default is timed to learn the rate.
+# By device kind (a substring of jax's device_kind; "cpu" for XLA:CPU): CPU 64 px 15.9 image-steps/s, a fit's own
+# rate one run per call at the default precision (experiments/results/time_to_psnr/holdout9_s25_64.json, DIP:
+# 0.063 s per step; bench_cpu.md's 5.17 is at Precision.HIGHEST), compile_time.md: step 5.7 s + eval 1.9 s to
+# compile cold; bench_gpu.md (H100 256 px: 4.9 ms per step; the GPU's compiles take 12-40 s per candidate).
+# Other devices: the default is timed to learn the rate.
 STORED = types.MappingProxyType(
-  {"cpu": Speed(64, 5.17, 8.0), "H100": Speed(256, 204.0, 20.0), "H200": Speed(256, 204.0, 20.0)}
+  {"cpu": Speed(64, 15.9, 8.0), "H100": Speed(256, 204.0, 20.0), "H200": Speed(256, 204.0, 20.0)}
 )
 
 

@@ -144,7 +144,7 @@ RATES = {
   ("hybrid", 4): 13.5,
 }
 NET_AUTO = dataclasses.replace(NET, batch_conv="auto")
-LONG = dataclasses.replace(CFG, batch_strategy="auto", steps=10**6)  # long enough to time every candidate
+LONG = dataclasses.replace(CFG, batch_strategy="auto", steps=10**7)  # long enough to time every candidate
 
 
 def test_auto_strategy_picks_the_fastest_median_and_caches_it(tmp_path):
@@ -175,7 +175,7 @@ def test_auto_strategy_picks_the_fastest_median_and_caches_it(tmp_path):
 
 
 def test_auto_strategy_times_nothing_for_a_short_job():
-  """The 4-image, 200-step 64 px job of the official net: at the stored CPU rate it fits in ~150 s, and 3% of
+  """The 4-image, 200-step 64 px job of the official net: at the stored CPU rate it fits in ~50 s, and 3% of
   that does not repay one candidate's compile: the backend's default, no timing at all."""
   clock, timed = FakeClock(1.0), []
   net = dataclasses.replace(config.NetConfig(), out_channels=1)  # the official net
