@@ -159,7 +159,9 @@ def markdown(doc: dict) -> str:
     f"# Time to DIP's best PSNR: {doc['set']}, sigma {doc['sigma']:g}, {doc['size'] or 'full'} px\n\n",
     f"`{doc['command']}`; {doc['device']}, commit {doc['commit']}, {doc['date']}. Per image, one run per call; "
     "DIP's best PSNR is the oracle (the ground truth picks the step); seconds are fitting seconds (compile apart), "
-    f"the mean over {doc['summary'][0]['images']} images; a method that never reached it on an image has no mean.\n\n",
+    f"the mean over {doc['summary'][0]['images']} images; a method that never reached it on an image has no mean. "
+    f"PSNR at {doc['budget']:g} s: the last evaluated PSNR within that much fitting (a fit that ended sooner: its "
+    f"end). Steps run: {', '.join(f'{m} {n}' for m, n in doc['steps'].items())}.\n\n",
     f"| method | DIP's best (oracle) | its best | seconds to DIP's best | steps | speedup vs DIP | PSNR at "
     f"{doc['budget']:g} s | s/step | compile s |\n|---|---|---|---|---|---|---|---|---|\n",
   ]
@@ -175,7 +177,7 @@ def markdown(doc: dict) -> str:
 
 def plot(doc: dict, path: str) -> None:
   """Mean PSNR against seconds of fitting, one curve per method (each image's PSNR at its last evaluated step
-  within the time)."""
+  within the time; a curve ends with its shortest fit)."""
   lines, horizon = {}, max(v["steps"][-1] * v["seconds_per_step"] for f in doc["fits"].values() for v in f.values())
   grid = np.linspace(0, horizon, 200)[1:]
   for m, per in doc["fits"].items():
@@ -183,8 +185,10 @@ def plot(doc: dict, path: str) -> None:
     for v in per.values():
       t = np.asarray(v["steps"]) * v["seconds_per_step"]
       idx = np.searchsorted(t, grid, side="right") - 1
-      curves.append(np.where(idx >= 0, np.asarray(v["psnr"])[np.maximum(idx, 0)], np.nan))
-    lines[m] = (grid, np.nanmean(curves, axis=0), "-")
+      inside = (idx >= 0) & (grid <= t[-1])  # each curve ends where its fit ended
+      curves.append(np.where(inside, np.asarray(v["psnr"])[np.maximum(idx, 0)], np.nan))
+    with np.errstate(all="ignore"):
+      lines[m] = (grid, np.mean(curves, axis=0), "-")  # NaN once any image's fit has ended
   title = f"{doc['set']} sigma {doc['sigma']:g}, {doc['size'] or 'full'} px: mean PSNR vs fitting seconds"
   outputs.plot_xy(path, title, lines, "seconds of fitting per image", "PSNR (dB)")
 
