@@ -30,7 +30,7 @@ from absl import logging
 from idip_jax import batching, convs, outputs
 from idip_jax.config import FitConfig, NetConfig
 from idip_jax.data import OutputError
-from idip_jax.fit import init_runs, make_fit_chunk
+from idip_jax.fit import init_runs, make_batch, make_fit_chunk
 from idip_jax.train import run_keys
 
 # Lowerings timed per batch size (convs.per_run_conv; "grouped", the control, is 2-3x slower per image on
@@ -115,11 +115,9 @@ def time_candidate(
   n_dev = jax.local_device_count() if cfg.shard and c.batch % jax.local_device_count() == 0 else 1
   keys = [run_keys(0, k) for k in range(c.batch)]
   x = jax.random.uniform(jax.random.key(1), (c.batch, height, width, net_cfg.out_channels))
-  from idip_jax import fit  # make_batch
-
   f = cfg.sr_factor if cfg.task == "sr" else 1  # super-resolution's y is low-resolution
   y = x[:, ::f, ::f]
-  batch = fit.make_batch(
+  batch = make_batch(
     net_c,
     cfg_c,
     keys,

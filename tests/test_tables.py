@@ -81,23 +81,29 @@ def test_smoke_tables_are_well_formed(tmp_path):
   need_path(WEIGHTS)
   pytest.importorskip("bm3d")
   out = tmp_path / "results"
-  p = subprocess.run(
-    [
-      sys.executable,
-      SCRIPT,
-      "--flagfile=experiments/tables/smoke.flags",
-      # Every table but IDIPplus_<set> (test_idipplus_table_rows_share_one_watched_job runs one at smoke scale):
-      # 3 sets x 3 sigmas of K-run jobs would add ~40 s to the suite.
-      "--tables=T1,T2,T3,T4,T6,DIPcolor,HOLDOUT,inpaint_heide11,SR4_Set5,SR4_Set14",
-      "--results_dir=" + str(out),
-      "--workdir=" + str(tmp_path / "work"),
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert p.returncode == 0, p.stderr[-3000:]
+  # In this process through the entry point (tables.entry: its flags, one error line), so that the tiny net's
+  # programs compiled by the other table tests are reused.
+  tables, cwd = import_experiment("tables"), os.getcwd()
+  from absl import flags
+
+  flags.FLAGS.unparse_flags()
+  os.chdir(ROOT)  # the flagfiles include each other by repository-relative paths
+  try:
+    code = tables.entry(
+      [
+        "tables.py",
+        "--flagfile=experiments/tables/smoke.flags",
+        # Every table but IDIPplus_<set> (test_idipplus_table_rows_share_one_watched_job runs one at smoke scale):
+        # 3 sets x 3 sigmas of K-run jobs would add ~40 s to the suite.
+        "--tables=T1,T2,T3,T4,T6,DIPcolor,HOLDOUT,inpaint_heide11,SR4_Set5,SR4_Set14",
+        "--results_dir=" + str(out),
+        "--workdir=" + str(tmp_path / "work"),
+      ]
+    )
+  finally:
+    os.chdir(cwd)
+    flags.FLAGS.unparse_flags()
+  assert code == 0
   for table in ("T1", "T2", "T3", "T4_classic10", "T4_Set12", "T6", "DIPcolor", "HOLDOUT"):
     t = json.loads((out / f"{table}.json").read_text())
     for key in ("table", "device", "commit", "date", "sigma", "methods", "paper"):
