@@ -1,7 +1,8 @@
 """Does the default --batch_strategy=auto pay for its own choice on a job's first run? End-to-end wall time of
 `python run.py` per job, with the flags a user gets (default) beside fixed strategies (one run per call, vmap:loop
 x4), each with empty caches (cold: a new JAX compilation cache and batch-choice cache) and again with the
-caches its cold run left (warm); rounds interleave the strategies so a slow spell of the machine hits all alike.
+caches its cold run left (warm); rounds interleave the strategies so a slow spell of the machine hits all alike,
+each round starting with another strategy (the first run of a job also warms the machine's file caches).
 
   python experiments/speed/auto_first_run.py                       # the small jobs (~25 min on 2 cores)
   python experiments/speed/auto_first_run.py --afr_jobs=set12_128  # 12 Set12 images at 128 px, 300 steps (hours)
@@ -46,6 +47,7 @@ flags.DEFINE_list("afr_jobs", ["small", "two_sizes"], f"jobs to time: {', '.join
 flags.DEFINE_integer("afr_rounds", 1, "rounds; each times every strategy cold then warm", lower_bound=1, upper_bound=20)
 flags.DEFINE_string("afr_out", os.path.join(ROOT, "experiments", "results", "auto_first_run"), "results path stem")
 flags.DEFINE_string("afr_data", "", "folder of the test sets (default $IDIP_SHARED/data)")
+flags.DEFINE_bool("afr_append", False, "add the rounds to the stored results file (its rows kept, rounds numbered on)")
 
 
 def make_inputs(job: str, folder: str) -> None:
@@ -86,18 +88,25 @@ def main(argv: list[str]) -> None:
     raise InputError(f"unknown --afr_jobs={unknown[0]}; choose from {', '.join(JOBS)}")
   doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/speed/auto_first_run.py"] + sys.argv[1:]))
   doc.update(jobs={j: {"images": JOBS[j][0], "steps": JOBS[j][1]} for j in F.afr_jobs}, rows=[])
+  first = 0
+  if F.afr_append and os.path.isfile(F.afr_out + ".json"):
+    stored = outputs.read_json(F.afr_out + ".json")
+    doc["rows"], doc["jobs"] = stored["rows"], dict(stored["jobs"], **doc["jobs"])
+    doc["command"] = stored["command"] + "; then " + doc["command"]
+    first = 1 + max(r["round"] for r in stored["rows"])
   tmp = tempfile.mkdtemp(prefix="idip-afr-")
   try:
     for job in F.afr_jobs:
       inputs = os.path.join(tmp, job, "in")
       os.makedirs(inputs)
       make_inputs(job, inputs)
-      for r in range(F.afr_rounds):
-        for strategy in STRATEGIES:
+      for r in range(first, first + F.afr_rounds):
+        names = list(STRATEGIES)
+        for strategy in names[r % len(names) :] + names[: r % len(names)]:  # each round starts elsewhere
           caches = os.path.join(tmp, job, f"caches-{r}-{len(doc['rows'])}")
           for cache in ("cold", "warm"):
             row = run_once(job, inputs, strategy, caches, os.path.join(tmp, job, f"w{len(doc['rows'])}"))
-            doc["rows"].append(dict(row, job=job, strategy=strategy, cache=cache, round=r))
+            doc["rows"].append(dict(row, job=job, strategy=strategy, cache=cache, round=r, commit=doc["commit"]))
             print(f"{job} {strategy} {cache}: {row['wall_s']:.1f} s {row['buckets']}", flush=True)
             doc["summary"] = summarize(doc["rows"])
             outputs.write_table(os.path.dirname(F.afr_out), os.path.basename(F.afr_out), doc, report.auto_markdown(doc))
