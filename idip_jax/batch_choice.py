@@ -222,6 +222,10 @@ def default_candidate(net_cfg: NetConfig, cfg: FitConfig, shape, n_runs: int, ba
   return Candidate("vmap", lowering if size > 1 else single, size)
 
 
+def _median(xs: list[float]) -> float:
+  return sorted(xs)[len(xs) // 2]
+
+
 def choose(
   net_cfg: NetConfig,
   cfg: FitConfig,
@@ -270,9 +274,10 @@ def choose(
       logging.info("batch choice for %s: %s (%s)", what, default.label, why)
       return _chosen(default, {}, why, clock() - start)
   timer = timer or (lambda c, repeats: time_candidate(net_cfg, cfg, c, h, w, with_gt, repeats))
-  rates: dict[Candidate, list[float]] = {}
+  rates: dict[Candidate, list[float]] = {}  # image-steps/s of each repeat
   timings: dict[str, dict] = {}
-  cost = {}  # seconds each candidate's first timing took (its compile, warm-up and a repeat)
+  cost, first_call = {}, {}  # each candidate's first timing: seconds it took (compile, warm-up, a repeat); its
+  # first call's
 
   def measure(c: Candidate, repeats: int) -> None:
     t = clock()
@@ -283,13 +288,13 @@ def choose(
       if not batching.is_out_of_memory(e):
         raise
       logging.info("batch timing %s: out of memory", c.label)
-      rates[c] = []
+      rates.setdefault(c, [])  # an empty list: out of the race
       return
     rates.setdefault(c, []).extend(1.0 / s for s in per_image_step)
     cost.setdefault(c, clock() - t)
-    rate = sorted(rates[c])[len(rates[c]) // 2]
-    timings[c.label] = {"image_steps_per_s": rate, "first_call_s": timings.get(c.label, {}).get("first_call_s", first)}
-    timings[c.label]["repeats"] = len(rates[c])
+    first_call.setdefault(c, first)
+    rate = _median(rates[c])
+    timings[c.label] = {"image_steps_per_s": rate, "first_call_s": first_call[c], "repeats": len(rates[c])}
     logging.info("batch timing %s: %.2f image-steps/s (%d repeats)", c.label, rate, len(rates[c]))
 
   measure(default, 1)
@@ -306,14 +311,13 @@ def choose(
       continue
     measure(c, 1)
   racing = [c for c in rates if rates[c] and rates[c][0] >= DROP_BELOW * best()]
-  dropped = [c.label for c in rates if c not in racing]
+  dropped = [c.label for c in rates if rates[c] and c not in racing]
   for _ in range(TIMING_REPEATS if len(racing) > 1 else 0):
     if clock() - start + len(racing) * min(cost.values()) > budget:  # a round's cost, at most its first timings'
       break
     for c in racing:  # interleaved: a slow spell of the machine hits every candidate alike
       measure(c, 1)
-  median = lambda c: sorted(rates[c])[len(rates[c]) // 2]
-  chosen = max(racing, key=median)
+  chosen = max(racing, key=lambda c: _median(rates[c]))
   why = f"fastest median of {len(racing)} timed" + (f"; dropped early: {', '.join(dropped)}" if dropped else "")
   why += f"; not timed (budget {budget:.0f} s): {', '.join(skipped)}" if skipped else ""
   result = _chosen(chosen, timings, why, clock() - start)

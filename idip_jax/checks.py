@@ -5,7 +5,9 @@ meaningless (unused_flags: refused rather than silently ignored)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import types
 from collections.abc import Callable
 
 from absl import logging
@@ -127,13 +129,9 @@ SOFT = (
 _JOB_NEEDS = (("coordinator", "num_processes", "process_id"), "--distributed")
 
 
-def _field(cls: type, path: str) -> tuple[dataclasses.Field, str]:
-  *outer, name = path.split(".")
-  for part in outer:
-    cls = {f.name: f.type for f in dataclasses.fields(cls)}[part]
-    cls = getattr(config, cls) if isinstance(cls, str) else cls
-  f = {f.name: f for f in dataclasses.fields(cls)}[name]
-  return f, config.flag_name(f)
+# Every run setting by its dotted path (config.leaves), and the job's own.
+RUN_FIELDS = types.MappingProxyType({".".join(path): f for path, f, _ in config.leaves(RunConfig)})
+JOB_FIELDS = types.MappingProxyType({f.name: f for f in dataclasses.fields(JobConfig)})
 
 
 def unused_flags(job: JobConfig) -> None:
@@ -141,15 +139,13 @@ def unused_flags(job: JobConfig) -> None:
   without --task=inpaint, --prelim_dir with --prelim=bm3d): such a flag would be silently ignored."""
   cfgs = [dataclasses.replace(job.run, method=m) for m in job.methods]
   for path, used, needs in NEEDS:
-    f, name = _field(RunConfig, path)
-    value = job.run
-    for part in path.split("."):
-      value = getattr(value, part)
+    f, name = RUN_FIELDS[path], config.flag_name(RUN_FIELDS[path])
+    value = functools.reduce(getattr, path.split("."), job.run)
     if value != f.default and not any(used(c) for c in cfgs):
       if path not in SOFT:
         raise InputError(f"--{name}={value} has no effect here: it needs {needs}")
       logging.warning("--%s=%s has no effect here: it needs %s", name, value, needs)
   names, needs = _JOB_NEEDS
   for name in names:
-    if getattr(job, name) != _field(JobConfig, name)[0].default and not job.distributed:
+    if getattr(job, name) != JOB_FIELDS[name].default and not job.distributed:
       raise InputError(f"--{name} has no effect here: it needs {needs}")

@@ -168,13 +168,13 @@ def run_script(main: Callable[[list[str]], int | None], doc: str, fv=None, argv:
     return 130
 
 
-def parse_method_counts(name: str, items: list[str]) -> dict[str, int]:
-  """--method_steps=dip=1500,idip=1200 -> {method: N}: a known method and a count in 1..config.STEP_MAX."""
+def parse_method_counts(name: str, items: list[str], known=config.METHODS) -> dict[str, int]:
+  """--method_steps=dip=1500,idip=1200 -> {method: N}: a method of `known` and a count in 1..config.STEP_MAX."""
   out = {}
   for item in items:
     method, sep, n = item.partition("=")
-    if not sep or method not in config.METHODS:
-      raise InputError(f"--{name}={item}: give METHOD=N with METHOD one of {', '.join(config.METHODS)}")
+    if not sep or method not in known:
+      raise InputError(f"--{name}={item}: give METHOD=N with METHOD one of {', '.join(known)}")
     if not n.strip().isdigit() or not 1 <= int(n) <= config.STEP_MAX:
       raise InputError(f"--{name}={item}: N must be a step count in 1..{config.STEP_MAX}")
     out[method] = int(n)

@@ -78,7 +78,7 @@ def check_workdir(path: str, overwrite: bool, reads: tuple[str, ...] = ()) -> No
     )
 
 
-def _listed(folder: str) -> set[str]:
+def listed(folder: str) -> set[str]:
   """The files (and, ending in '/', folders) the marker of a tool-made folder lists."""
   with open(os.path.join(folder, MARKER)) as f:
     return {ln[len("wrote ") :].rstrip("\n") for ln in f if ln.startswith("wrote ")}
@@ -94,7 +94,7 @@ def not_written_by_tool(path: str) -> list[str]:
     while owner != path and not os.path.isfile(os.path.join(owner, MARKER)):
       owner = os.path.dirname(owner)
     if owner not in lists:
-      lists[owner] = _listed(owner)
+      lists[owner] = listed(owner)
     for name in sorted(files) + [s for s in subdirs if os.path.islink(os.path.join(d, s))]:
       rel = os.path.relpath(os.path.join(d, name), owner)
       folder, base = os.path.split(rel)
@@ -133,7 +133,7 @@ def note_written(path: str) -> None:
       return
     d = os.path.dirname(d)
   rel = os.path.relpath(full.rstrip("/"), d) + ("/" if full.endswith("/") else "")
-  if rel not in _listed(d):  # a rewritten file (results.json, a checkpoint) is listed once
+  if rel not in listed(d):  # a rewritten file (results.json, a checkpoint) is listed once
     with open(os.path.join(d, MARKER), "a") as f:
       f.write(f"wrote {rel}\n")
 

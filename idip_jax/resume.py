@@ -156,14 +156,11 @@ def missing_outputs(workdir: str, names: list[str]) -> dict[str, str]:
   """Per finished image: the first of its files (images/, history/) that the workdir's marker lists as
   written but that is gone since (deleted by the user), so that --resume fits that image again rather than
   report it complete. A file belongs to the longest image name it starts with (NAME_..., NAME.csv)."""
-  marker = os.path.join(workdir, outputs.MARKER)
-  if not os.path.isfile(marker):
+  if not os.path.isfile(os.path.join(workdir, outputs.MARKER)):
     return {}
-  with open(marker) as f:
-    listed = [ln[len("wrote ") :].rstrip("\n") for ln in f if ln.startswith("wrote ")]
   by_length = sorted(names, key=len, reverse=True)
   missing: dict[str, str] = {}
-  for rel in listed:
+  for rel in sorted(outputs.listed(workdir)):
     folder, base = os.path.split(rel)
     if folder not in ("images", "history") or os.path.exists(os.path.join(workdir, rel)):
       continue

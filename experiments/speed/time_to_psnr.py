@@ -59,12 +59,7 @@ def check_flags() -> tuple[list[str], dict[str, int]]:
   unknown = [m for m in F.ttp_methods if m not in METHODS]
   if unknown or not F.ttp_methods or "DIP" not in F.ttp_methods:
     raise InputError(f"--ttp_methods must name DIP and any of {', '.join(METHODS)} (got {','.join(F.ttp_methods)})")
-  steps = {}
-  for item in F.ttp_steps:
-    m, _, n = item.partition("=")
-    if m not in METHODS or not n.isdigit() or not 1 <= int(n) <= config.STEP_MAX:
-      raise InputError(f"--ttp_steps={item}: give METHOD=N, METHOD one of {', '.join(METHODS)}")
-    steps[m] = int(n)
+  steps = cli.parse_method_counts("ttp_steps", F.ttp_steps, METHODS)
   missing = [m for m in F.ttp_methods if m not in steps]
   if missing:
     raise InputError(f"--ttp_steps names no step count for {missing[0]}")
@@ -140,9 +135,7 @@ def summarize(fits: dict[str, dict], budget: float) -> list[dict]:
         "seconds_to_dip_best": mean_s,
         "steps_to_dip_best": float(np.mean(steps)) if mean_s is not None else None,
         "speedup_vs_dip": float(np.mean(list(dip_best_s.values()))) / mean_s if mean_s else None,
-        "psnr_at_30s" if budget == 30 else f"psnr_at_{budget:g}s": (
-          float(np.mean(at)) if all(a is not None for a in at) else None
-        ),
+        f"psnr_at_{budget:g}s": (float(np.mean(at)) if all(a is not None for a in at) else None),
         "dip_oracle_best_psnr": float(np.mean(list(target.values()))),
         "best_psnr": float(np.mean([max(v["psnr"]) for v in per.values()])),
         "seconds_per_step": float(np.mean([v["seconds_per_step"] for v in per.values()])),
@@ -153,7 +146,7 @@ def summarize(fits: dict[str, dict], budget: float) -> list[dict]:
 
 
 def markdown(doc: dict) -> str:
-  budget = f"psnr_at_{doc['budget']:g}s" if doc["budget"] != 30 else "psnr_at_30s"
+  budget = f"psnr_at_{doc['budget']:g}s"
   fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
   lines = [
     f"# Time to DIP's best PSNR: {doc['set']}, sigma {doc['sigma']:g}, {doc['size'] or 'full'} px\n\n",
