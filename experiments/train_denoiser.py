@@ -11,16 +11,16 @@ import sys
 
 from absl import flags
 
-from idip_jax import cli, config, denoiser_train
+from idip_jax import cli, config, config_train, denoiser_train
 
 # Its own flag set: the training settings share names (sigma, steps, lr...) with run.py's.
 FV = flags.FlagValues()
-config.define_flags(FV, config.TrainConfig)
+config.define_flags(FV, config_train.TrainConfig)
 
 
 def main(argv: list[str]) -> int:
   del argv
-  cfg = config.from_flags(FV, config.TrainConfig)
+  cfg = config.from_flags(FV, config_train.TrainConfig)
   config.check(cfg)
   try:
     summary = denoiser_train.train(cfg)

@@ -255,6 +255,12 @@ class RunConfig:
     True, "--task=sr: center-crop the HR image to a multiple of 32 (DIP's enforse_div32='CROP'); off: it must divide"
   )
   crop: int = option(0, "center crop to this size (0 = whole image)", lo=0, hi=SIDE_MAX)
+  init: str = option(
+    "",
+    "a stored initialisation of the net (the init.npz of experiments/meta_init.py, made for this method and net): "
+    "every run starts from its parameters instead of a random draw ('' = random, DIP's)",
+    path=True,
+  )
   batch_size: int = option(
     0,
     "runs per call (0 = auto: under --batch_strategy=auto its choice; otherwise the most that fit the device's "
@@ -337,57 +343,22 @@ class ExperimentConfig:
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Training a DnCNN preliminary denoiser (idip_jax.denoiser_train, experiments/train_denoiser.py)."""
-
-  workdir: str = option("runs/train_denoiser", "output folder: checkpoints, progress.csv/png, summary.json", path=True)
-  train_dir: str = option("", "training images (default $IDIP_SHARED/data/Train400)", path=True)
-  val_dir: str = option("", "validation images (default $IDIP_SHARED/data/Set12)", path=True)
-  target: str = option(
-    "clean",
-    "clean (supervised DnCNN) | noisy (Noise2Noise: a second, independent noisy draw)",
-    choices=("clean", "noisy"),
+def apply_method(method: str, net: NetConfig, fit: FitConfig, channels: int) -> tuple[NetConfig, FitConfig]:
+  """The net and fit of `method` on `channels`-channel images: its three IDIP changes (the complex connection, x_bar
+  as the input with the image's channels, the x_bar loss weight: 0 without change 3) and the image's channels."""
+  m = METHODS[method]
+  net = dataclasses.replace(
+    net,
+    out_channels=channels,
+    complex_connection=m.complex_connection,
+    in_channels=channels if m.prelim_input or not net.in_channels else net.in_channels,
   )
-  sigma: float = option(25.0, "noise std (0-255) of the training patches", lo=0, hi=255)
-  sigma_max: float = option(
-    0.0, "blind training: each patch's std ~ U[sigma, sigma_max] (DnCNN-B: 0, 55)", lo=0, hi=255
+  fit = dataclasses.replace(
+    fit, prelim_weight=fit.prelim_weight if m.prelim_loss else 0.0, input_is_prelim=m.prelim_input
   )
-  channels: int = option(1, "image channels (Train400 is gray)", choices=(1, 3))
-  depth: int = option(17, "conv layers (DnCNN-S: 17, DnCNN-B: 20)", lo=3, hi=200)
-  width: int = option(64, "filters per layer", lo=1, hi=4096)
-  patch: int = option(40, "patch side (DnCNN-S: 40, DnCNN-B: 50)", lo=8, hi=SIDE_MAX)
-  batch: int = option(128, "patches per step (DnCNN: 128)", lo=1, hi=65536)
-  # DnCNN-S: 50 epochs of 238,400 patches (Train400 at scales 1/0.9/0.8/0.7, 40 px, stride 10) / 128.
-  steps: int = option(93125, "Adam steps (default: the paper's 50 epochs)", lo=1, hi=STEP_MAX)
-  lr: float = option(1e-3, "Adam learning rate", lo=0, hi=10)
-  lr_drop: float = option(
-    0.6, "fraction of the steps after which lr is divided by 10 (official: epoch 30 of 50)", lo=0, hi=1
-  )
-  seed: int = option(0, "seed of the init, patches, augmentations and noise", lo=0, hi=SEED_MAX)
-  log_every: int = option(50, "steps per progress line and progress.csv row", lo=1, hi=STEP_MAX)
-  eval_every: int = option(500, "steps between validation PSNRs (a multiple of --log_every)", lo=1, hi=STEP_MAX)
-  checkpoint_every: int = option(500, "steps between checkpoints (a multiple of --log_every)", lo=1, hi=STEP_MAX)
-  val_images: int = option(4, "validation: the first N images of --val_dir", lo=1, hi=100000)
-  val_crop: int = option(128, "validation: center crop side", lo=8, hi=SIDE_MAX)
-  val_sigma: float = option(25.0, "validation: noise std (seeded AWGN, not clipped)", lo=0, hi=255)
-  resume: bool = option(False, "continue the run in --workdir from its last checkpoint")
-  overwrite: bool = option(False, "replace a --workdir that idip-jax made")
+  return net, fit
 
 
 # The smallest net that exercises every code path (2 scales, complex connection included):
 # tests, the smoke tables and CPU plumbing checks use it, nothing else.
 TINY_NET = NetConfig(in_channels=4, scales=2, width=8, skip_channels=2, cc_features=4)
-
-
-def flags_markdown() -> str:
-  """docs/flags.md: every flag of run.py, the experiment scripts and train_denoiser.py, from the
-  dataclasses above (tests/test_readme.py fails when the file is stale). Regenerate with
-  python -c 'from idip_jax import config; print(config.flags_markdown(), end="")' > docs/flags.md"""
-  return markdown(
-    (
-      ("`run.py`", JobConfig),
-      ("experiment scripts (`experiments/*.py`, beside run.py's)", ExperimentConfig),
-      ("`experiments/train_denoiser.py`", TrainConfig),
-    )
-  )

@@ -157,12 +157,13 @@ def check(cfg) -> None:
 
 
 def markdown(sections: tuple[tuple[str, type], ...]) -> str:
-  """docs/flags.md (config.flags_markdown): a table of every flag per (title, config dataclass)."""
+  """docs/flags.md (config_train.flags_markdown): a table of every flag per (title, config dataclass)."""
   out = [
     "# Flags",
     "",
-    "Generated from `idip_jax/config.py` by `config.flags_markdown()`; do not edit by hand. Regenerate:",
-    "`python -c 'from idip_jax import config; print(config.flags_markdown(), end=\"\")' > docs/flags.md`.",
+    "Generated from `idip_jax/config.py` and `config_train.py` by `config_train.flags_markdown()`; do not edit by",
+    "hand. Regenerate:",
+    "`python -c 'from idip_jax import config_train; print(config_train.flags_markdown(), end=\"\")' > docs/flags.md`.",
     "Every flag file (`--flagfile=FILE`) holds one `--name=value` per line and may include others.",
   ]
   for title, cls in sections:

@@ -182,6 +182,19 @@ def add_awgn(clean_HxWxC: np.ndarray, sigma: float, seed: int, name: str, protoc
   return noisy.astype(np.float32)
 
 
+def load_square_set(folder: str, channels: int, side_at_least: int, flag: str, what: str) -> np.ndarray:
+  """Every image of a training folder as one NxSxSxC float32 array, center-cropped to the smallest side S
+  (Train400 is 400 images of 180x180); one InputError line if there are none or S < side_at_least."""
+  paths = list_inputs(folder) if os.path.isdir(folder) else []
+  if not paths:
+    raise InputError(f"--{flag}={folder}: no {what} images there")
+  imgs = [read_image(p, channels) for p in paths]
+  side = min(min(im.shape[:2]) for im in imgs)
+  if side < side_at_least:
+    raise InputError(f"{what}: the smallest image in {folder} is {side} px, smaller than {side_at_least}")
+  return np.stack([center_crop(im, side) for im in imgs]).astype(np.float32)
+
+
 def image_name(path: str) -> str:
   if path.startswith("skimage:"):
     return path.split(":", 1)[1]

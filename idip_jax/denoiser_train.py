@@ -26,10 +26,10 @@ import optax
 from absl import logging
 
 from idip_jax import checkpoint, data, locks, loop, metrics, outputs
-from idip_jax.config import TrainConfig
+from idip_jax.config_train import TrainConfig
 from idip_jax.data import InputError
 from idip_jax.denoisers import DnCNN
-from idip_jax.stored import read_stored, settings_difference
+from idip_jax.stored import check_training_resume
 
 CSV_COLUMNS = ("step", "loss", "train_psnr", "val_psnr", "lr", "patches_per_s", "seconds")
 
@@ -121,15 +121,7 @@ def make_denoise(model: DnCNN):
 
 def load_training_images(cfg: TrainConfig) -> np.ndarray:
   folder = cfg.train_dir or os.path.join(data.shared_dir(), "data", "Train400")
-  paths = data.list_inputs(folder) if os.path.isdir(folder) else []
-  if not paths:
-    raise InputError(f"--train_dir={folder}: no training images there")
-  imgs = [data.read_image(p, cfg.channels) for p in paths]
-  side = min(min(im.shape[:2]) for im in imgs)
-  if side < cfg.patch:
-    raise InputError(f"--patch={cfg.patch} is larger than the smallest training image ({side} px)")
-  # Train400 is 400 images of 180x180; other sets are center-cropped to a common square.
-  return np.stack([data.center_crop(im, side) for im in imgs]).astype(np.float32)
+  return data.load_square_set(folder, cfg.channels, cfg.patch, "train_dir", "training")
 
 
 def load_validation(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -168,22 +160,8 @@ RESUME_FREE = ("workdir", "resume", "overwrite", "checkpoint_every", "log_every"
 
 
 def check_resume(cfg: TrainConfig) -> dict | None:
-  """--resume's rule, as run.py's: the stored run's folder (locked for this process) and the same settings;
-  a finished run's stored summary (nothing is trained or rewritten), else None."""
-  path = os.path.join(cfg.workdir, "config.json")
-  if not os.path.isfile(path):
-    raise InputError(f"--resume: no training run in --workdir={cfg.workdir}")
-  locks.lock(cfg.workdir, os.path.join(cfg.workdir, outputs.MARKER))
-  diff = settings_difference(dataclasses.asdict(cfg), read_stored(path), skip_top=RESUME_FREE)
-  if diff:
-    raise InputError(f"--resume: the settings differ from the stored run in {cfg.workdir}: {diff}")
-  summary = os.path.join(cfg.workdir, "summary.json")
-  if os.path.isfile(summary):
-    done = read_stored(summary)
-    if done.get("steps") == cfg.steps and done.get("val_psnr") is not None:
-      logging.info("%s finished its %d steps: nothing to resume", cfg.workdir, cfg.steps)
-      return done
-  return None
+  """--resume's rule, as run.py's: the stored run's folder and the same settings; a finished run's summary."""
+  return check_training_resume(cfg.workdir, dataclasses.asdict(cfg), RESUME_FREE, cfg.steps, "val_psnr")
 
 
 @locks.held()

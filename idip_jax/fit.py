@@ -239,19 +239,19 @@ class FitResult:
 
 
 @functools.lru_cache(maxsize=64)
-def make_init(net_cfg: NetConfig, cfg: FitConfig, size: tuple[int, int] = (1, 1)) -> Callable:
-  """init keys_N -> states_N (EMA sized later); size: train.init_size's."""
-  init = functools.partial(
-    create_fit_state, make_model(net_cfg, cfg), make_optimizer(cfg), cfg, height=size[0], width=size[1]
-  )
-  return jax.jit(jax.vmap(init), compiler_options=_once_options())
+def make_init(net_cfg: NetConfig, cfg: FitConfig, size: tuple[int, int] = (1, 1), stored: bool = False) -> Callable:
+  """init keys_N -> states_N (EMA sized later; size: train.init_size's); stored: (keys_N, the net's parameters)
+  -> states_N, every run starting from those parameters (--init)."""
+  model, tx = make_model(net_cfg, cfg), make_optimizer(cfg)
+  init = lambda key, params=None: create_fit_state(model, tx, cfg, key, *size, net_params=params)
+  return jax.jit(jax.vmap(init, (0, None) if stored else 0), compiler_options=_once_options())
 
 
-def init_runs(
-  net_cfg: NetConfig, cfg: FitConfig, keys: list[dict[str, jax.Array]], height: int, width: int
-) -> tuple[FitState, jax.Array]:
-  """Initial states and per-step noise keys of N runs (keys: each run's run_keys)."""
-  states = make_init(net_cfg, cfg, init_size(cfg, height, width))(jnp.stack([k["init"] for k in keys]))
+def init_runs(net_cfg: NetConfig, cfg: FitConfig, keys: list, height: int, width: int, init_params=None) -> tuple:
+  """(initial states, per-step noise keys) of N runs (keys: each run's run_keys); init_params: the net's parameters
+  every run starts from (--init), else each run's own random draw."""
+  args = [jnp.stack([k["init"] for k in keys])] + ([] if init_params is None else [init_params])
+  states = make_init(net_cfg, cfg, init_size(cfg, height, width), init_params is not None)(*args)
   return sized(states, height, width), jnp.stack([k["noise"] for k in keys])
 
 
@@ -320,8 +320,10 @@ def fit(
   label: str = "",
   ckpt_path: str | None = None,
   ckpt_every: int = 0,
+  init_params=None,
 ) -> FitResult:
-  """Fits N runs in parallel; `batch` arrays and `keys` have a leading axis N. With ckpt_path,
+  """Fits N runs in parallel; `batch` arrays and `keys` have a leading axis N; init_params: the net's stored
+  initialisation (--init, inits.load), else each run's random draw. With ckpt_path,
   the fit resumes from that checkpoint if it exists (a damaged one is ignored, with a warning) and
   saves one every ckpt_every steps and on Ctrl-C.
   Progress (rate, ETA, PSNR) is logged once per chunk."""
@@ -335,7 +337,7 @@ def fit(
     rows = list(range(n_runs)) + [n_runs - unit + i % unit for i in range(pad)]
     keys = [keys[i] for i in rows]
     batch = jax.tree_util.tree_map(lambda a: a[np.asarray(rows)], batch)
-  states, noise_keys = init_runs(net_cfg, cfg, keys, *batch.mask.shape[1:3])
+  states, noise_keys = init_runs(net_cfg, cfg, keys, *batch.mask.shape[1:3], init_params)
   if n_dev > 1:
     runs = NamedSharding(runs_mesh(n_dev), PartitionSpec("runs"))
     states, batch, noise_keys = jax.device_put((states, batch, noise_keys), runs)

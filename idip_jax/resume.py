@@ -29,15 +29,21 @@ def paths_read(cfg: RunConfig) -> tuple[str, ...]:
     reads += [p for p in (cfg.prelim.weights, cfg.prelim.weights_dir) if p]
   if cfg.fit.task == "inpaint" and tasks.parse_keep(cfg.mask) is None:
     reads.append(cfg.mask)
+  if cfg.init:
+    reads.append(cfg.init)
   return tuple(reads)
 
 
 def input_digests(cfg: RunConfig, images: list[Image]) -> dict[str, str]:
-  """A checksum per image of what it fits (y, ground truth, mask) and of its x_bar file: a
+  """A checksum per image of what it fits (y, ground truth, mask), of its x_bar file and of the --init file: a
   --resume refuses a stored run whose inputs changed since (config.json records them)."""
   out = {}
+  init = b""
+  if cfg.init and os.path.isfile(cfg.init):
+    with open(cfg.init, "rb") as f:
+      init = hashlib.sha1(f.read()).digest()
   for im in images:
-    h = hashlib.sha1()
+    h = hashlib.sha1(init)
     for a in (im.noisy_HxWxC, im.clean_HxWxC, im.observed_HxWx1, im.lr_HxWxC):
       if a is not None:
         h.update(np.ascontiguousarray(a, np.float32).tobytes())
@@ -99,7 +105,7 @@ def check_output_folder(cfg: RunConfig, resolved: RunConfig, images: list[Image]
   now = input_digests(cfg, images)
   for name in sorted(set(stored) | set(now)):
     if stored.get(name) != now.get(name):
-      what = "is new" if name not in stored else "is gone" if name not in now else "has changed (or its x_bar/mask)"
+      what = "is new" if name not in stored else "is gone" if name not in now else "has changed (or x_bar/mask/init)"
       raise InputError(
         f"--resume: input {name} {what} since the stored run in {cfg.workdir}; its results would not be of "
         "these inputs: run again into a new --workdir"

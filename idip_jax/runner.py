@@ -19,6 +19,7 @@ from idip_jax import (
   config,
   data,
   fit,
+  inits,
   locks,
   outputs,
   prelim,
@@ -46,20 +47,9 @@ def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunCon
   method's step count, its three IDIP changes (the net's complex connection and input channels,
   the x_bar loss weight: 0 without change 3), the network for `channels`-channel images, and
   the loop, conv path and (under vmap or on CPU) batch size of `backend`."""
-  m = METHODS[cfg.method]
   backend = backend or jax.default_backend()
-  net = dataclasses.replace(
-    cfg.net,
-    out_channels=channels,
-    complex_connection=m.complex_connection,
-    in_channels=channels if m.prelim_input or not cfg.net.in_channels else cfg.net.in_channels,
-  )
-  fit_cfg = dataclasses.replace(
-    cfg.fit,
-    steps=cfg.fit.steps or DEFAULT_STEPS[cfg.method],
-    prelim_weight=cfg.fit.prelim_weight if m.prelim_loss else 0.0,
-    input_is_prelim=m.prelim_input,
-  )
+  net, fit_cfg = config.apply_method(cfg.method, cfg.net, cfg.fit, channels)
+  fit_cfg = dataclasses.replace(fit_cfg, steps=cfg.fit.steps or DEFAULT_STEPS[cfg.method])
   net, fit_cfg = fit.for_backend(net, fit_cfg, backend)
   batch_size = cfg.batch_size
   if cfg.fit.batch_strategy == "auto":
@@ -124,6 +114,8 @@ def run(
   if prelim_images is None:
     check_xbar(cfg, images)
   resolved = resolve(cfg, image_channels(images))
+  if cfg.init:
+    inits.load(cfg.init, resolved.net)  # a missing, damaged or other net's init: one line, before compute
   resume.check_output_folder(cfg, resolved, images)  # every input error surfaces by here, before compute
   return fit_and_record(resolved, images, flags_text, prelim_images, prelim_info)
 
@@ -175,6 +167,7 @@ def fit_and_record(
   twins, candidates = None, None
   if cfg.fit.stop == "sure" and images:
     twins, candidates = sure_twins.inputs(cfg, images, prelims)
+  init_params = inits.load(cfg.init, cfg.net) if cfg.init else None
   plan = buckets.plan(cfg, images, set(records))
   recording = results.recording_of(cfg)
   if proc == 0 and not cfg.resume:
@@ -234,7 +227,9 @@ def fit_and_record(
       label = f"[bucket {b + 1}/{len(plan)} {what}, runs {start + 1}-{start + len(part)}/{len(runs)}] "
       ckpt = checkpoint.call_path(ckpt_dir, [f"{images[i].name}:{k}" for i, k in part])
       net_b, fit_b = buckets.configs(cfg, plan[b])
-      return ckpt, fit.fit(net_b, fit_b, batch, keys, label=label, ckpt_path=ckpt, ckpt_every=cfg.checkpoint_every)
+      return ckpt, fit.fit(
+        net_b, fit_b, batch, keys, label=label, ckpt_path=ckpt, ckpt_every=cfg.checkpoint_every, init_params=init_params
+      )
 
     for part, (ckpt, res) in batching.fit_in_calls(runs, bucket["batch_size"], fit_call, what):
       for j, (i, k) in enumerate(part):
@@ -311,6 +306,9 @@ def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
   for c in subs:
     check_xbar(c, images)
   resolved = [resolve(c, image_channels(images)) for c in subs]
+  for r in resolved:
+    if r.init:
+      inits.load(r.init, r.net)
   if cfgs[0].resume:
     locks.lock(top, os.path.join(top, outputs.MARKER))
     for c, r in zip(subs, resolved):

@@ -1,6 +1,6 @@
 """Stored run files (config.json, results.json, a training run's summary.json): reading them, and the one
-rule for "same settings as a stored run" that --resume (fits and denoiser training) and the experiments'
-reuse of finished jobs share."""
+rule for "same settings as a stored run" that --resume (fits, denoiser and meta-init training) and the
+experiments' reuse of finished jobs share."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import json
 import os
 import types
 
+from absl import logging
+
+from idip_jax import locks, outputs
 from idip_jax.data import InputError
 
 
@@ -54,4 +57,26 @@ def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), 
       continue
     if a.get(k) != b.get(k):
       return f"{k} (stored {b.get(k)!r}, now {a.get(k)!r})"
+  return None
+
+
+def check_training_resume(
+  workdir: str, settings: dict, free: tuple[str, ...], steps: int, done_key: str
+) -> dict | None:
+  """--resume of a training run (a denoiser, a meta-initialisation), run.py's rule: the stored run's folder (locked
+  for this process) and the same settings but those in `free`; a finished run's stored summary.json (all `steps`
+  done and its `done_key` recorded: nothing is trained or rewritten), else None."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise InputError(f"--resume: no training run in --workdir={workdir}")
+  locks.lock(workdir, os.path.join(workdir, outputs.MARKER))
+  diff = settings_difference(json.loads(json.dumps(settings)), read_stored(path), skip_top=free)  # tuples as stored
+  if diff:
+    raise InputError(f"--resume: the settings differ from the stored run in {workdir}: {diff}")
+  summary = os.path.join(workdir, "summary.json")
+  if os.path.isfile(summary):
+    done = read_stored(summary)
+    if done.get("steps") == steps and done.get(done_key) is not None:
+      logging.info("%s finished its %d steps: nothing to resume", workdir, steps)
+      return done
   return None

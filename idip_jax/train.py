@@ -136,12 +136,20 @@ def random_input(key: jax.Array, height: int, width: int, channels: int, scale: 
 
 
 def create_fit_state(
-  model: SkipUNet, tx: optax.GradientTransformation, cfg: FitConfig, key: jax.Array, height: int, width: int
+  model: SkipUNet,
+  tx: optax.GradientTransformation,
+  cfg: FitConfig,
+  key: jax.Array,
+  height: int,
+  width: int,
+  net_params=None,
 ) -> FitState:
+  """A run's state before its first step: the net's parameters drawn from `key`, or `net_params` (a stored
+  init, --init) as they are."""
   # Parameter shapes do not depend on the image size, and Flax draws them from the
   # key and module path only, so one compiled init (at the smallest valid size, in
   # models._init_plan) gives the full-size parameters and serves every bucket.
-  params = init_skip_unet(model, key)
+  params = init_skip_unet(model, key) if net_params is None else net_params
   if seeded(cfg):  # DRP: the offset starts at 0 (the input itself), its BatchNorm at the identity's affine part
     c = model.cfg.in_channels
     seed_norm = {"scale": jnp.ones((c,), jnp.float32), "bias": jnp.zeros((c,), jnp.float32)}

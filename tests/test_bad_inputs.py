@@ -82,8 +82,56 @@ def _mask(t, side, name="m.png"):
   write_png(str(t / name), m)
 
 
+def _init(t, **net):
+  """A stored init (inits.save) of the tiny net of FIT, with `net` fields changed."""
+  import jax
+
+  from idip_jax import config, inits, models
+
+  cfg = dataclasses.replace(config.TINY_NET, **{"out_channels": 1, **net})
+  params = models.init_skip_unet(models.SkipUNet(cfg), jax.random.key(0))
+  inits.save(str(t / "init.npz"), params, cfg, {"method": "dip"})
+
+
 # (name, setup(t), arguments (with {t} for the case folder), exit code, a phrase of the one error line)
 CASES = [
+  # --init: a stored initialisation that cannot serve this run.
+  ("init_missing", None, ["--input={t}/a.png", "--workdir={t}/new", "--init={t}/none.npz"], 2, "no such file"),
+  (
+    "init_damaged",
+    lambda t: [_init(t), _truncate(t / "init.npz")],
+    ["--input={t}/a.png", "--workdir={t}/new", "--init={t}/init.npz"],
+    2,
+    "is damaged or not an idip-jax init",
+  ),
+  (
+    "init_not_an_init",
+    lambda t: np.savez(t / "other.npz", x=np.zeros(3)),
+    ["--input={t}/a.png", "--workdir={t}/new", "--init={t}/other.npz"],
+    2,
+    "is damaged or not an idip-jax init (KeyError)",
+  ),
+  (
+    "init_other_net_shape",
+    lambda t: _init(t, width=16),
+    ["--input={t}/a.png", "--workdir={t}/new", "--init={t}/init.npz"],
+    2,
+    "was made for another net: width 16 (this run's: 8",
+  ),
+  (
+    "init_other_channel_count",
+    lambda t: _init(t, out_channels=3),
+    ["--input={t}/a.png", "--workdir={t}/new", "--init={t}/init.npz"],
+    2,
+    "was made for 3-channel images, this run's have 1",
+  ),
+  (
+    "init_other_method",
+    lambda t: _init(t, complex_connection=True),
+    ["--input={t}/a.png", "--workdir={t}/new", "--init={t}/init.npz"],
+    2,
+    "was made for another net: complex_connection True",
+  ),
   # Data loss: --overwrite never deletes what the run reads, nor files the tool did not write.
   (
     "overwrite_input_inside_workdir",
@@ -638,17 +686,18 @@ def _training_sets(t):
 
 
 def _stored_training_run(t):
-  from idip_jax import config
+  from idip_jax import config_train
 
   (t / "tw").mkdir()
   (t / "tw" / outputs.MARKER).write_text("made by idip-jax\nwrote config.json\n")
-  cfg = config.TrainConfig(workdir=str(t / "tw"), train_dir=str(t / "train"), val_dir=str(t / "val"), patch=16)
+  cfg = config_train.TrainConfig(workdir=str(t / "tw"), train_dir=str(t / "train"), val_dir=str(t / "val"), patch=16)
   (t / "tw" / "config.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, val_crop=32))))
 
 
 # Where the scripts would write: each case also checks that no results folder is made.
 OUTPUT_FLAGS = {"tables": ["--results_dir={t}/res"], "bench": ["--out={t}/res/b"]}
 TRAIN = ["--train_dir={t}/train", "--val_dir={t}/val", "--patch=16", "--workdir={t}/tw"]
+META = ["--train_dir={t}/train", "--val_dir={t}/val", "--crop=32", "--scales=4", "--workdir={t}/mw", "--val_images=1"]
 SCRIPT_CASES = [
   ("tables_empty", "tables", None, ["--tables="], "--tables is empty"),
   ("tables_lower_case_name", "tables", None, ["--tables=t2"], "did you mean T2?"),
@@ -685,9 +734,18 @@ SCRIPT_CASES = [
     ["--val_crop=32", "--resume"] + TRAIN,
     "no training run",
   ),
+  ("meta_unknown_method", "meta_init", None, META + ["--method=idip1"], "--method"),
+  ("meta_crop_not_a_multiple", "meta_init", _training_sets, META + ["--crop=24"], "multiple of 2^scales = 16"),
+  ("meta_val_every_off_the_log", "meta_init", _training_sets, META + ["--val_every=3"], "multiple of --log_every"),
+  ("meta_sigma_range_reversed", "meta_init", _training_sets, META + ["--sigma_max=10"], "below --sigma=15"),
+  ("meta_no_training_images", "meta_init", None, META, "no training images there"),
+  ("meta_resume_nothing_there", "meta_init", _training_sets, META + ["--resume"], "no training run"),
+  ("meta_idip_no_weights", "meta_init", _training_sets, META + ["--method=idip", "--weights_dir={t}/w"], "FFDNet_gray"),
   ("catalogue_stray_argument", "catalogue", None, ["extra"], "unexpected arguments: extra"),
   ("time_to_psnr_unknown_method", "time_to_psnr", None, ["--ttp_methods=DIP,FOO"], "--ttp_methods must name DIP"),
   ("time_to_psnr_steps_not_a_count", "time_to_psnr", None, ["--ttp_steps=DIP=abc"], "--ttp_steps=DIP=abc"),
+  ("time_to_psnr_meta_without_init", "time_to_psnr", None, ["--ttp_methods=DIP,META"], "go together"),
+  ("time_to_psnr_init_missing", "time_to_psnr", None, ["--ttp_methods=DIP,META", "--ttp_init={t}/no.npz"], "no such"),
   ("auto_first_run_unknown_job", "auto_first_run", None, ["--afr_jobs=nope"], "unknown --afr_jobs=nope"),
   ("demo_cold_unknown_flag", "demo_cold", None, ["--fast"], "Unknown command line flag 'fast'"),
 ]

@@ -15,7 +15,7 @@ from conftest import ROOT, parsed_flags
 
 import idip_jax
 import run as run_py
-from idip_jax import config, convs, data, models, prelim, runner, train
+from idip_jax import config, config_train, convs, data, models, prelim, runner, train
 
 
 def test_flag_defaults_are_the_dataclass_defaults():
@@ -115,7 +115,7 @@ def test_every_numeric_flag_has_a_range():
   """Every int/float flag of run.py, the experiments and training has a lower and an upper bound (a step
   count of 1e20 fitted for ever, --ema_decay=1.5 diverged), unless its values are a list of choices; each
   bound is enforced in one line."""
-  for cls in (config.JobConfig, config.ExperimentConfig, config.TrainConfig):
+  for cls in (config.JobConfig, config.ExperimentConfig, config_train.TrainConfig, config_train.MetaConfig):
     for path, f, t in config.leaves(cls):
       if t in (int, float) and config.flag_name(f) and not f.metadata["choices"]:
         assert f.metadata["lo"] is not None and f.metadata["hi"] is not None, ".".join(path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, smooth_image, write_png
 
-from idip_jax import config, data, denoiser_train, loop
+from idip_jax import config_train, data, denoiser_train, loop
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def folder(tmp_path_factory):
 
 
 def tiny(folder, workdir, **kw):
-  return config.TrainConfig(
+  return config_train.TrainConfig(
     **{
       **dict(train_dir=folder, val_dir=folder, workdir=str(workdir), depth=3, width=8, patch=16, batch=4, steps=6),
       **dict(log_every=2, eval_every=2, checkpoint_every=2, val_images=2, val_crop=32, lr=1e-2),

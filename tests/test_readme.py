@@ -11,7 +11,7 @@ import tomllib
 from absl import flags
 from conftest import ROOT, import_experiment, parsed_flags
 
-from idip_jax import config
+from idip_jax import config_train
 
 README = os.path.join(ROOT, "README.md")
 
@@ -80,9 +80,9 @@ def test_every_readme_command_parses():
 def test_docs_flags_md_is_generated_from_config():
   path = os.path.join(ROOT, "docs", "flags.md")
   if not os.path.isfile(path):
-    pytest.fail("docs/flags.md is missing: " + config.flags_markdown.__doc__.splitlines()[-1].strip())
-  assert open(path).read() == config.flags_markdown(), (
-    "docs/flags.md is stale; regenerate it: " + config.flags_markdown.__doc__.splitlines()[-1].strip()
+    pytest.fail("docs/flags.md is missing: " + config_train.flags_markdown.__doc__.splitlines()[-1].strip())
+  assert open(path).read() == config_train.flags_markdown(), (
+    "docs/flags.md is stale; regenerate it: " + config_train.flags_markdown.__doc__.splitlines()[-1].strip()
   )
 
 

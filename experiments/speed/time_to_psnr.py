@@ -15,13 +15,14 @@ record per (method, set, sigma, size): seconds_to_dip_best, steps_to_dip_best, s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 
 import numpy as np
 from absl import flags
 
-from idip_jax import cli, config, data, outputs, results, runner
+from idip_jax import cli, config, data, inits, outputs, results, runner
 from idip_jax.data import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,6 +39,9 @@ DRP_FIT = (
 )
 METHODS = {
   "DIP": ("dip", "none", (), ()),
+  # DIP from a meta-learned init (--ttp_init: experiments/meta_init.py's init.npz, MetaDIP's idea); its seconds are
+  # the fit's own: the meta-training, paid once for every image, is reported in its summary.json.
+  "META": ("dip", "none", (), ()),
   "DRP": ("dip", "none", DRP_FIT, (("scales", 1), ("width", 64), ("in_channels", 0))),
   "IDIP": ("idip", "ffdnet", (), ()),
 }
@@ -47,8 +51,9 @@ flags.DEFINE_string("ttp_set", "holdout9", "test set (settings are chosen on hol
 flags.DEFINE_integer("ttp_max_images", 3, "first N images of the set (0 = all)", lower_bound=0, upper_bound=1000)
 flags.DEFINE_integer("ttp_crop", 64, "center crop side (0 = whole images)", lower_bound=0, upper_bound=65536)
 flags.DEFINE_float("ttp_sigma", 25.0, "AWGN sigma (0-255), clipped as DIP's notebooks", lower_bound=1, upper_bound=255)
-flags.DEFINE_list("ttp_methods", list(METHODS), f"methods: {', '.join(METHODS)}")
-flags.DEFINE_list("ttp_steps", ["DIP=1500", "DRP=1500", "IDIP=600"], "METHOD=steps of each fit")
+flags.DEFINE_list("ttp_methods", ["DIP", "DRP", "IDIP"], f"methods: {', '.join(METHODS)} (META needs --ttp_init)")
+flags.DEFINE_list("ttp_steps", ["DIP=1500", "DRP=1500", "IDIP=600", "META=600"], "METHOD=steps of each fit")
+flags.DEFINE_string("ttp_init", "", "META: the meta-learned init (init.npz of experiments/meta_init.py, default net)")
 flags.DEFINE_integer("ttp_eval_every", 10, "steps between history rows", lower_bound=1, upper_bound=10000)
 flags.DEFINE_float("ttp_budget", 30.0, "seconds of fitting per image for the PSNR-at-budget column", lower_bound=0.1)
 flags.DEFINE_string("ttp_workdir", "runs/time_to_psnr", "where the fits go (a finished fit of the same job is reused)")
@@ -63,6 +68,10 @@ def check_flags() -> tuple[list[str], dict[str, int]]:
   missing = [m for m in F.ttp_methods if m not in steps]
   if missing:
     raise InputError(f"--ttp_steps names no step count for {missing[0]}")
+  if ("META" in F.ttp_methods) != bool(F.ttp_init):
+    raise InputError("--ttp_methods=META and --ttp_init=FILE go together (the init that META fits from)")
+  if F.ttp_init:
+    inits.read(F.ttp_init)  # missing or damaged: one line now; another net's: when its job is checked
   return F.ttp_methods, steps
 
 
@@ -71,9 +80,14 @@ def fit_method(name: str, steps: int, folder: str) -> dict:
   per step and the compile seconds."""
   method, prelim, fit_over, net_over = METHODS[name]
   base = config.RunConfig()
+  init = F.ttp_init if name == "META" else ""
+  if init:  # a finished META job is reused only for the same init file
+    with open(init, "rb") as f:
+      name += "-" + hashlib.sha1(f.read()).hexdigest()[:10]
   cfg = dataclasses.replace(
     base,
     input=folder,
+    init=init,
     workdir=os.path.join(F.ttp_workdir, f"{F.ttp_set}_s{F.ttp_sigma:g}_{F.ttp_crop}", name),
     method=method,
     sigma=F.ttp_sigma,

@@ -16,11 +16,11 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from idip_jax import config, data, denoiser_train, metrics, outputs, prelim, runner
+from idip_jax import config, config_train, data, denoiser_train, metrics, outputs, prelim, runner
 from idip_jax.data import InputError
 
 FV = flags.FlagValues()
-config.define_flags(FV, config.TrainConfig)  # the training recipe of both runs (--target is set per run)
+config.define_flags(FV, config_train.TrainConfig)  # the training recipe of both runs (--target is set per run)
 flags.DEFINE_string("results_path", "experiments/results/training", "results path without extension", flag_values=FV)
 flags.DEFINE_integer("idip_crop", 64, "IDIP: classic10 center crop side", flag_values=FV)
 flags.DEFINE_integer("idip_steps", 300, "IDIP: Adam steps", flag_values=FV)
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   try:
-    base = config.parse(FV, argv, config.TrainConfig)
+    base = config.parse(FV, argv, config_train.TrainConfig)
     config.check(base)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
