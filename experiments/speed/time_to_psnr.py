@@ -1,15 +1,17 @@
 """How many seconds of fitting does each method need to reach DIP's best PSNR on the same image?
 
-Gray images. Per method (DIP; DRP, Li et al. CVPR 2023: frozen random weights, the seed and the BatchNorms trained, one
-scale; IDIP with FFDNet's x_bar), each image is fitted one run per call (so a run's seconds are its own) with
-its history every --ttp_eval_every steps. DIP's best PSNR of an image is the oracle (found with the ground
-truth); a method's seconds to it are its first evaluated step at or above it times its fitting seconds per
-step (compile excluded, reported apart). Also the PSNR after --ttp_budget seconds of fitting per image.
+Gray images; denoising, or --ttp_task=inpaint|sr (DIP's other tasks, where no x_bar exists). Per method (DIP;
+DRP, Li et al. CVPR 2023: frozen random weights, the seed and the BatchNorms trained, one scale; IDIP with
+FFDNet's x_bar; META: DIP from a meta-learned --ttp_init), each image is fitted one run per call (so a run's
+seconds are its own) with its history every --ttp_eval_every steps. DIP's best PSNR of an image is the oracle
+(found with the ground truth); a method's seconds to it are its first evaluated step at or above it times its
+fitting seconds per step (compile excluded, reported apart). Also the PSNR after --ttp_budget seconds of fitting.
 
   python experiments/speed/time_to_psnr.py --ttp_set=holdout9 --ttp_max_images=3 --ttp_crop=64 --ttp_sigma=25
 
-Writes experiments/results/time_to_psnr/<set>_s<sigma>_<crop>.{json,md,png}; the JSON's `summary` holds one
-record per (method, set, sigma, size): seconds_to_dip_best, steps_to_dip_best, speedup_vs_dip, psnr_at_30s.
+Writes experiments/results/time_to_psnr/<set>_s<sigma>_<crop>.{json,md,png} (<set>_<task>_<crop> for inpaint
+and sr); the JSON's `summary` holds one record per (method, set, task, sigma, size): seconds_to_dip_best,
+steps_to_dip_best, speedup_vs_dip, psnr_at_30s.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ METHODS = {
   "META": ("dip", "none", (), ()),
   "DRP": ("dip", "none", DRP_FIT, (("scales", 1), ("width", 64), ("in_channels", 0))),
   "IDIP": ("idip", "ffdnet", (), ()),
+  # DRP's two ideas on IDIP: x_bar as the input of DRP's frozen one-scale net, only its BatchNorms and the input's
+  # trained correction fitted (Adam at 0.1), IDIP's loss MSE(out, y) + MSE(out, x_bar), no input perturbation.
+  "IDIP_DRP": (
+    "idip",
+    "ffdnet",
+    (("train", ("seed", "norms")), ("lr", 0.1), ("xbar_noise_std", 0.0)),
+    (("scales", 1), ("width", 64)),
+  ),
 }
 
 F = flags.FLAGS
@@ -52,7 +62,16 @@ flags.DEFINE_integer("ttp_max_images", 3, "first N images of the set (0 = all)",
 flags.DEFINE_integer("ttp_crop", 64, "center crop side (0 = whole images)", lower_bound=0, upper_bound=65536)
 flags.DEFINE_float("ttp_sigma", 25.0, "AWGN sigma (0-255), clipped as DIP's notebooks", lower_bound=1, upper_bound=255)
 flags.DEFINE_list("ttp_methods", ["DIP", "DRP", "IDIP"], f"methods: {', '.join(METHODS)} (META needs --ttp_init)")
-flags.DEFINE_list("ttp_steps", ["DIP=1500", "DRP=1500", "IDIP=600", "META=600"], "METHOD=steps of each fit")
+flags.DEFINE_list(
+  "ttp_steps", ["DIP=1500", "DRP=1500", "IDIP=600", "IDIP_DRP=600", "META=600"], "METHOD=steps of each fit"
+)
+flags.DEFINE_enum(
+  "ttp_task",
+  "denoise",
+  ["denoise", "inpaint", "sr"],
+  "denoise (AWGN of --ttp_sigma) | inpaint (half "
+  "the pixels, bernoulli:0.5) | sr (x4 from the Lanczos-downsampled image); IDIP only denoises",
+)
 flags.DEFINE_string("ttp_init", "", "META: the meta-learned init (init.npz of experiments/meta_init.py, default net)")
 flags.DEFINE_integer("ttp_eval_every", 10, "steps between history rows", lower_bound=1, upper_bound=10000)
 flags.DEFINE_float("ttp_budget", 30.0, "seconds of fitting per image for the PSNR-at-budget column", lower_bound=0.1)
@@ -68,11 +87,19 @@ def check_flags() -> tuple[list[str], dict[str, int]]:
   missing = [m for m in F.ttp_methods if m not in steps]
   if missing:
     raise InputError(f"--ttp_steps names no step count for {missing[0]}")
+  if F.ttp_task != "denoise" and {"IDIP", "IDIP_DRP"} & set(F.ttp_methods):
+    raise InputError(f"--ttp_task={F.ttp_task}: IDIP's x_bar is a denoiser's; run DIP, DRP, META")
   if ("META" in F.ttp_methods) != bool(F.ttp_init):
     raise InputError("--ttp_methods=META and --ttp_init=FILE go together (the init that META fits from)")
   if F.ttp_init:
     inits.read(F.ttp_init)  # missing or damaged: one line now; another net's: when its job is checked
   return F.ttp_methods, steps
+
+
+def job_name() -> str:
+  """<set>_s<sigma>_<crop> for denoising, <set>_<task>_<crop> for the others: the results' and workdir's name."""
+  what = f"s{F.ttp_sigma:g}" if F.ttp_task == "denoise" else F.ttp_task
+  return f"{F.ttp_set}_{what}_{F.ttp_crop}"
 
 
 def fit_method(name: str, steps: int, folder: str) -> dict:
@@ -88,9 +115,9 @@ def fit_method(name: str, steps: int, folder: str) -> dict:
     base,
     input=folder,
     init=init,
-    workdir=os.path.join(F.ttp_workdir, f"{F.ttp_set}_s{F.ttp_sigma:g}_{F.ttp_crop}", name),
+    workdir=os.path.join(F.ttp_workdir, job_name(), name),
     method=method,
-    sigma=F.ttp_sigma,
+    sigma=F.ttp_sigma if F.ttp_task == "denoise" else 0.0,
     noise="clip",
     image_channels=1,  # gray, as the tables' holdout9, classic10 and Set12 rows
     crop=F.ttp_crop,
@@ -99,7 +126,7 @@ def fit_method(name: str, steps: int, folder: str) -> dict:
     prelim=dataclasses.replace(base.prelim, name=prelim),
     net=dataclasses.replace(base.net, **dict(net_over)),
     fit=dataclasses.replace(
-      base.fit, steps=steps, eval_every=F.ttp_eval_every, batch_strategy="vmap", **dict(fit_over)
+      base.fit, task=F.ttp_task, steps=steps, eval_every=F.ttp_eval_every, batch_strategy="vmap", **dict(fit_over)
     ),
   )
   done = os.path.join(cfg.workdir, "results.json")
@@ -142,6 +169,7 @@ def summarize(fits: dict[str, dict], budget: float) -> list[dict]:
       {
         "method": m,
         "set": F.ttp_set,
+        "task": F.ttp_task,
         "sigma": F.ttp_sigma,
         "size": F.ttp_crop,
         "images": len(per),
@@ -159,11 +187,16 @@ def summarize(fits: dict[str, dict], budget: float) -> list[dict]:
   return out
 
 
+def what(doc: dict) -> str:
+  task = doc.get("task", "denoise")
+  return {"denoise": f"sigma {doc['sigma']:g}", "inpaint": "inpainting 50%", "sr": "x4 super-resolution"}[task]
+
+
 def markdown(doc: dict) -> str:
   budget = f"psnr_at_{doc['budget']:g}s"
   fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
   lines = [
-    f"# Time to DIP's best PSNR: {doc['set']}, sigma {doc['sigma']:g}, {doc['size'] or 'full'} px\n\n",
+    f"# Time to DIP's best PSNR: {doc['set']}, {what(doc)}, {doc['size'] or 'full'} px\n\n",
     f"`{doc['command']}`; {doc['device']}, commit {doc['commit']}, {doc['date']}. Per image, one run per call; "
     "DIP's best PSNR is the oracle (the ground truth picks the step); seconds are fitting seconds (compile apart), "
     f"the mean over {doc['summary'][0]['images']} images; a method that never reached it on an image has no mean. "
@@ -196,7 +229,7 @@ def plot(doc: dict, path: str) -> None:
       curves.append(np.where(inside, np.asarray(v["psnr"])[np.maximum(idx, 0)], np.nan))
     with np.errstate(all="ignore"):
       lines[m] = (grid, np.mean(curves, axis=0), "-")  # NaN once any image's fit has ended
-  title = f"{doc['set']} sigma {doc['sigma']:g}, {doc['size'] or 'full'} px: mean PSNR vs fitting seconds"
+  title = f"{doc['set']} {what(doc)}, {doc['size'] or 'full'} px: mean PSNR vs fitting seconds"
   outputs.plot_xy(path, title, lines, "seconds of fitting per image", "PSNR (dB)")
 
 
@@ -205,7 +238,7 @@ def main(argv: list[str]) -> None:
   methods, steps = check_flags()
   folder = os.path.join(data.shared_dir(), "data", F.ttp_set)
   paths = data.list_inputs(folder)[: F.ttp_max_images or None]
-  stem = os.path.join(F.ttp_out, f"{F.ttp_set}_s{F.ttp_sigma:g}_{F.ttp_crop}")
+  stem = os.path.join(F.ttp_out, job_name())
   inputs = os.path.join(F.ttp_workdir, "inputs", os.path.basename(stem))
   os.makedirs(inputs, exist_ok=True)
   for p in paths:  # the first N images, as they are (run.py crops them)
@@ -214,7 +247,8 @@ def main(argv: list[str]) -> None:
       os.symlink(os.path.abspath(p), target)
   fits = {m: fit_method(m, steps[m], inputs) for m in methods}
   doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/speed/time_to_psnr.py"] + sys.argv[1:]))
-  doc.update(set=F.ttp_set, sigma=F.ttp_sigma, size=F.ttp_crop, budget=F.ttp_budget, steps=steps, fits=fits)
+  doc.update(set=F.ttp_set, task=F.ttp_task, sigma=F.ttp_sigma, size=F.ttp_crop, budget=F.ttp_budget)
+  doc.update(steps=steps, fits=fits)
   doc["summary"] = summarize(fits, F.ttp_budget)
   outputs.write_table(os.path.dirname(stem), os.path.basename(stem), doc, markdown(doc))
   plot(doc, stem + ".png")
