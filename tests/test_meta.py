@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_ARGS, smooth_image, write_png
+from conftest import TINY_ARGS, WEIGHTS, import_experiment, need_path, smooth_image, write_png
 from test_cli import run_cli
 
 from idip_jax import config, config_train, data, fit, inits, loop, meta_train, models
@@ -131,3 +131,18 @@ def test_meta_training_lowers_the_loss_at_a_fixed_step_count(folders, tmp_path):
   summary = meta_train.train(cfg)
   assert summary["val_loss"] < 0.9 * summary["val_loss_random_init"], summary
   assert summary["val_psnr"] > summary["val_psnr_random_init"] + 0.3, summary
+
+
+def test_an_idip_init_meta_trains_on_ffdnet_x_bar_and_serves_idip_fits(folders, tmp_path):
+  """--method=idip: each crop's x_bar from the official FFDNet at its own noise level is the fit's input and target;
+  the init has IDIP's net (the complex connection, the image's channels as input) and run.py's idip loads it."""
+  need_path(WEIGHTS)
+  meta_init = import_experiment("meta_init")
+  cfg = tiny(folders, tmp_path / "idip", method="idip", meta_steps=2, val_every=2, checkpoint_every=2)
+  summary = meta_train.train(cfg, meta_init.ffdnet_xbar(cfg))
+  assert summary["method"] == "idip" and np.isfinite(summary["val_psnr"])
+  net = config.apply_method("idip", cfg.net, cfg.fit, 1)[0]
+  assert net.complex_connection and net.in_channels == 1
+  inits.load(meta_train.init_path(cfg.workdir), net)  # IDIP's net: loads
+  with pytest.raises(data.InputError, match="was made for another net"):
+    inits.load(meta_train.init_path(cfg.workdir), config.apply_method("dip", cfg.net, cfg.fit, 1)[0])
