@@ -138,7 +138,7 @@ def test_an_idip_init_meta_trains_on_ffdnet_x_bar_and_serves_idip_fits(folders, 
   the init has IDIP's net (the complex connection, the image's channels as input) and run.py's idip loads it."""
   need_path(WEIGHTS)
   meta_init = import_experiment("meta_init")
-  cfg = tiny(folders, tmp_path / "idip", method="idip", meta_steps=2, val_every=2, checkpoint_every=2)
+  cfg = tiny(folders, tmp_path / "idip", method="idip", meta_steps=1, val_every=1, checkpoint_every=1, val_steps=1)
   summary = meta_train.train(cfg, meta_init.ffdnet_xbar(cfg))
   assert summary["method"] == "idip" and np.isfinite(summary["val_psnr"])
   net = config.apply_method("idip", cfg.net, cfg.fit, 1)[0]
