@@ -118,3 +118,26 @@ def fresh_compile_caches():
   for cached in (fit.make_fit_chunk, fit._host_programs, fit.make_predict, fit.make_init, batching.compile_step):
     cached.cache_clear()
   convs.per_run_conv.cache_clear()
+
+
+def interrupt_at_step(monkeypatch, module, step: int, train, cfg) -> None:
+  """Runs train(cfg) with Ctrl-C pressed (loop.INTERRUPTED, as the scripts' watcher sets it) once
+  module.write_progress has written `step`'s row; the loop checkpoints there and raises KeyboardInterrupt."""
+  import pytest
+
+  from idip_jax import loop
+
+  write = module.write_progress
+
+  def press(workdir, rows, *args, **kw):
+    write(workdir, rows, *args, **kw)
+    if int(rows[-1]["step"]) == step:
+      loop.INTERRUPTED.set()
+
+  monkeypatch.setattr(module, "write_progress", press)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      train(cfg)
+  finally:
+    loop.INTERRUPTED.clear()
+    monkeypatch.setattr(module, "write_progress", write)

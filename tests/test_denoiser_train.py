@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, smooth_image, write_png
+from conftest import ROOT, interrupt_at_step, smooth_image, write_png
 
-from idip_jax import config_train, data, denoiser_train, loop
+from idip_jax import config_train, data, denoiser_train
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +89,7 @@ def test_checkpoint_resumes_bit_identically_and_loads_as_x_bar(folder, tmp_path,
   # Ctrl-C (loop.INTERRUPTED, as run.py's watcher sets it) during steps 3-4: the loop checkpoints at step 4
   # (checkpoint_every is 2, so step 4 is also due) and stops; --resume redoes nothing before it.
   cut = dataclasses.replace(cfg, workdir=str(tmp_path / "cut"), checkpoint_every=6)
-  write = denoiser_train.write_progress
-
-  def press_at_4(workdir, rows, plot):
-    write(workdir, rows, plot)
-    if rows[-1]["step"] == 4:
-      loop.INTERRUPTED.set()
-
-  monkeypatch.setattr(denoiser_train, "write_progress", press_at_4)
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      denoiser_train.train(cut)
-  finally:
-    loop.INTERRUPTED.clear()
-  monkeypatch.setattr(denoiser_train, "write_progress", write)
+  interrupt_at_step(monkeypatch, denoiser_train, 4, denoiser_train.train, cut)
   assert int(denoiser_train.restore(cut.workdir, like).step) == 4  # saved on Ctrl-C (no multiple of 6 yet)
   resumed = denoiser_train.train(dataclasses.replace(cut, resume=True))
   assert resumed["resumed_from"] == 4 and resumed["steps_this_call"] == 2

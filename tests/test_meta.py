@@ -8,10 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_ARGS, WEIGHTS, import_experiment, need_path, smooth_image, write_png
+from conftest import TINY_ARGS, WEIGHTS, import_experiment, interrupt_at_step, need_path, smooth_image, write_png
 from test_cli import run_cli
 
-from idip_jax import config, config_train, data, fit, inits, loop, meta_train, models
+from idip_jax import config, config_train, data, fit, inits, meta_train, models
 from idip_jax.train import run_keys
 
 NET = dataclasses.replace(config.TINY_NET, out_channels=1)
@@ -91,20 +91,7 @@ def test_meta_training_resumes_bit_identically_after_a_kill(folders, tmp_path, m
   # Ctrl-C (loop.INTERRUPTED, as the scripts' watcher sets it) after meta step 3: the loop checkpoints there and
   # stops; --resume redoes nothing before it and ends with the same init, bit for bit.
   cut = tiny(folders, tmp_path / "cut", checkpoint_every=4)
-  write = meta_train.write_progress
-
-  def press_at_3(workdir, rows):
-    write(workdir, rows)
-    if rows[-1]["step"] == 3:
-      loop.INTERRUPTED.set()
-
-  monkeypatch.setattr(meta_train, "write_progress", press_at_3)
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      meta_train.train(cut)
-  finally:
-    loop.INTERRUPTED.clear()
-  monkeypatch.setattr(meta_train, "write_progress", write)
+  interrupt_at_step(monkeypatch, meta_train, 3, meta_train.train, cut)
   assert inits.read(meta_train.init_path(cut.workdir))[1]["meta_steps"] == 3
   resumed = meta_train.train(dataclasses.replace(cut, resume=True))
   assert resumed["resumed_from"] == 3 and resumed["steps_this_call"] == 1
