@@ -119,6 +119,9 @@ def test_time_to_psnr_reads_seconds_to_dips_best_from_the_histories():
     "DRP": {"a": {"steps": steps, "psnr": [30, 32.5, 33, 33, 33, 33], "seconds_per_step": 0.1, "compile_seconds": 2}},
   }
   dip, drp = ttp.summarize(fits, 30.0)
+  assert ttp.job_name() == "holdout9_s25_64" and dip["task"] == "denoise"
+  flags.FLAGS(["time_to_psnr.py", "--ttp_task=inpaint", "--ttp_set=heide11"])
+  assert ttp.job_name() == "heide11_inpaint_64" and ttp.what({"task": "sr", "sigma": 25}) == "x4 super-resolution"
   flags.FLAGS.unparse_flags()
   assert dip["seconds_to_dip_best"] == 50.0 and dip["speedup_vs_dip"] == 1.0 and dip["psnr_at_30s"] == 30
   assert drp["seconds_to_dip_best"] == pytest.approx(4.0) and drp["steps_to_dip_best"] == 40
