@@ -276,8 +276,8 @@ def choose(
   timer = timer or (lambda c, repeats: time_candidate(net_cfg, cfg, c, h, w, with_gt, repeats))
   rates: dict[Candidate, list[float]] = {}  # image-steps/s of each repeat
   timings: dict[str, dict] = {}
-  cost, first_call = {}, {}  # each candidate's first timing: seconds it took (compile, warm-up, a repeat); its
-  # first call's
+  # Per candidate, from its first timing: the seconds it took (compile, warm-up, a repeat), its first call's.
+  cost, first_call = {}, {}
 
   def measure(c: Candidate, repeats: int) -> None:
     t = clock()

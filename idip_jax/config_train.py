@@ -16,6 +16,7 @@ from idip_jax.config import (
   markdown,
   option,
 )
+from idip_jax.data import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,13 @@ class MetaConfig:
   net: NetConfig = NetConfig()
   # --seed (fit.seed): the first init, the crops, their noise and the codes z
   fit: FitConfig = FitConfig()
+
+
+def check_intervals(cfg, names: tuple[str, ...]) -> None:
+  """Each of a trainer's intervals `names` is a multiple of its --log_every (they act at chunk ends)."""
+  for name in names:
+    if getattr(cfg, name) % cfg.log_every:
+      raise InputError(f"--{name}={getattr(cfg, name)} must be a multiple of --log_every={cfg.log_every}")
 
 
 def flags_markdown() -> str:

@@ -195,6 +195,24 @@ def load_square_set(folder: str, channels: int, side_at_least: int, flag: str, w
   return np.stack([center_crop(im, side) for im in imgs]).astype(np.float32)
 
 
+def load_validation_crops(
+  folder: str, n: int, channels: int, crop: int, sigma: float, protocol: str, crop_flag: str
+) -> tuple[np.ndarray, np.ndarray]:
+  """(clean, noisy) NxSxSxC of a trainer's validation: center crops of the first n images of `folder`, AWGN
+  seeded per image name (add_awgn); one InputError line if there are none or one is smaller than the crop."""
+  paths = list_inputs(folder)[:n] if os.path.isdir(folder) else []
+  if not paths:
+    raise InputError(f"--val_dir={folder}: no validation images there")
+  clean = []
+  for p in paths:
+    im = read_image(p, channels)
+    if min(im.shape[:2]) < crop:  # every validation crop has one size (they are stacked)
+      raise InputError(f"validation image {p} is {im.shape[0]}x{im.shape[1]}, smaller than --{crop_flag}={crop}")
+    clean.append(center_crop(im, crop))
+  noisy = [add_awgn(x, sigma, 0, image_name(p), protocol) for x, p in zip(clean, paths)]
+  return np.stack(clean).astype(np.float32), np.stack(noisy)
+
+
 def image_name(path: str) -> str:
   if path.startswith("skimage:"):
     return path.split(":", 1)[1]

@@ -11,7 +11,6 @@ checkpoints (checkpoint.py, one .npz) are the DIP fits' own; the net is denoiser
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -26,7 +25,7 @@ import optax
 from absl import logging
 
 from idip_jax import checkpoint, data, locks, loop, metrics, outputs
-from idip_jax.config_train import TrainConfig
+from idip_jax.config_train import TrainConfig, check_intervals
 from idip_jax.data import InputError
 from idip_jax.denoisers import DnCNN
 from idip_jax.stored import check_training_resume
@@ -127,17 +126,10 @@ def load_training_images(cfg: TrainConfig) -> np.ndarray:
 def load_validation(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
   """(noisy, clean) NxSxSxC: center crops of the first val_images of --val_dir, seeded noise."""
   folder = cfg.val_dir or os.path.join(data.shared_dir(), "data", "Set12")
-  paths = data.list_inputs(folder)[: cfg.val_images] if os.path.isdir(folder) else []
-  if not paths:
-    raise InputError(f"--val_dir={folder}: no validation images there")
-  images = [data.read_image(p, cfg.channels) for p in paths]
-  for p, im in zip(paths, images):
-    if min(im.shape[:2]) < cfg.val_crop:  # every validation crop has one size (they are stacked)
-      raise InputError(f"validation image {p} is {im.shape[0]}x{im.shape[1]}, smaller than --val_crop={cfg.val_crop}")
-  clean = np.stack([data.center_crop(im, cfg.val_crop) for im in images])
-  names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-  noisy = np.stack([data.add_awgn(x, cfg.val_sigma, 0, n) for x, n in zip(clean, names)])
-  return noisy.astype(np.float32), clean.astype(np.float32)
+  clean, noisy = data.load_validation_crops(
+    folder, cfg.val_images, cfg.channels, cfg.val_crop, cfg.val_sigma, "float", "val_crop"
+  )
+  return noisy, clean
 
 
 def checkpoint_path(workdir: str) -> str:
@@ -168,9 +160,7 @@ def check_resume(cfg: TrainConfig) -> dict | None:
 def train(cfg: TrainConfig) -> dict:
   """Trains (or resumes) the denoiser of `cfg` in cfg.workdir: checkpoints, progress.csv,
   progress.png (validation PSNR vs step) and summary.json."""
-  for name in ("eval_every", "checkpoint_every"):
-    if getattr(cfg, name) % cfg.log_every:
-      raise InputError(f"--{name}={getattr(cfg, name)} must be a multiple of --log_every={cfg.log_every}")
+  check_intervals(cfg, ("eval_every", "checkpoint_every"))
   images = jnp.asarray(load_training_images(cfg))
   val_noisy, val_clean = map(jnp.asarray, load_validation(cfg))
   if cfg.resume:
@@ -187,8 +177,7 @@ def train(cfg: TrainConfig) -> dict:
   csv_path = os.path.join(cfg.workdir, "progress.csv")
   if cfg.resume and os.path.isfile(checkpoint_path(cfg.workdir)):
     state = restore(cfg.workdir, state)
-    with open(csv_path) as f:  # rows past the checkpoint are redone
-      rows = [r for r in csv.DictReader(f) if int(r["step"]) <= int(state.step)]
+    rows = outputs.read_csv_until(csv_path, int(state.step))
     logging.info("resumed %s at step %d", cfg.workdir, int(state.step))
   step_fn = jax.jit(functools.partial(dncnn_step, model, tx, cfg), donate_argnums=0)
   denoise = make_denoise(model)
@@ -261,10 +250,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def write_progress(workdir: str, rows: list[dict], plot: bool) -> None:
   """progress.csv every log interval; progress.png when a validation PSNR is new."""
-  with outputs.atomic_open(os.path.join(workdir, "progress.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
+  outputs.write_csv(os.path.join(workdir, "progress.csv"), CSV_COLUMNS, rows)
   if not plot:
     return
   val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r["val_psnr"] != ""]

@@ -12,7 +12,6 @@ steps an uninterrupted one would. The loop and the checkpoints are loop.py's and
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 from idip_jax import checkpoint, config, data, fit, inits, locks, loop, outputs
 from idip_jax.config import FitConfig, NetConfig
-from idip_jax.config_train import MetaConfig
+from idip_jax.config_train import MetaConfig, check_intervals
 from idip_jax.data import InputError
 from idip_jax.models import SkipUNet, init_skip_unet
 from idip_jax.stored import check_training_resume
@@ -111,25 +110,16 @@ def load_validation(cfg: MetaConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
   """(clean, noisy, sigmas) of the validation tasks: center crops of the first --val_images, clipped AWGN
   seeded per image name (data.add_awgn, as run.py's --noise=clip)."""
   folder = cfg.val_dir or os.path.join(data.shared_dir(), "data", "holdout9")
-  paths = data.list_inputs(folder)[: cfg.val_images] if os.path.isdir(folder) else []
-  if not paths:
-    raise InputError(f"--val_dir={folder}: no validation images there")
-  clean = []
-  for p in paths:
-    im = data.read_image(p, cfg.channels)
-    if min(im.shape[:2]) < cfg.crop:
-      raise InputError(f"validation image {p} is {im.shape[0]}x{im.shape[1]}, smaller than --crop={cfg.crop}")
-    clean.append(data.center_crop(im, cfg.crop))
-  noisy = [data.add_awgn(x, cfg.val_sigma, 0, data.image_name(p), "clip") for x, p in zip(clean, paths)]
-  return np.stack(clean), np.stack(noisy), np.full(len(paths), cfg.val_sigma, np.float32)
+  clean, noisy = data.load_validation_crops(
+    folder, cfg.val_images, cfg.channels, cfg.crop, cfg.val_sigma, "clip", "crop"
+  )
+  return clean, noisy, np.full(len(clean), cfg.val_sigma, np.float32)
 
 
 def check(cfg: MetaConfig, make_xbar: MakeXbar | None) -> None:
   """Every rule on the settings alone: one InputError line before any file is read."""
   config.check(cfg)
-  for name in ("val_every", "checkpoint_every"):
-    if getattr(cfg, name) % cfg.log_every:
-      raise InputError(f"--{name}={getattr(cfg, name)} must be a multiple of --log_every={cfg.log_every}")
+  check_intervals(cfg, ("val_every", "checkpoint_every"))
   if cfg.crop % 2**cfg.net.scales:
     raise InputError(f"--crop={cfg.crop} must be a multiple of 2^scales = {2**cfg.net.scales}")
   if cfg.sigma_max and cfg.sigma_max < cfg.sigma:
@@ -180,8 +170,7 @@ def train(cfg: MetaConfig, make_xbar: MakeXbar | None = None) -> dict:
       state = checkpoint.load(checkpoint_path(cfg.workdir), state)[1]
     except checkpoint.Damaged as e:
       raise InputError(str(e)) from None
-    with open(csv_path) as f:  # rows past the checkpoint are redone
-      rows = [r for r in csv.DictReader(f) if int(r["step"]) <= int(state.step)]
+    rows = outputs.read_csv_until(csv_path, int(state.step))
   start = int(state.step)
   info = {"method": cfg.method, "channels": cfg.channels, "crop": cfg.crop, "sigma": [cfg.sigma, cfg.sigma_max]}
 
@@ -253,10 +242,7 @@ def train(cfg: MetaConfig, make_xbar: MakeXbar | None = None) -> dict:
 
 def write_progress(workdir: str, rows: list[dict]) -> None:
   """progress.csv every log interval; progress.png (validation PSNR against meta steps) when one is new."""
-  with outputs.atomic_open(os.path.join(workdir, "progress.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
+  outputs.write_csv(os.path.join(workdir, "progress.csv"), CSV_COLUMNS, rows)
   val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r["val_psnr"] != ""]
   if val and rows[-1]["val_psnr"] != "":
     lines = {"validation, after the fit's steps": (*zip(*val), "o-")}

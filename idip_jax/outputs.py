@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
 import hashlib
 import json
@@ -184,6 +185,20 @@ def write_table(folder: str, stem: str, doc: dict, markdown: str) -> None:
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)
+
+
+def write_csv(path: str, columns: tuple[str, ...], rows: list[dict]) -> None:
+  """A trainer's progress.csv, rewritten whole (atomically) every log interval."""
+  with atomic_open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+
+
+def read_csv_until(path: str, step: int) -> list[dict]:
+  """The rows of a progress.csv up to `step` (a resumed run redoes the rows past its checkpoint)."""
+  with open(path) as f:
+    return [r for r in csv.DictReader(f) if int(r["step"]) <= step]
 
 
 def write_json(path: str, obj) -> None:
