@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import glob
 import logging as std_logging
+import math
 import os
 import signal
 import sys
@@ -17,8 +18,8 @@ from collections.abc import Callable
 import jax
 from absl import logging
 
-from idip_jax import checks, config, loop, runner
-from idip_jax.config import JobConfig
+from idip_jax import batch_choice, checks, config, loop, per_core, runner
+from idip_jax.config import JobConfig, RunConfig
 from idip_jax.data import InputError, OutputError
 
 
@@ -102,6 +103,8 @@ def run_cli(job: JobConfig, flags_text: str = "") -> int:
   try:
     config.check(job)
     checks.unused_flags(job)
+    if job.cpu_processes > 1 and job.distributed:
+      raise InputError("--cpu_processes starts its own processes on this machine: leave it out with --distributed")
     if not job.methods or len(set(job.methods)) != len(job.methods):
       raise InputError(f"--method needs distinct methods (got {','.join(job.methods)})")
     workdir = workdir or f"runs/{'-'.join(job.methods)}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -112,10 +115,16 @@ def run_cli(job: JobConfig, flags_text: str = "") -> int:
     )
     if cache != "none":
       jax.config.update("jax_compilation_cache_dir", cache)
+    layout = per_core.child_layout() if job.distributed else None
+    if layout is None and not job.distributed:
+      n, why, estimate = processes_for(job, cfgs)
+      if n > 1:
+        return per_core.launch(RUN_PY, flags_text, workdir, n, why, estimate)
+      layout = {"processes": 1, "why": why, **estimate}
     if job.distributed:
       init_distributed(job.coordinator, job.num_processes, job.process_id)
     with stop_on_ctrl_c(quit_now):
-      runner.run_methods(cfgs, flags_text=flags_text)
+      runner.run_methods(cfgs, flags_text=(layout or {}).pop("flags_text", flags_text), layout=layout)
   except (InputError, OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2 if isinstance(e, InputError) else 1
@@ -123,6 +132,35 @@ def run_cli(job: JobConfig, flags_text: str = "") -> int:
     print(interrupted_line(workdir), file=sys.stderr)
     return 130
   return 0
+
+
+RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run.py")
+
+
+def processes_for(job: JobConfig, cfgs: list[RunConfig]) -> tuple[int, str, dict]:
+  """(processes, why, estimate) of --cpu_processes: N as asked; under auto (0) per_core.plan on CPU for a one-method
+  job under --batch_strategy=auto, from the stored rate (batch_choice.STORED) and the inputs' sizes. The inputs are
+  read and checked here as the job would: bad input is one line before any process starts."""
+  cfg, speed = cfgs[0], batch_choice.stored_speed()
+  gates = (  # under auto, the first that holds keeps the job in one process
+    (job.cpu_processes == 1, "--cpu_processes=1"),
+    (jax.default_backend() != "cpu", "not on CPU"),
+    (len(cfgs) > 1, "several methods"),
+    (cfg.fit.batch_strategy != "auto" or cfg.batch_size > 0, "a fixed --batch_strategy or --batch_size"),
+    (len(per_core.cores()) < 2, "one core"),
+    (speed is None, "no stored rate for this device"),
+  )
+  reason = "" if job.cpu_processes > 1 else next((why for holds, why in gates if holds), "")
+  if reason or not os.path.isfile(RUN_PY):
+    return 1, f"one process: {reason or 'no run.py beside the package'}", {}
+  checks.validate(cfg)
+  images = runner.load_inputs(cfg)
+  if job.cpu_processes > 1:
+    return min(job.cpu_processes, len(images) * cfg.fit.seeds), f"--cpu_processes={job.cpu_processes}", {}
+  resolved = runner.resolve(cfg, runner.image_channels(images), "cpu")
+  shapes = [im.noisy_HxWxC.shape for im in images]
+  seconds = [batch_choice.expected_seconds(resolved.net, resolved.fit, s, resolved.fit.seeds, speed) for s in shapes]
+  return per_core.plan(len(per_core.cores()), seconds, [math.sqrt(h * w) for h, w, _ in shapes])
 
 
 def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:

@@ -308,6 +308,13 @@ class JobConfig:
   coordinator: str = option("", "host:port of process 0 (--distributed; empty = auto-detect)")
   num_processes: int = option(0, "processes in all (--distributed; 0 = auto-detect)", lo=0, hi=65536)
   process_id: int = option(-1, "this process's index (--distributed; -1 = auto-detect)", lo=-1, hi=65535)
+  cpu_processes: int = option(
+    0,
+    "processes on this machine, each on one core with one thread, fitting every N-th image (0 = auto: one per core "
+    "on CPU under --batch_strategy=auto when the job's expected time says it pays; 1 = one process)",
+    lo=0,
+    hi=1024,
+  )
   compile_cache: str = option(
     "",
     "folder of JAX's persistent compilation cache, so reruns skip XLA's compile ('' = $IDIP_JAX_CACHE or "

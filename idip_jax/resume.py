@@ -65,6 +65,7 @@ RESUME_FREE = (
   "save_images",
   "save_float",
   "buckets",
+  "layout",  # the processes it runs as (--cpu_processes)
   "inputs",  # compared by content (input_digests), below
 )
 # Output file names per image are NAME[_seedK]_KIND.png, written as .NAME..._KIND.png.XXXXXXXX.tmp first.

@@ -42,17 +42,20 @@ def image_channels(images: list[Image]) -> int:
   return found[0]
 
 
-def resolve(cfg: RunConfig, channels: int, backend: str | None = None) -> RunConfig:
+def resolve(cfg: RunConfig, channels: int, backend: str | None = None, per_core: bool = False) -> RunConfig:
   """The config as run, every default and "auto" made explicit (config.json records it): the
   method's step count, its three IDIP changes (the net's complex connection and input channels,
   the x_bar loss weight: 0 without change 3), the network for `channels`-channel images, and
-  the loop, conv path and (under vmap or on CPU) batch size of `backend`."""
+  the loop, conv path and (under vmap or on CPU) batch size of `backend`; per_core (a process of
+  --cpu_processes): one run per call, the layout measured (per_core.py)."""
   backend = backend or jax.default_backend()
   net, fit_cfg = config.apply_method(cfg.method, cfg.net, cfg.fit, channels)
   fit_cfg = dataclasses.replace(fit_cfg, steps=cfg.fit.steps or DEFAULT_STEPS[cfg.method])
   net, fit_cfg = fit.for_backend(net, fit_cfg, backend)
   batch_size = cfg.batch_size
-  if cfg.fit.batch_strategy == "auto":
+  if cfg.fit.batch_strategy == "auto" and per_core:
+    fit_cfg, batch_size = dataclasses.replace(fit_cfg, batch_strategy="vmap"), 1
+  elif cfg.fit.batch_strategy == "auto":
     # Chosen per bucket by timing the candidates on its shape (buckets.plan -> batch_choice.choose),
     # not by the backend's default; config.json records the choice per bucket.
     fit_cfg = dataclasses.replace(fit_cfg, batch_strategy="auto")
@@ -105,6 +108,7 @@ def run(
   images: list[Image] | None = None,
   prelim_images: dict[str, np.ndarray] | None = None,
   prelim_info: dict[str, dict] | None = None,
+  layout: dict | None = None,
 ) -> dict:
   """One method's job in a straight line: validate -> load -> check x_bar and the workdir ->
   resolve (once) -> fit_and_record. images / prelim_images: already loaded inputs and x_bar by name
@@ -113,11 +117,11 @@ def run(
   images = load_inputs(cfg) if images is None else images
   if prelim_images is None:
     check_xbar(cfg, images)
-  resolved = resolve(cfg, image_channels(images))
+  resolved = resolve(cfg, image_channels(images), per_core=(layout or {}).get("processes", 1) > 1)
   if cfg.init:
     inits.load(cfg.init, resolved.net)  # a missing, damaged or other net's init: one line, before compute
   resume.check_output_folder(cfg, resolved, images)  # every input error surfaces by here, before compute
-  return fit_and_record(resolved, images, flags_text, prelim_images, prelim_info)
+  return fit_and_record(resolved, images, flags_text, prelim_images, prelim_info, layout)
 
 
 def fit_and_record(
@@ -126,6 +130,7 @@ def fit_and_record(
   flags_text: str = "",
   prelim_images: dict[str, np.ndarray] | None = None,
   prelim_info: dict[str, dict] | None = None,
+  layout: dict | None = None,
 ) -> dict:
   """The checked and resolved run: x_bar, every bucket's fits in calls, results written as they come."""
   t_start = time.perf_counter()
@@ -173,7 +178,12 @@ def fit_and_record(
   if proc == 0 and not cfg.resume:
     outputs.write_json(
       os.path.join(cfg.workdir, "config.json"),
-      dict(dataclasses.asdict(cfg), buckets=[dict(b, runs=len(b["runs"])) for b in plan], inputs=digests),
+      dict(
+        dataclasses.asdict(cfg),
+        buckets=[dict(b, runs=len(b["runs"])) for b in plan],
+        inputs=digests,
+        **({"layout": layout} if layout else {}),
+      ),
     )
   res_all = {
     "device": outputs.device_name(),
@@ -260,7 +270,8 @@ def fit_and_record(
       f"{cfg.method}: mean PSNR vs step",
       {cfg.method: [results.read_history(os.path.join(hist_dir, n + ".csv")) for n in names]},
     )
-  results.print_summary(res_all)
+  if proc == 0:  # the merged table, once (--distributed)
+    results.print_summary(res_all)
   return res_all
 
 
@@ -286,12 +297,14 @@ def _prelim_sigmas(cfg: RunConfig, images: list[Image]) -> dict[str, float]:
 
 
 @locks.held()
-def run_methods(cfgs: list[RunConfig], flags_text: str = "") -> dict:
+def run_methods(cfgs: list[RunConfig], flags_text: str = "", layout: dict | None = None) -> dict:
   """Several methods on the same inputs, noise and x_bar (made once), each in its own
-  sub-folder of the first config's workdir; prints and writes a comparison (summary.json)."""
+  sub-folder of the first config's workdir; prints and writes a comparison (summary.json). layout: the processes
+  a one-method job runs as and why (cli.processes_for), for its config.json."""
   if len(cfgs) == 1:
-    res = {cfgs[0].method: run(cfgs[0], flags_text)}
-    print(where_outputs_are(cfgs[0].workdir, [""]))
+    res = {cfgs[0].method: run(cfgs[0], flags_text, layout=layout)}
+    if jax.process_index() == 0:
+      print(where_outputs_are(cfgs[0].workdir, [""]))
     return res
   top = cfgs[0].workdir
   for c in cfgs:

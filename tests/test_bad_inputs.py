@@ -416,6 +416,14 @@ CASES = [
     "--distributed",
   ),
   (
+    "cpu_processes_with_distributed",
+    None,
+    ["--input={t}/a.png", "--workdir={t}/new", "--cpu_processes=2", "--distributed"],
+    2,
+    "--cpu_processes starts its own processes",
+  ),
+  ("cpu_processes_missing_input", None, ["--input={t}/nope.png", "--workdir={t}/new", "--cpu_processes=2"], 2, "nope"),
+  (
     "distributed_without_coordinator",
     None,
     ["--input={t}/a.png", "--workdir={t}/new", "--distributed"],

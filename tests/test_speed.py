@@ -8,7 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import NET, ROOT, TINY_ARGS, smooth_image
+from conftest import NET, ROOT, smooth_image
 from test_fit import CFG, make_batch
 
 from idip_jax import batching, fit, runner, train
@@ -184,53 +184,3 @@ def test_runner_halves_the_batch_on_out_of_memory(tmp_path, monkeypatch):
   assert calls == [3, 1, 1, 1]  # 3 -> 1 (halved) -> the rest at 1
   assert [r["name"] for r in res["images"]] == ["im0", "im1", "im2"]
   assert all(r["psnr_final"] > 0 for r in res["images"])
-
-
-DIST_ARGS = ["--sigma=25", "--method=dip", "--steps=4", "--save_images=false"] + TINY_ARGS + ["--chunk=2"]
-
-
-def test_distributed_two_processes_equal_one(tmp_path):
-  import json
-  import socket
-
-  from conftest import write_png
-
-  d = tmp_path / "in"
-  d.mkdir()
-  for s in range(3):
-    write_png(str(d / f"im{s}.png"), smooth_image(32, 32, 1, seed=s))
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  base = [sys.executable, "run.py", f"--input={d}"] + DIST_ARGS
-  procs = [
-    subprocess.Popen(
-      base
-      + [
-        f"--workdir={tmp_path / 'dist'}",
-        "--distributed",
-        f"--coordinator=localhost:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  single = subprocess.run(
-    base + [f"--workdir={tmp_path / 'single'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-  )
-  logs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
-  assert single.returncode == 0, single.stderr[-2000:]
-  assert "process 0/2: 2 of 3 images" in logs[0] and "process 1/2: 1 of 3 images" in logs[1]
-  dist = json.load(open(tmp_path / "dist" / "results.json"))
-  one = json.load(open(tmp_path / "single" / "results.json"))
-  assert dist["processes"] == 2 and [r["name"] for r in dist["images"]] == ["im0", "im1", "im2"]
-  for a, b in zip(dist["images"], one["images"]):
-    assert abs(a["psnr_final"] - b["psnr_final"]) < 1e-3, (a["name"], a["psnr_final"], b["psnr_final"])

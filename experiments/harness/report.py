@@ -346,6 +346,8 @@ def auto_markdown(doc: dict) -> str:
   ]
   for r in doc["rows"]:
     choice = "; ".join(f"{'x'.join(map(str, b['shape']))}: {b['label'] or '-'}" for b in r["buckets"])
+    if r.get("layout", {}).get("processes", 1) > 1:
+      choice = f"{r['layout']['processes']} processes, one per core, one run per call each"
     lines.append(f"| {r['job']} | {r['strategy']} | {r['cache']} | {r['round']} | {r['wall_s']:.1f} | {choice} |\n")
   lines.append("\n| job | cache | default s | best fixed | its s | default / best fixed | vs one run per call |\n")
   lines.append("|---|---|---|---|---|---|---|\n")

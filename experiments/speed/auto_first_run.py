@@ -40,10 +40,13 @@ STRATEGIES = {
   "default": [],
   "one run per call": ["--batch_strategy=vmap", "--batch_size=1"],
   "vmap:loop x4": ["--batch_strategy=vmap", "--batch_size=4", "--batch_conv=loop"],
+  # one single-threaded process per core of this 2-core machine (per_core.py), each one run per call
+  "per-core x2": ["--batch_strategy=vmap", "--batch_size=1", "--cpu_processes=2"],
 }
 
 F = flags.FLAGS
 flags.DEFINE_list("afr_jobs", ["small", "two_sizes"], f"jobs to time: {', '.join(JOBS)}")
+flags.DEFINE_list("afr_strategies", list(STRATEGIES), f"strategies to time: {', '.join(STRATEGIES)}")
 flags.DEFINE_integer("afr_rounds", 1, "rounds; each times every strategy cold then warm", lower_bound=1, upper_bound=20)
 flags.DEFINE_string("afr_out", os.path.join(ROOT, "experiments", "results", "auto_first_run"), "results path stem")
 flags.DEFINE_string("afr_data", "", "folder of the test sets (default $IDIP_SHARED/data)")
@@ -78,7 +81,8 @@ def run_once(job: str, inputs: str, strategy: str, caches: str, work: str) -> di
     {k: b.get("batch_choice", {}).get(k) for k in ("label", "why", "choosing_s")} | {"shape": b["shape"]}
     for b in stored["buckets"]
   ]
-  return {"wall_s": round(wall, 2), "command": "python run.py " + " ".join(args), "buckets": choice}
+  layout = stored.get("layout", {})  # processes (--cpu_processes) and why
+  return {"wall_s": round(wall, 2), "command": "python run.py " + " ".join(args), "buckets": choice, "layout": layout}
 
 
 def main(argv: list[str]) -> None:
@@ -86,6 +90,9 @@ def main(argv: list[str]) -> None:
   unknown = [j for j in F.afr_jobs if j not in JOBS]
   if unknown:
     raise InputError(f"unknown --afr_jobs={unknown[0]}; choose from {', '.join(JOBS)}")
+  unknown = [s for s in F.afr_strategies if s not in STRATEGIES]
+  if unknown:
+    raise InputError(f"unknown --afr_strategies={unknown[0]}; choose from {', '.join(STRATEGIES)}")
   doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/speed/auto_first_run.py"] + sys.argv[1:]))
   doc.update(jobs={j: {"images": JOBS[j][0], "steps": JOBS[j][1]} for j in F.afr_jobs}, rows=[])
   first = 0
@@ -101,7 +108,7 @@ def main(argv: list[str]) -> None:
       os.makedirs(inputs)
       make_inputs(job, inputs)
       for r in range(first, first + F.afr_rounds):
-        names = list(STRATEGIES)
+        names = [s for s in STRATEGIES if s in F.afr_strategies]
         for strategy in names[r % len(names) :] + names[: r % len(names)]:  # each round starts elsewhere
           caches = os.path.join(tmp, job, f"caches-{r}-{len(doc['rows'])}")
           for cache in ("cold", "warm"):

@@ -42,7 +42,7 @@ def median_ms(f, *args, n: int = 3) -> float:
 
 
 def step_ms(size: int, conv: str, loop: str) -> float:
-  net, cfg = NetConfig(out_channels=1, conv=conv), FitConfig(steps=10**6, loop=loop)
+  net, cfg = fit.for_backend(NetConfig(out_channels=1, conv=conv), FitConfig(steps=10**6, loop=loop), "cpu")
   keys = [train.run_keys(0, 0)]
   batch = fit.make_batch(net, cfg, keys, jax.random.uniform(jax.random.key(1), (1, size, size, 1)))
   states, noise = fit.init_runs(net, cfg, keys, size, size)
