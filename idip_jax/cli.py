@@ -150,6 +150,8 @@ def processes_for(job: JobConfig, cfgs: list[RunConfig]) -> tuple[int, str, dict
     (len(per_core.cores()) < 2, "one core"),
     (speed is None, "no stored rate for this device"),
   )
+  if job.cpu_processes > 1 and jax.default_backend() != "cpu":
+    raise InputError(f"--cpu_processes={job.cpu_processes} is for CPU runs: here JAX runs on {jax.default_backend()}")
   reason = "" if job.cpu_processes > 1 else next((why for holds, why in gates if holds), "")
   if reason or not os.path.isfile(RUN_PY):
     return 1, f"one process: {reason or 'no run.py beside the package'}", {}

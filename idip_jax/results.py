@@ -135,6 +135,9 @@ def merge_processes(results: dict, images: list[Image], results_path: str, t_sta
     processes=jax.process_count(),
     wall_seconds=time.perf_counter() - t_start,
   )
+  # The job's counts, not process 0's share of them.
+  merged.update(expected_images=len(images), finished_images=len(merged["images"]))
+  merged["complete"] = merged["finished_images"] == len(images)
   merged["mean"] = summarize(merged["images"])
   if jax.process_index() == 0:
     outputs.write_json(results_path, merged)

@@ -5,6 +5,7 @@ the experiments' rule for reusing a finished job folder (job_settings, finished_
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -60,6 +61,8 @@ RESUME_FREE = (
   "overwrite",
   "resume",
   "batch_size",
+  "fit.batch_strategy",  # how runs are grouped into calls: the same results to rounding (batch-equality tests)
+  "net.batch_conv",
   "batch_cache",
   "checkpoint_every",
   "save_images",
@@ -157,6 +160,11 @@ def finished_job(
       return None, f"{resolved.workdir} was made by other code ({res.get('commit', '?')})"
     return res, f"reusing {resolved.workdir} from other code ({res.get('commit', '?')}, --allow_other_code)"
   return res, f"reusing finished job {resolved.workdir}"
+
+
+def process_results(workdir: str) -> list[str]:
+  """The per-process results files of a run made as several processes (--cpu_processes, --distributed)."""
+  return sorted(glob.glob(os.path.join(glob.escape(workdir), "results.process*.json")))
 
 
 def missing_outputs(workdir: str, names: list[str]) -> dict[str, str]:

@@ -154,8 +154,11 @@ def fit_and_record(
       f.write(flags_text)
   digests = resume.input_digests(cfg, all_images)
   records: dict[str, dict] = {}
-  if cfg.resume and os.path.isfile(results_path):
-    records = {r["name"]: r for r in stored.read_stored(results_path)["images"]}
+  if cfg.resume:  # every finished image, whichever layout (one process, --cpu_processes) fitted it
+    mine = {im.name for im in images}
+    for path in [os.path.join(cfg.workdir, "results.json"), *resume.process_results(cfg.workdir)]:
+      if os.path.isfile(path):
+        records.update({r["name"]: r for r in stored.read_stored(path)["images"] if r["name"] in mine})
     for name, path in resume.missing_outputs(cfg.workdir, list(records)).items():
       logging.warning("--resume: %s is gone since the stored run; fitting %s again", path, name)
       del records[name]
@@ -258,11 +261,11 @@ def fit_and_record(
       outputs.write_json(results_path, res_all)  # incremental
       if os.path.isfile(ckpt):
         os.remove(ckpt)  # the call's results are written: its checkpoint is spent
-  if res_all["complete"]:  # a run killed between writing a call's results and removing its checkpoint
+  if n_proc > 1:  # after the merge every process has finished its calls
+    res_all = results.merge_processes(res_all, all_images, os.path.join(cfg.workdir, "results.json"), t_start)
+  if res_all["complete"] and proc == 0:  # a run killed between writing a call's results and removing its checkpoint
     for spent in glob.glob(os.path.join(glob.escape(ckpt_dir), "call-*.npz")):
       os.remove(spent)
-  if n_proc > 1:
-    res_all = results.merge_processes(res_all, all_images, os.path.join(cfg.workdir, "results.json"), t_start)
   if proc == 0 and all(im.clean_HxWxC is not None for im in all_images) and res_all["images"]:
     names = [r["name"] + ("_seed0" if cfg.fit.seeds > 1 else "") for r in res_all["images"]]
     outputs.plot_psnr_curves(

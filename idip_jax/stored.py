@@ -43,7 +43,8 @@ def _dotted(d: dict, prefix: str = "") -> dict:
 def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), lenient: bool = False) -> str | None:
   """The one rule for "same settings as a stored run": the first setting, in sorted dotted names,
   in which a stored config.json (`have`) differs from `want` (nested, or with dotted names), as "name (stored
-  X, now Y)", or None. --resume compares every setting but those named in skip_top (RESUME_FREE).
+  X, now Y)", or None. --resume compares every setting but those named in skip_top (RESUME_FREE: a top-level
+  name, or a dotted one).
   lenient (experiments reusing a finished job, `want` = job_settings): only `want`'s settings, and one
   the stored run does not record (older code; LEGACY_KEYS renamed) or recorded as "auto" (older code
   recorded it unresolved) matches; the input set is compared by its folder's name."""
@@ -53,7 +54,7 @@ def settings_difference(want: dict, have: dict, skip_top: tuple[str, ...] = (), 
     if "input" in b:
       b["input"] = os.path.basename(os.path.normpath(b["input"]))
   for k in sorted(a if lenient else set(a) | set(b)):
-    if k.split(".")[0] in skip_top or (lenient and (k not in b or b[k] == "auto")):
+    if k in skip_top or k.split(".")[0] in skip_top or (lenient and (k not in b or b[k] == "auto")):
       continue
     if a.get(k) != b.get(k):
       return f"{k} (stored {b.get(k)!r}, now {a.get(k)!r})"

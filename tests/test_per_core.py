@@ -73,17 +73,15 @@ def test_a_job_on_two_single_threaded_processes_equals_one_process(tmp_path):
   base = [sys.executable, "run.py", f"--input={d}", "--sigma=25", "--method=dip", "--steps=4", "--save_images=false"]
   base += TINY_ARGS + ["--chunk=2", "--batch_strategy=auto", "--batch_cache=none"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  def run_py(*args: str) -> subprocess.CompletedProcess:
+    p = subprocess.run(base + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
   runs = {}
   for n in (2, 1):
-    p = subprocess.run(
-      base + [f"--workdir={tmp_path / str(n)}", f"--cpu_processes={n}"],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_py(f"--workdir={tmp_path / str(n)}", f"--cpu_processes={n}")
     runs[n] = (p.stdout + p.stderr, json.load(open(tmp_path / str(n) / "results.json")))
   err, dist = runs[2]
   assert "starting 2 processes, one per core: --cpu_processes=2" in err
@@ -97,3 +95,11 @@ def test_a_job_on_two_single_threaded_processes_equals_one_process(tmp_path):
   assert stored["batch_size"] == 1 and stored["fit"]["batch_strategy"] == "vmap"
   one = json.load(open(tmp_path / "1" / "config.json"))
   assert one["layout"]["processes"] == 1 and one["layout"]["why"] == "one process: --cpu_processes=1"
+  assert (dist["expected_images"], dist["finished_images"], dist["complete"]) == (3, 3, True)
+  # --resume in the other layout finds every image finished, whichever process fitted it.
+  for n, other in ((2, 1), (1, 2)):
+    p = run_py(f"--workdir={tmp_path / str(n)}", f"--cpu_processes={other}", "--resume")
+    finished = ["3 of 3 images finished"] if other == 1 else ["2 of 2 images finished", "1 of 1 images finished"]
+    assert all(f in p.stderr for f in finished) and "steps/s" not in p.stderr, p.stderr[-3000:]
+    again = json.load(open(tmp_path / str(n) / "results.json"))
+    assert [r["psnr_final"] for r in again["images"]] == [r["psnr_final"] for r in runs[n][1]["images"]]

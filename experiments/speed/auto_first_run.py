@@ -1,11 +1,14 @@
 """Does the default --batch_strategy=auto pay for its own choice on a job's first run? End-to-end wall time of
 `python run.py` per job, with the flags a user gets (default) beside fixed strategies (one run per call, vmap:loop
-x4), each with empty caches (cold: a new JAX compilation cache and batch-choice cache) and again with the
-caches its cold run left (warm); rounds interleave the strategies so a slow spell of the machine hits all alike,
-each round starting with another strategy (the first run of a job also warms the machine's file caches).
+x4, one single-threaded process per core), each with empty caches (cold: a new JAX compilation cache and
+batch-choice cache) and again with the caches its cold run left (warm); rounds interleave the strategies so a
+slow spell of the machine hits all alike, each round starting with another strategy (the first run of a job also
+warms the machine's file caches).
 
   python experiments/speed/auto_first_run.py                       # the small jobs (~25 min on 2 cores)
   python experiments/speed/auto_first_run.py --afr_jobs=set12_128  # 12 Set12 images at 128 px, 300 steps (hours)
+  python experiments/speed/auto_first_run.py --afr_jobs=set12_128_long --afr_caches=cold \
+    --afr_strategies="default,one run per call"                      # 1000 steps (~75 min)
 
 Writes experiments/results/auto_first_run.{json,md} after every run (the JSON's rows: job, strategy, cache,
 wall_s, command, and the batch choice each run's config.json recorded).
@@ -47,6 +50,7 @@ STRATEGIES = {
 F = flags.FLAGS
 flags.DEFINE_list("afr_jobs", ["small", "two_sizes"], f"jobs to time: {', '.join(JOBS)}")
 flags.DEFINE_list("afr_strategies", list(STRATEGIES), f"strategies to time: {', '.join(STRATEGIES)}")
+flags.DEFINE_list("afr_caches", ["cold", "warm"], "cold, warm or both (warm reruns with the caches its cold run left)")
 flags.DEFINE_integer("afr_rounds", 1, "rounds; each times every strategy cold then warm", lower_bound=1, upper_bound=20)
 flags.DEFINE_string("afr_out", os.path.join(ROOT, "experiments", "results", "auto_first_run"), "results path stem")
 flags.DEFINE_string("afr_data", "", "folder of the test sets (default $IDIP_SHARED/data)")
@@ -90,6 +94,8 @@ def main(argv: list[str]) -> None:
   unknown = [j for j in F.afr_jobs if j not in JOBS]
   if unknown:
     raise InputError(f"unknown --afr_jobs={unknown[0]}; choose from {', '.join(JOBS)}")
+  if not F.afr_caches or set(F.afr_caches) - {"cold", "warm"} or F.afr_caches == ["warm"]:
+    raise InputError(f"--afr_caches={','.join(F.afr_caches)}: give cold, or cold,warm")
   unknown = [s for s in F.afr_strategies if s not in STRATEGIES]
   if unknown:
     raise InputError(f"unknown --afr_strategies={unknown[0]}; choose from {', '.join(STRATEGIES)}")
@@ -111,7 +117,7 @@ def main(argv: list[str]) -> None:
         names = [s for s in STRATEGIES if s in F.afr_strategies]
         for strategy in names[r % len(names) :] + names[: r % len(names)]:  # each round starts elsewhere
           caches = os.path.join(tmp, job, f"caches-{r}-{len(doc['rows'])}")
-          for cache in ("cold", "warm"):
+          for cache in [c for c in ("cold", "warm") if c in F.afr_caches]:
             row = run_once(job, inputs, strategy, caches, os.path.join(tmp, job, f"w{len(doc['rows'])}"))
             doc["rows"].append(dict(row, job=job, strategy=strategy, cache=cache, round=r, commit=doc["commit"]))
             print(f"{job} {strategy} {cache}: {row['wall_s']:.1f} s {row['buckets']}", flush=True)
