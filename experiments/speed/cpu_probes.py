@@ -6,7 +6,7 @@
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python experiments/speed/cpu_probes.py --probe=step \
     --probe_size=128 --noprobe_scan
   (two processes, one core each: prefix two such commands with `taskset -c 0` and `taskset -c 1`
-  and start them together)
+  and start them together; --probe_runs=N vmaps N runs per call, as a batch inside each process)
 --probe=conv: forward+backward of one 3x3 128->128 convolution with per-run weights under vmap,
   batch 1/2/4, with each --batch_conv lowering (convs.per_run_conv; grouped = plain vmap).
 """
@@ -29,6 +29,7 @@ flags.DEFINE_enum("probe", "step", ["step", "conv"], "what to time")
 flags.DEFINE_integer("probe_size", 64, "square image size")
 flags.DEFINE_string("probe_conv", "cpu", "--conv of the step probe: lax | cpu | im2col")
 flags.DEFINE_bool("probe_scan", True, "step probe: also time the step inside lax.scan")
+flags.DEFINE_integer("probe_runs", 1, "step probe: runs per call (vmap, loop)", lower_bound=1, upper_bound=16)
 
 
 def median_ms(f, *args, n: int = 3) -> float:
@@ -41,10 +42,12 @@ def median_ms(f, *args, n: int = 3) -> float:
   return 1000 * float(np.median(times))
 
 
-def step_ms(size: int, conv: str, loop: str) -> float:
-  net, cfg = fit.for_backend(NetConfig(out_channels=1, conv=conv), FitConfig(steps=10**6, loop=loop), "cpu")
-  keys = [train.run_keys(0, 0)]
-  batch = fit.make_batch(net, cfg, keys, jax.random.uniform(jax.random.key(1), (1, size, size, 1)))
+def step_ms(size: int, conv: str, loop: str, runs: int = 1) -> float:
+  """Milliseconds per step of `runs` runs vmapped in one call (batch_conv loop when runs > 1)."""
+  net = NetConfig(out_channels=1, conv=conv, batch_conv="loop")
+  net, cfg = fit.for_backend(net, FitConfig(steps=10**6, loop=loop), "cpu")
+  keys = [train.run_keys(0, i) for i in range(runs)]
+  batch = fit.make_batch(net, cfg, keys, jax.random.uniform(jax.random.key(1), (runs, size, size, 1)))
   states, noise = fit.init_runs(net, cfg, keys, size, size)
   chunk = fit.make_fit_chunk(net, cfg, 2)
   box = {"states": states, "done": 0}
@@ -60,10 +63,10 @@ def step_ms(size: int, conv: str, loop: str) -> float:
 def main(_):
   flags_text = os.environ.get("XLA_FLAGS", "default XLA flags")
   if F.probe == "step":
-    host = step_ms(F.probe_size, F.probe_conv, "host")
-    msg = f"{flags_text}: conv {F.probe_conv}, {F.probe_size} px, host loop {host:.0f} ms/step"
+    host = step_ms(F.probe_size, F.probe_conv, "host", F.probe_runs)
+    msg = f"{flags_text}: conv {F.probe_conv}, {F.probe_size} px, {F.probe_runs} run(s), host loop {host:.0f} ms/step"
     if F.probe_scan:
-      msg += f", lax.scan {step_ms(F.probe_size, F.probe_conv, 'scan'):.0f} ms/step"
+      msg += f", lax.scan {step_ms(F.probe_size, F.probe_conv, 'scan', F.probe_runs):.0f} ms/step"
     print(msg, flush=True)
     return
   size = F.probe_size
