@@ -79,6 +79,28 @@ def test_drp_loss_is_root_mse_plus_tv_of_the_output(two):
   assert float(metrics.masked_tv(edge, mask)) == pytest.approx(8 / 64)
 
 
+def test_a_deterministic_step_that_diverged_retries_at_half_the_step(two):
+  """Without input noise (DRP) a backtracked step would retry the same update from the same state and backtrack
+  every other step from then on; it retries at half the step (the run's lr_scale), the other run untouched.
+  A step with a perturbed input retries on a new draw at the full step (the official notebook's rule)."""
+  assert train.retry_scale(DRP) == 0.5 and train.retry_scale(config.FitConfig()) == 1.0
+  batch, keys = two
+  s0, noise, step = states_and_step(DRP, keys, net_cfg=DRP_NET)
+  s1, _ = step(s0, batch, noise)
+  # Run 0's next step is judged a divergence (its last good PSNR(out, y) set out of reach).
+  s2, m = step(s1.replace(good_psnr_y=s1.good_psnr_y.at[0].set(1e3)), batch, noise)
+  assert list(np.asarray(m["backtracked"])) == [True, False]
+  assert list(np.asarray(s2.lr_scale)) == [0.5, 1.0]
+  # The retry: the same gradient and Adam moments (restored), half the update.
+  s3, m = step(s2.replace(good_psnr_y=s2.good_psnr_y.at[0].set(-jnp.inf)), batch, noise)
+  assert not np.asarray(m["backtracked"]).any()
+  p0, p1, p3 = (flat(jax.device_get(s.params)) for s in (s0, s1, s3))
+  for k in ("seed", "seed_norm/scale", "net/ImageNorm_0/scale"):
+    full = p1[k][0] - p0[k][0]
+    assert np.abs(full).max() > 1e-3, k
+    np.testing.assert_allclose(p3[k][0] - p0[k][0], 0.5 * full, atol=1e-6, err_msg=k)
+
+
 def test_batched_drp_equals_single_drp_fits(two):
   batch, keys = two
   batched = fit.fit(DRP_NET, DRP, batch, keys)
