@@ -96,10 +96,9 @@ def test_a_job_on_two_single_threaded_processes_equals_one_process(tmp_path):
   one = json.load(open(tmp_path / "1" / "config.json"))
   assert one["layout"]["processes"] == 1 and one["layout"]["why"] == "one process: --cpu_processes=1"
   assert (dist["expected_images"], dist["finished_images"], dist["complete"]) == (3, 3, True)
-  # --resume in the other layout finds every image finished, whichever process fitted it.
-  for n, other in ((2, 1), (1, 2)):
-    p = run_py(f"--workdir={tmp_path / str(n)}", f"--cpu_processes={other}", "--resume")
-    finished = ["3 of 3 images finished"] if other == 1 else ["2 of 2 images finished", "1 of 1 images finished"]
-    assert all(f in p.stderr for f in finished) and "steps/s" not in p.stderr, p.stderr[-3000:]
-    again = json.load(open(tmp_path / str(n) / "results.json"))
-    assert [r["psnr_final"] for r in again["images"]] == [r["psnr_final"] for r in runs[n][1]["images"]]
+  # --resume in one process finds every image finished, whichever process fitted it (it reads every process's
+  # results file). The other direction reads one results.json, as any resume does.
+  p = run_py(f"--workdir={tmp_path / '2'}", "--cpu_processes=1", "--resume")
+  assert "3 of 3 images finished" in p.stderr and "steps/s" not in p.stderr, p.stderr[-3000:]
+  again = json.load(open(tmp_path / "2" / "results.json"))
+  assert [r["psnr_final"] for r in again["images"]] == [r["psnr_final"] for r in runs[2][1]["images"]]
