@@ -45,6 +45,10 @@ METHODS = {
   # the fit's own: the meta-training, paid once for every image, is reported in its summary.json.
   "META": ("dip", "none", (), ()),
   "DRP": ("dip", "none", DRP_FIT, (("scales", 1), ("width", 64), ("in_channels", 0))),
+  # Learning-rate schedules (the cheap route to fewer steps): DIP at 3x Adam's step, constant or decayed to 0 over
+  # the run's steps (optax.cosine_decay_schedule).
+  "DIP_LR3": ("dip", "none", (("lr", 0.03),), ()),
+  "DIP_COS3": ("dip", "none", (("lr", 0.03), ("lr_schedule", "cosine")), ()),
   "IDIP": ("idip", "ffdnet", (), ()),
   # DRP's two ideas on IDIP: x_bar as the input of DRP's frozen one-scale net, only its BatchNorms and the input's
   # trained correction fitted (Adam at 0.1), IDIP's loss MSE(out, y) + MSE(out, x_bar), no input perturbation.
