@@ -240,6 +240,8 @@ def plot(doc: dict, path: str) -> None:
 def main(argv: list[str]) -> None:
   del argv
   methods, steps = check_flags()
+  # The commit and date when the fits start (the code they ran), not when the last one ended.
+  doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/speed/time_to_psnr.py"] + sys.argv[1:]))
   folder = os.path.join(data.shared_dir(), "data", F.ttp_set)
   paths = data.list_inputs(folder)[: F.ttp_max_images or None]
   stem = os.path.join(F.ttp_out, job_name())
@@ -250,7 +252,6 @@ def main(argv: list[str]) -> None:
     if not os.path.exists(target):
       os.symlink(os.path.abspath(p), target)
   fits = {m: fit_method(m, steps[m], inputs) for m in methods}
-  doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/speed/time_to_psnr.py"] + sys.argv[1:]))
   doc.update(set=F.ttp_set, task=F.ttp_task, sigma=F.ttp_sigma, size=F.ttp_crop, budget=F.ttp_budget)
   doc.update(steps=steps, fits=fits)
   doc["summary"] = summarize(fits, F.ttp_budget)
