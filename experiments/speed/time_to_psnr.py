@@ -119,7 +119,7 @@ def fit_method(name: str, steps: int, folder: str) -> dict:
     base,
     input=folder,
     init=init,
-    workdir=os.path.join(F.ttp_workdir, job_name(), name),
+    workdir=os.path.join(F.ttp_workdir, job_name(), f"{name}-{steps}"),  # a finished fit is reused at its steps only
     method=method,
     sigma=F.ttp_sigma if F.ttp_task == "denoise" else 0.0,
     noise="clip",
