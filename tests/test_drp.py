@@ -101,6 +101,7 @@ def test_a_deterministic_step_that_diverged_retries_at_half_the_step(two):
     np.testing.assert_allclose(p3[k][0] - p0[k][0], 0.5 * full, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.fusion_emitters
 def test_batched_drp_equals_single_drp_fits(two):
   batch, keys = two
   batched = fit.fit(DRP_NET, DRP, batch, keys)

@@ -8,7 +8,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import NET, ROOT, smooth_image
+import pytest
+from conftest import EXACT_XLA_FLAGS, NET, ROOT, smooth_image
 from test_fit import CFG, make_batch
 
 from idip_jax import batching, fit, runner, train
@@ -34,7 +35,9 @@ print("maxdiff", float(np.abs(a.history["loss"][0] - b.history["loss"][0]).max()
 def test_sharded_fit_equals_unsharded():
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+    # Four CPU devices, the users' emitters (conftest.EXACT_XLA_FLAGS), kept by conftest in the child.
+    XLA_FLAGS="--xla_force_host_platform_device_count=4 " + EXACT_XLA_FLAGS,
+    IDIP_TEST_USER_XLA_FLAGS="--xla_force_host_platform_device_count=4 " + EXACT_XLA_FLAGS,
     JAX_PLATFORMS="cpu",
   )
   p = subprocess.run(
@@ -103,6 +106,7 @@ def test_bf16_precision_plumbing():
   assert abs(p16.history["psnr"][-1, 0] - p32) < 1.0 and p16.history["psnr"][-1, 0] != p32
 
 
+@pytest.mark.fusion_emitters
 def test_remat_same_gradients_fewer_saved_activations():
   import io
   from contextlib import redirect_stdout

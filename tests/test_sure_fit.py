@@ -41,6 +41,7 @@ def image():
   return clean, y, sure_fit.probe_for("im", y.shape)
 
 
+@pytest.mark.fusion_emitters
 def test_twin_without_perturbation_fits_the_same_run(image):
   """A twin fitted to y itself repeats its run bit for bit, so the divergence is 0 and SURE is
   |y - f|^2 / N - sigma^2 (a pair whose rows drift apart would show a nonzero divergence)."""
