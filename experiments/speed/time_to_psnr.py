@@ -45,6 +45,13 @@ METHODS = {
   # the fit's own: the meta-training, paid once for every image, is reported in its summary.json.
   "META": ("dip", "none", (), ()),
   "DRP": ("dip", "none", DRP_FIT, (("scales", 1), ("width", 64), ("in_channels", 0))),
+  # DRP's super-resolution script (2_Super_Resolution): width 128, Adam at 0.5, TV weight 0.75 (the rest as above).
+  "DRP_SR": (
+    "dip",
+    "none",
+    tuple(dict(DRP_FIT, lr=0.5, tv_weight=0.75).items()),
+    (("scales", 1), ("width", 128), ("in_channels", 0)),
+  ),
   # Learning-rate schedules (the cheap route to fewer steps): DIP at 3x Adam's step, constant or decayed to 0 over
   # the run's steps (optax.cosine_decay_schedule).
   "DIP_LR3": ("dip", "none", (("lr", 0.03),), ()),
