@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are dominated by XLA:CPU compilation of many small programs; optimisation level 0
 # halves the suite's time (test_fit.py: 110 s -> 56 s) and changes results only by rounding. XLA:CPU's older
 # elemental emitters instead of its fusion emitters cut the rest by a quarter (backend compile of a tiny-net fit
-# 3.8 -> 1.75 s; the suite 393 -> 296 s on 2 cores, jax 0.10.2), but with them two rows of one batch fitted to the
+# 3.8 -> 1.75 s; the suite 393 -> 325 s on 2 cores, jax 0.10.2), but with them two rows of one batch fitted to the
 # same data are no longer bit-identical (a SURE twin drifted 1e-4 from its run in 3 steps). The tests of such
 # equalities are marked `fusion_emitters` and run in a process of their own with the users' emitters
 # (pytest_pyfunc_call below). A user's own XLA_FLAGS are kept for every process (recorded by the first one).

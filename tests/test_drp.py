@@ -81,7 +81,7 @@ def test_drp_loss_is_root_mse_plus_tv_of_the_output(two):
 
 def test_a_deterministic_step_that_diverged_retries_at_half_the_step(two):
   """Without input noise (DRP) a backtracked step would retry the same update from the same state and backtrack
-  every other step from then on; it retries at half the step (the run's lr_scale), the other run untouched.
+  every other step from then on; it retries at half the step (the run's lr_scale); the other run keeps its full step.
   A step with a perturbed input retries on a new draw at the full step (the official notebook's rule)."""
   assert train.retry_scale(DRP) == 0.5 and train.retry_scale(config.FitConfig()) == 1.0
   batch, keys = two

@@ -33,13 +33,9 @@ print("maxdiff", float(np.abs(a.history["loss"][0] - b.history["loss"][0]).max()
 
 
 def test_sharded_fit_equals_unsharded():
-  env = dict(
-    os.environ,
-    # Four CPU devices, the users' emitters (conftest.EXACT_XLA_FLAGS), kept by conftest in the child.
-    XLA_FLAGS="--xla_force_host_platform_device_count=4 " + EXACT_XLA_FLAGS,
-    IDIP_TEST_USER_XLA_FLAGS="--xla_force_host_platform_device_count=4 " + EXACT_XLA_FLAGS,
-    JAX_PLATFORMS="cpu",
-  )
+  # Four CPU devices and the users' emitters; conftest, imported by the child, keeps a user's XLA_FLAGS.
+  xla_flags = "--xla_force_host_platform_device_count=4 " + EXACT_XLA_FLAGS
+  env = dict(os.environ, XLA_FLAGS=xla_flags, IDIP_TEST_USER_XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
   p = subprocess.run(
     [sys.executable, "-c", SHARD_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
   )
