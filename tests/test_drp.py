@@ -149,3 +149,7 @@ def test_time_to_psnr_reads_seconds_to_dips_best_from_the_histories():
   assert dip["seconds_to_dip_best"] == 50.0 and dip["speedup_vs_dip"] == 1.0 and dip["psnr_at_30s"] == 30
   assert drp["seconds_to_dip_best"] == pytest.approx(4.0) and drp["steps_to_dip_best"] == 40
   assert drp["speedup_vs_dip"] == pytest.approx(12.5) and drp["psnr_at_30s"] == 33
+  # A fit reused from a finished job of an earlier commit is named in the markdown with its own commit and date.
+  ran = {"DIP": {"commit": "0ld0000aaaa", "date": "2026-01-01"}, "DRP": {"commit": "new1111bbbb", "date": "2026-02-02"}}
+  said = ttp.reused({"commit": "new1111bbbb", "fits_ran_at": ran})
+  assert "DIP at 0ld0000 (2026-01-01)" in said and "DRP" not in said and ttp.reused({"commit": "x"}) == ""

@@ -2,10 +2,11 @@
 
 Gray images; denoising, or --ttp_task=inpaint|sr (DIP's other tasks, where no x_bar exists). Per method (DIP;
 DRP, Li et al. CVPR 2023: frozen random weights, the seed and the BatchNorms trained, one scale; IDIP with
-FFDNet's x_bar; META: DIP from a meta-learned --ttp_init), each image is fitted one run per call (so a run's
-seconds are its own) with its history every --ttp_eval_every steps. DIP's best PSNR of an image is the oracle
-(found with the ground truth); a method's seconds to it are its first evaluated step at or above it times its
-fitting seconds per step (compile excluded, reported apart). Also the PSNR after --ttp_budget seconds of fitting.
+FFDNet's x_bar; META: DIP from a meta-learned --ttp_init; META_IDIP: IDIP from a meta-learned --ttp_idip_init),
+each image is fitted one run per call (so a run's seconds are its own) with its history every --ttp_eval_every
+steps. DIP's best PSNR of an image is the oracle (found with the ground truth); a method's seconds to it are its
+first evaluated step at or above it times its fitting seconds per step (compile excluded, reported apart). Also
+the PSNR after --ttp_budget seconds of fitting.
 
   python experiments/speed/time_to_psnr.py --ttp_set=holdout9 --ttp_max_images=3 --ttp_crop=64 --ttp_sigma=25
 
@@ -57,6 +58,8 @@ METHODS = {
   "DIP_LR3": ("dip", "none", (("lr", 0.03),), ()),
   "DIP_COS3": ("dip", "none", (("lr", 0.03), ("lr_schedule", "cosine")), ()),
   "IDIP": ("idip", "ffdnet", (), ()),
+  # IDIP from a meta-learned IDIP init (--ttp_idip_init: meta_init.py --method=idip, x_bar from FFDNet per crop).
+  "META_IDIP": ("idip", "ffdnet", (), ()),
   # DRP's two ideas on IDIP: x_bar as the input of DRP's frozen one-scale net, only its BatchNorms and the input's
   # trained correction fitted (Adam at 0.1), IDIP's loss MSE(out, y) + MSE(out, x_bar), no input perturbation.
   "IDIP_DRP": (
@@ -74,7 +77,9 @@ flags.DEFINE_integer("ttp_crop", 64, "center crop side (0 = whole images)", lowe
 flags.DEFINE_float("ttp_sigma", 25.0, "AWGN sigma (0-255), clipped as DIP's notebooks", lower_bound=1, upper_bound=255)
 flags.DEFINE_list("ttp_methods", ["DIP", "DRP", "IDIP"], f"methods: {', '.join(METHODS)} (META needs --ttp_init)")
 flags.DEFINE_list(
-  "ttp_steps", ["DIP=1500", "DRP=1500", "IDIP=600", "IDIP_DRP=600", "META=600"], "METHOD=steps of each fit"
+  "ttp_steps",
+  ["DIP=1500", "DRP=1500", "IDIP=600", "IDIP_DRP=600", "META=600", "META_IDIP=600"],
+  "METHOD=steps of each fit",
 )
 flags.DEFINE_enum(
   "ttp_task",
@@ -84,10 +89,14 @@ flags.DEFINE_enum(
   "the pixels, bernoulli:0.5) | sr (x4 from the Lanczos-downsampled image); IDIP only denoises",
 )
 flags.DEFINE_string("ttp_init", "", "META: the meta-learned init (init.npz of experiments/meta_init.py, default net)")
+flags.DEFINE_string("ttp_idip_init", "", "META_IDIP: the meta-learned IDIP init (meta_init.py --method=idip)")
 flags.DEFINE_integer("ttp_eval_every", 10, "steps between history rows", lower_bound=1, upper_bound=10000)
 flags.DEFINE_float("ttp_budget", 30.0, "seconds of fitting per image for the PSNR-at-budget column", lower_bound=0.1)
 flags.DEFINE_string("ttp_workdir", "runs/time_to_psnr", "where the fits go (a finished fit of the same job is reused)")
 flags.DEFINE_string("ttp_out", os.path.join(ROOT, "experiments", "results", "time_to_psnr"), "results folder")
+
+
+INIT_FLAGS = {"META": "ttp_init", "META_IDIP": "ttp_idip_init"}  # method -> the flag naming the init it fits from
 
 
 def check_flags() -> tuple[list[str], dict[str, int]]:
@@ -98,12 +107,13 @@ def check_flags() -> tuple[list[str], dict[str, int]]:
   missing = [m for m in F.ttp_methods if m not in steps]
   if missing:
     raise InputError(f"--ttp_steps names no step count for {missing[0]}")
-  if F.ttp_task != "denoise" and {"IDIP", "IDIP_DRP"} & set(F.ttp_methods):
+  if F.ttp_task != "denoise" and {"IDIP", "IDIP_DRP", "META_IDIP"} & set(F.ttp_methods):
     raise InputError(f"--ttp_task={F.ttp_task}: IDIP's x_bar is a denoiser's; run DIP, DRP, META")
-  if ("META" in F.ttp_methods) != bool(F.ttp_init):
-    raise InputError("--ttp_methods=META and --ttp_init=FILE go together (the init that META fits from)")
-  if F.ttp_init:
-    inits.read(F.ttp_init)  # missing or damaged: one line now; another net's: when its job is checked
+  for method, flag in INIT_FLAGS.items():
+    if (method in F.ttp_methods) != bool(F[flag].value):
+      raise InputError(f"--ttp_methods={method} and --{flag}=FILE go together (the init that {method} fits from)")
+    if F[flag].value:
+      inits.read(F[flag].value)  # missing or damaged: one line now; another net's: when its job is checked
   return F.ttp_methods, steps
 
 
@@ -113,12 +123,12 @@ def job_name() -> str:
   return f"{F.ttp_set}_{what}_{F.ttp_crop}"
 
 
-def fit_method(name: str, steps: int, folder: str) -> dict:
+def fit_method(name: str, steps: int, folder: str) -> tuple[dict, dict]:
   """One method's fits of every image, one run per call: per image, PSNR per evaluated step, fitting seconds
-  per step and the compile seconds."""
+  per step and the compile seconds; and the commit and date the fits ran at (a reused fit keeps its own)."""
   method, prelim, fit_over, net_over = METHODS[name]
   base = config.RunConfig()
-  init = F.ttp_init if name == "META" else ""
+  init = F[INIT_FLAGS[name]].value if name in INIT_FLAGS else ""
   if init:  # a finished META job is reused only for the same init file
     with open(init, "rb") as f:
       name += "-" + hashlib.sha1(f.read()).hexdigest()[:10]
@@ -156,7 +166,7 @@ def fit_method(name: str, steps: int, folder: str) -> dict:
       "seconds_per_step": fitting,
       "compile_seconds": r["compile_seconds"],
     }
-  return per
+  return per, {k: res[k] for k in ("commit", "date")}
 
 
 def summarize(fits: dict[str, dict], budget: float) -> list[dict]:
@@ -203,6 +213,13 @@ def what(doc: dict) -> str:
   return {"denoise": f"sigma {doc['sigma']:g}", "inpaint": "inpainting 50%", "sr": "x4 super-resolution"}[task]
 
 
+def reused(doc: dict) -> str:
+  """The fits that a finished job of an earlier commit supplied (its workdir's results.json), named with it."""
+  old = {m: r for m, r in doc.get("fits_ran_at", {}).items() if r["commit"] != doc["commit"]}
+  said = ", ".join(f"{m} at {r['commit'][:7]} ({r['date']})" for m, r in old.items())
+  return f" Fits reused from a finished job of an earlier commit: {said}." if old else ""
+
+
 def markdown(doc: dict) -> str:
   budget = f"psnr_at_{doc['budget']:g}s"
   fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
@@ -212,7 +229,7 @@ def markdown(doc: dict) -> str:
     "DIP's best PSNR is the oracle (the ground truth picks the step); seconds are fitting seconds (compile apart), "
     f"the mean over {doc['summary'][0]['images']} images; a method that never reached it on an image has no mean. "
     f"PSNR at {doc['budget']:g} s: the last evaluated PSNR within that much fitting (a fit that ended sooner: its "
-    f"end). Steps run: {', '.join(f'{m} {n}' for m, n in doc['steps'].items())}.\n\n",
+    f"end). Steps run: {', '.join(f'{m} {n}' for m, n in doc['steps'].items())}.{reused(doc)}\n\n",
     f"| method | DIP's best (oracle) | its best | seconds to DIP's best | steps | speedup vs DIP | PSNR at "
     f"{doc['budget']:g} s | s/step | compile s |\n|---|---|---|---|---|---|---|---|---|\n",
   ]
@@ -258,9 +275,11 @@ def main(argv: list[str]) -> None:
     target = os.path.join(inputs, os.path.basename(p))
     if not os.path.exists(target):
       os.symlink(os.path.abspath(p), target)
-  fits = {m: fit_method(m, steps[m], inputs) for m in methods}
+  fits, ran = {}, {}
+  for m in methods:
+    fits[m], ran[m] = fit_method(m, steps[m], inputs)
   doc.update(set=F.ttp_set, task=F.ttp_task, sigma=F.ttp_sigma, size=F.ttp_crop, budget=F.ttp_budget)
-  doc.update(steps=steps, fits=fits)
+  doc.update(steps=steps, fits=fits, fits_ran_at=ran)
   doc["summary"] = summarize(fits, F.ttp_budget)
   outputs.write_table(os.path.dirname(stem), os.path.basename(stem), doc, markdown(doc))
   plot(doc, stem + ".png")
