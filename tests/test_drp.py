@@ -153,3 +153,32 @@ def test_time_to_psnr_reads_seconds_to_dips_best_from_the_histories():
   ran = {"DIP": {"commit": "0ld0000aaaa", "date": "2026-01-01"}, "DRP": {"commit": "new1111bbbb", "date": "2026-02-02"}}
   said = ttp.reused({"commit": "new1111bbbb", "fits_ran_at": ran})
   assert "DIP at 0ld0000 (2026-01-01)" in said and "DRP" not in said and ttp.reused({"commit": "x"}) == ""
+
+
+def test_time_to_psnr_reuses_a_finished_fit_only_of_the_same_job_and_inputs(tmp_path):
+  """A finished fit in the method's folder is read, not refitted, while its settings and every input image are
+  the same; a changed image (same name, other pixels) or another step count is fitted again."""
+  from conftest import import_experiment, write_png
+
+  from idip_jax import runner
+
+  ttp = import_experiment("time_to_psnr")
+  (tmp_path / "in").mkdir()
+  write_png(str(tmp_path / "in" / "a.png"), smooth_image(16, 16, 1, seed=1))
+  net = dataclasses.replace(NET, in_channels=4, complex_connection=False)
+  fit_cfg = dataclasses.replace(config.FitConfig(), steps=2, chunk=2, eval_every=1)
+  cfg = config.RunConfig(
+    input=str(tmp_path / "in"),
+    workdir=str(tmp_path / "w"),
+    method="dip",
+    sigma=25.0,
+    image_channels=1,
+    net=net,
+    fit=fit_cfg,
+  )
+  assert ttp.reusable(cfg) is None  # nothing fitted yet
+  runner.run(cfg)
+  assert ttp.reusable(cfg)["images"][0]["name"] == "a"
+  assert ttp.reusable(dataclasses.replace(cfg, fit=dataclasses.replace(fit_cfg, steps=3))) is None
+  write_png(str(tmp_path / "in" / "a.png"), smooth_image(16, 16, 1, seed=2))
+  assert ttp.reusable(cfg) is None

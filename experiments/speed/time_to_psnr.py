@@ -25,7 +25,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from idip_jax import cli, config, data, inits, outputs, results, runner
+from idip_jax import cli, config, data, inits, outputs, results, resume, runner
 from idip_jax.data import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -123,6 +123,18 @@ def job_name() -> str:
   return f"{F.ttp_set}_{what}_{F.ttp_crop}"
 
 
+def reusable(cfg: config.RunConfig) -> dict | None:
+  """The results of a finished fit of this job in cfg.workdir, made by any commit: the same settings
+  (resume.finished_job) and the same inputs, image by image (input_digests, as --resume checks them); else None."""
+  images = runner.load_inputs(cfg)
+  resolved = runner.resolve(cfg, runner.image_channels(images))
+  res, _ = resume.finished_job(resolved, allow_other_code=True)
+  if res is None or not res.get("complete"):
+    return None
+  stored = outputs.read_json(os.path.join(cfg.workdir, "config.json")).get("inputs")
+  return res if stored == resume.input_digests(resolved, images) else None
+
+
 def fit_method(name: str, steps: int, folder: str) -> tuple[dict, dict]:
   """One method's fits of every image, one run per call: per image, PSNR per evaluated step, fitting seconds
   per step and the compile seconds; and the commit and date the fits ran at (a reused fit keeps its own)."""
@@ -150,11 +162,9 @@ def fit_method(name: str, steps: int, folder: str) -> tuple[dict, dict]:
       base.fit, task=F.ttp_task, steps=steps, eval_every=F.ttp_eval_every, batch_strategy="vmap", **dict(fit_over)
     ),
   )
-  done = os.path.join(cfg.workdir, "results.json")
-  if not (os.path.isfile(done) and outputs.read_json(done).get("complete")):
+  res = reusable(cfg)
+  if res is None:
     res = runner.run(dataclasses.replace(cfg, overwrite=True))
-  else:
-    res = outputs.read_json(done)
   per = {}
   for r in res["images"]:
     hist = results.read_history(os.path.join(cfg.workdir, "history", r["name"] + ".csv"))
