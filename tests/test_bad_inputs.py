@@ -753,6 +753,7 @@ SCRIPT_CASES = [
   ("time_to_psnr_unknown_method", "time_to_psnr", None, ["--ttp_methods=DIP,FOO"], "--ttp_methods must name DIP"),
   ("time_to_psnr_steps_not_a_count", "time_to_psnr", None, ["--ttp_steps=DIP=abc"], "--ttp_steps=DIP=abc"),
   ("time_to_psnr_meta_without_init", "time_to_psnr", None, ["--ttp_methods=DIP,META"], "go together"),
+  ("drp_shared_weights_bad_size", "drp_shared_weights", None, ["--dsw_sizes=64,x"], "--dsw_sizes must be"),
   ("time_to_psnr_meta_idip_without_init", "time_to_psnr", None, ["--ttp_methods=DIP,META_IDIP"], "--ttp_idip_init"),
   ("time_to_psnr_init_missing", "time_to_psnr", None, ["--ttp_methods=DIP,META", "--ttp_init={t}/no.npz"], "no such"),
   ("auto_first_run_unknown_job", "auto_first_run", None, ["--afr_jobs=nope"], "unknown --afr_jobs=nope"),
