@@ -3,6 +3,7 @@
 --data_loss=rmse and --tv_weight its loss, --input_dist=normal its seed."""
 
 import dataclasses
+import os
 
 import flax
 import jax
@@ -182,3 +183,28 @@ def test_time_to_psnr_reuses_a_finished_fit_only_of_the_same_job_and_inputs(tmp_
   assert ttp.reusable(dataclasses.replace(cfg, fit=dataclasses.replace(fit_cfg, steps=3))) is None
   write_png(str(tmp_path / "in" / "a.png"), smooth_image(16, 16, 1, seed=2))
   assert ttp.reusable(cfg) is None
+
+
+def test_time_to_psnr_picks_images_by_name_and_refuses_one_not_in_the_set(tmp_path, monkeypatch, capsys):
+  from absl import flags
+  from conftest import import_experiment, write_png
+
+  ttp = import_experiment("time_to_psnr")
+  (tmp_path / "data" / "holdout9").mkdir(parents=True)
+  for name in ("a", "b", "c"):
+    write_png(str(tmp_path / "data" / "holdout9" / f"{name}.png"), smooth_image(16, 16, 1, seed=1))
+  monkeypatch.setenv("IDIP_SHARED", str(tmp_path))
+  folder = str(tmp_path / "data" / "holdout9")
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["time_to_psnr.py", "--ttp_images=c,a", "--ttp_crop=256"])
+  assert [os.path.basename(p) for p in ttp.selected_inputs(folder)] == ["c.png", "a.png"]
+  assert ttp.job_name() == "holdout9_s25_256_c_a"
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["time_to_psnr.py", "--ttp_max_images=2"])
+  assert [os.path.basename(p) for p in ttp.selected_inputs(folder)] == ["a.png", "b.png"]
+  flags.FLAGS.unparse_flags()
+  before = sorted(os.listdir(tmp_path))
+  code = ttp.entry(["time_to_psnr.py", "--ttp_images=nope", f"--ttp_workdir={tmp_path}/w", f"--ttp_out={tmp_path}/o"])
+  flags.FLAGS.unparse_flags()
+  err = capsys.readouterr().err
+  assert code == 2 and "--ttp_images: nope is not an image of" in err and sorted(os.listdir(tmp_path)) == before

@@ -73,6 +73,7 @@ METHODS = {
 F = flags.FLAGS
 flags.DEFINE_string("ttp_set", "holdout9", "test set (settings are chosen on holdout9 only)")
 flags.DEFINE_integer("ttp_max_images", 3, "first N images of the set (0 = all)", lower_bound=0, upper_bound=1000)
+flags.DEFINE_list("ttp_images", [], "these images of the set by name (file name without extension), not the first N")
 flags.DEFINE_integer("ttp_crop", 64, "center crop side (0 = whole images)", lower_bound=0, upper_bound=65536)
 flags.DEFINE_float("ttp_sigma", 25.0, "AWGN sigma (0-255), clipped as DIP's notebooks", lower_bound=1, upper_bound=255)
 flags.DEFINE_list("ttp_methods", ["DIP", "DRP", "IDIP"], f"methods: {', '.join(METHODS)} (META needs --ttp_init)")
@@ -120,7 +121,19 @@ def check_flags() -> tuple[list[str], dict[str, int]]:
 def job_name() -> str:
   """<set>_s<sigma>_<crop> for denoising, <set>_<task>_<crop> for the others: the results' and workdir's name."""
   what = f"s{F.ttp_sigma:g}" if F.ttp_task == "denoise" else F.ttp_task
-  return f"{F.ttp_set}_{what}_{F.ttp_crop}"
+  return f"{F.ttp_set}_{what}_{F.ttp_crop}" + "".join(f"_{n}" for n in F.ttp_images)
+
+
+def selected_inputs(folder: str) -> list[str]:
+  """The set's first --ttp_max_images images, or those --ttp_images names (one line for a name not in the set)."""
+  paths = data.list_inputs(folder)
+  if not F.ttp_images:
+    return paths[: F.ttp_max_images or None]
+  by_name = {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
+  missing = [n for n in F.ttp_images if n not in by_name]
+  if missing:
+    raise InputError(f"--ttp_images: {missing[0]} is not an image of {folder} (it has {', '.join(sorted(by_name))})")
+  return [by_name[n] for n in F.ttp_images]
 
 
 def reusable(cfg: config.RunConfig) -> dict | None:
@@ -277,11 +290,15 @@ def main(argv: list[str]) -> None:
   # The commit and date when the fits start (the code they ran), not when the last one ended.
   doc = dict(outputs.provenance(), command=" ".join(["python", "experiments/speed/time_to_psnr.py"] + sys.argv[1:]))
   folder = os.path.join(data.shared_dir(), "data", F.ttp_set)
-  paths = data.list_inputs(folder)[: F.ttp_max_images or None]
+  paths = selected_inputs(folder)
   stem = os.path.join(F.ttp_out, job_name())
   inputs = os.path.join(F.ttp_workdir, "inputs", os.path.basename(stem))
   os.makedirs(inputs, exist_ok=True)
-  for p in paths:  # the first N images, as they are (run.py crops them)
+  chosen = {os.path.basename(p) for p in paths}
+  for name in os.listdir(inputs):  # links this tool made for another selection (a file there is not touched)
+    if name not in chosen and os.path.islink(os.path.join(inputs, name)):
+      os.unlink(os.path.join(inputs, name))
+  for p in paths:  # the selected images, as they are (run.py crops them)
     target = os.path.join(inputs, os.path.basename(p))
     if not os.path.exists(target):
       os.symlink(os.path.abspath(p), target)
