@@ -133,3 +133,19 @@ def test_an_idip_init_meta_trains_on_ffdnet_x_bar_and_serves_idip_fits(folders, 
   inits.load(meta_train.init_path(cfg.workdir), net)  # IDIP's net: loads
   with pytest.raises(data.InputError, match="was made for another net"):
     inits.load(meta_train.init_path(cfg.workdir), config.apply_method("dip", cfg.net, cfg.fit, 1)[0])
+
+
+def test_the_meta_flagfiles_parse_and_pass_the_settings_checks():
+  """experiments/train/meta_{dip,idip}.flags: a header, then settings that meta_train.check accepts."""
+  from absl import flags
+  from conftest import ROOT
+
+  for method in ("dip", "idip"):
+    path = os.path.join(ROOT, "experiments", "train", f"meta_{method}.flags")
+    assert open(path).readline().startswith("#")
+    fv = flags.FlagValues()
+    config.define_flags(fv, config_train.MetaConfig)
+    fv(["meta_init.py", f"--flagfile={path}"])
+    cfg = config.from_flags(fv, config_train.MetaConfig)
+    meta_train.check(cfg, make_xbar=lambda *_: None)
+    assert cfg.method == method and cfg.meta_steps == 300 and cfg.workdir == f"runs/train/meta_{method}"
