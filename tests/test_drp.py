@@ -142,6 +142,7 @@ def test_time_to_psnr_reads_seconds_to_dips_best_from_the_histories():
     "DIP": {"a": {"steps": steps, "psnr": [25, 28, 30, 31, 32, 31.5], "seconds_per_step": 0.5, "compile_seconds": 9}},
     "DRP": {"a": {"steps": steps, "psnr": [30, 32.5, 33, 33, 33, 33], "seconds_per_step": 0.1, "compile_seconds": 2}},
   }
+  fits["DRP"]["a"]["psnr_ema"] = [20, 30, 33.5, 33.2, 33.1, 33.0]
   dip, drp = ttp.summarize(fits, 30.0)
   assert ttp.job_name() == "holdout9_s25_64" and dip["task"] == "denoise"
   flags.FLAGS(["time_to_psnr.py", "--ttp_task=inpaint", "--ttp_set=heide11"])
@@ -150,6 +151,13 @@ def test_time_to_psnr_reads_seconds_to_dips_best_from_the_histories():
   assert dip["seconds_to_dip_best"] == 50.0 and dip["speedup_vs_dip"] == 1.0 and dip["psnr_at_30s"] == 30
   assert drp["seconds_to_dip_best"] == pytest.approx(4.0) and drp["steps_to_dip_best"] == 40
   assert drp["speedup_vs_dip"] == pytest.approx(12.5) and drp["psnr_at_30s"] == 33
+  assert drp["best_psnr_ema"] == 33.5 and drp["final_psnr_ema"] == 33.0 and drp["final_psnr"] == 33
+  assert dip["best_psnr_ema"] is None and dip["final_psnr"] == 31.5  # no EMA curve: none reported
+  assert "| 33.00 / 33.00 | 33.50 |" in ttp.markdown(
+    dict(
+      command="c", device="d", commit="x", date="t", set="s", sigma=25, size=64, budget=30.0, steps={}, summary=[drp]
+    )
+  )
   # A fit reused from a finished job of an earlier commit is named in the markdown with its own commit and date.
   ran = {"DIP": {"commit": "0ld0000aaaa", "date": "2026-01-01"}, "DRP": {"commit": "new1111bbbb", "date": "2026-02-02"}}
   said = ttp.reused({"commit": "new1111bbbb", "fits_ran_at": ran})
