@@ -14,6 +14,7 @@ from conftest import NET, smooth_image
 from test_fit import make_batch, states_and_step, take
 
 from idip_jax import config, fit, metrics, train
+from idip_jax.data import InputError
 
 # DRP's net is the skip net at one scale (their denoising script: num_scales=1); the suite's tiny width.
 DRP_NET = dataclasses.replace(NET, scales=1, complex_connection=False)
@@ -191,6 +192,17 @@ def test_time_to_psnr_reuses_a_finished_fit_only_of_the_same_job_and_inputs(tmp_
   assert ttp.reusable(dataclasses.replace(cfg, fit=dataclasses.replace(fit_cfg, steps=3))) is None
   write_png(str(tmp_path / "in" / "a.png"), smooth_image(16, 16, 1, seed=2))
   assert ttp.reusable(cfg) is None
+  # --ttp_reuse_only: a fit that would have to run is an error, not a fit.
+  from absl import flags
+
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["time_to_psnr.py", "--ttp_reuse_only", f"--ttp_workdir={tmp_path}/w2", "--ttp_crop=16"])
+  try:
+    with pytest.raises(InputError, match="--ttp_reuse_only: .* holds no finished fit of DRP"):
+      ttp.fit_method("DRP", 2, str(tmp_path / "in"))  # one scale: a 16 px image is enough
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert not os.path.exists(tmp_path / "w2")
 
 
 def test_time_to_psnr_picks_images_by_name_and_refuses_one_not_in_the_set(tmp_path, monkeypatch, capsys):

@@ -94,6 +94,7 @@ flags.DEFINE_string("ttp_idip_init", "", "META_IDIP: the meta-learned IDIP init 
 flags.DEFINE_integer("ttp_eval_every", 10, "steps between history rows", lower_bound=1, upper_bound=10000)
 flags.DEFINE_float("ttp_budget", 30.0, "seconds of fitting per image for the PSNR-at-budget column", lower_bound=0.1)
 flags.DEFINE_string("ttp_workdir", "runs/time_to_psnr", "where the fits go (a finished fit of the same job is reused)")
+flags.DEFINE_bool("ttp_reuse_only", False, "write the files from finished fits only; one that would run is an error")
 flags.DEFINE_string("ttp_out", os.path.join(ROOT, "experiments", "results", "time_to_psnr"), "results folder")
 
 
@@ -176,6 +177,8 @@ def fit_method(name: str, steps: int, folder: str) -> tuple[dict, dict]:
     ),
   )
   res = reusable(cfg)
+  if res is None and F.ttp_reuse_only:
+    raise InputError(f"--ttp_reuse_only: {cfg.workdir} holds no finished fit of {name} with these settings and inputs")
   if res is None:
     res = runner.run(dataclasses.replace(cfg, overwrite=True))
   per = {}
