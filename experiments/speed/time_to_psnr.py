@@ -12,7 +12,8 @@ the PSNR after --ttp_budget seconds of fitting.
 
 Writes experiments/results/time_to_psnr/<set>_s<sigma>_<crop>.{json,md,png} (<set>_<task>_<crop> for inpaint
 and sr); the JSON's `summary` holds one record per (method, set, task, sigma, size): seconds_to_dip_best,
-steps_to_dip_best, speedup_vs_dip, psnr_at_30s.
+steps_to_dip_best, speedup_vs_dip, psnr_at_30s, and each method's best and last output and EMA PSNR.
+A finished fit of the same job and inputs in --ttp_workdir is read, not refitted (--ttp_reuse_only: only read).
 """
 
 from __future__ import annotations
