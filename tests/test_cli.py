@@ -181,7 +181,7 @@ def test_unknown_flag_value_subprocess(tmp_path):
 def test_every_flagfile_parses():
   import dataclasses
 
-  from idip_jax import checks, config, runner
+  from idip_jax import checks, config, data, runner
 
   files = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.flags")))
   files += sorted(glob.glob(os.path.join(ROOT, "experiments", "tasks", "*.flags")))  # run.py's, per task
@@ -193,7 +193,11 @@ def test_every_flagfile_parses():
     if not os.path.basename(f).startswith("base"):  # base*.flags are include-only
       checks.unused_flags(job)  # no flag that another makes meaningless
       for method in job.methods:  # and turn into valid configs
-        runner.validate(dataclasses.replace(job.run, method=method, workdir="runs/x"))
+        try:
+          runner.validate(dataclasses.replace(job.run, method=method, workdir="runs/x"))
+        except data.InputError as e:  # a file of ../shared (a mask folder) where the shared data is absent
+          if os.path.isdir(data.shared_dir()) or "../shared" not in str(e):
+            raise
     assert open(f).readline().startswith("#"), f
 
 
