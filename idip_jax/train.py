@@ -300,10 +300,10 @@ def _backtrack_safe(tx, cfg: FitConfig, state: FitState, grads, psnr_y, ema):
   # would never fire and the run would stay NaN).
   diverged = (cfg.backtrack_db > 0) & ((psnr_y < state.good_psnr_y - cfg.backtrack_db) | ~jnp.isfinite(psnr_y))
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  lr_scale = state.lr_scale  # a perturbed step's arithmetic is left as it was (its numbers unchanged, bit for bit)
-  if retry_scale(cfg) != 1.0:
+  lr_scale, scale = state.lr_scale, retry_scale(cfg)  # a perturbed step's arithmetic is left as it was (bit for bit)
+  if scale != 1.0:
     updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale, updates)
-    lr_scale = jnp.where(diverged, state.lr_scale * retry_scale(cfg), state.lr_scale)
+    lr_scale = jnp.where(diverged, state.lr_scale * scale, state.lr_scale)
   new_params = optax.apply_updates(state.params, updates)
   return state.replace(
     lr_scale=lr_scale,

@@ -186,12 +186,14 @@ def test_time_to_psnr_reuses_a_finished_fit_only_of_the_same_job_and_inputs(tmp_
     net=net,
     fit=fit_cfg,
   )
-  assert ttp.reusable(cfg) is None  # nothing fitted yet
+  assert ttp.reusable(cfg, runner.load_inputs(cfg)) is None  # nothing fitted yet
   runner.run(cfg)
-  assert ttp.reusable(cfg)["images"][0]["name"] == "a"
-  assert ttp.reusable(dataclasses.replace(cfg, fit=dataclasses.replace(fit_cfg, steps=3))) is None
+  assert ttp.reusable(cfg, runner.load_inputs(cfg))["images"][0]["name"] == "a"
+  assert (
+    ttp.reusable(dataclasses.replace(cfg, fit=dataclasses.replace(fit_cfg, steps=3)), runner.load_inputs(cfg)) is None
+  )
   write_png(str(tmp_path / "in" / "a.png"), smooth_image(16, 16, 1, seed=2))
-  assert ttp.reusable(cfg) is None
+  assert ttp.reusable(cfg, runner.load_inputs(cfg)) is None
   # --ttp_reuse_only: a fit that would have to run is an error, not a fit.
   from absl import flags
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from experiments.speed.time_to_psnr import METHODS
 from idip_jax import cli, config, fit, outputs, train
 from idip_jax.data import InputError
 
@@ -30,20 +31,10 @@ flags.DEFINE_integer("dsw_steps", 20, "steps per timed call", lower_bound=1, upp
 flags.DEFINE_integer("dsw_repeats", 5, "interleaved repeats (the median is reported)", lower_bound=1, upper_bound=100)
 flags.DEFINE_string("dsw_out", os.path.join(ROOT, "experiments", "results", "drp_shared_weights"), "path w/o extension")
 
-# experiments/drp.flags, as time_to_psnr.py's DRP (the seed of the image's one channel).
-NET = dataclasses.replace(config.NetConfig(), scales=1, width=64, in_channels=1, out_channels=1)
-FIT = dataclasses.replace(
-  config.FitConfig(),
-  steps=100,
-  lr=0.1,
-  train=("seed", "norms"),
-  data_loss="rmse",
-  tv_weight=0.45,
-  input_dist="normal",
-  reg_noise_std=0.0,
-  prelim_weight=0.0,
-  batch_strategy="vmap",
-)
+# DRP's settings as time_to_psnr.py runs them (experiments/drp.flags), the seed of the image's one channel.
+_, _, DRP_FIT, DRP_NET = METHODS["DRP"]
+NET = dataclasses.replace(config.NetConfig(), **dict(dict(DRP_NET), in_channels=1, out_channels=1))
+FIT = dataclasses.replace(config.FitConfig(), steps=100, prelim_weight=0.0, batch_strategy="vmap", **dict(DRP_FIT))
 
 
 def is_weight(path) -> bool:

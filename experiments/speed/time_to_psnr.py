@@ -138,10 +138,9 @@ def selected_inputs(folder: str) -> list[str]:
   return [by_name[n] for n in F.ttp_images]
 
 
-def reusable(cfg: config.RunConfig) -> dict | None:
+def reusable(cfg: config.RunConfig, images: list[data.Image]) -> dict | None:
   """The results of a finished fit of this job in cfg.workdir, made by any commit: the same settings
   (resume.finished_job) and the same inputs, image by image (input_digests, as --resume checks them); else None."""
-  images = runner.load_inputs(cfg)
   resolved = runner.resolve(cfg, runner.image_channels(images))
   res, _ = resume.finished_job(resolved, allow_other_code=True)
   if res is None or not res.get("complete"):
@@ -177,11 +176,12 @@ def fit_method(name: str, steps: int, folder: str) -> tuple[dict, dict]:
       base.fit, task=F.ttp_task, steps=steps, eval_every=F.ttp_eval_every, batch_strategy="vmap", **dict(fit_over)
     ),
   )
-  res = reusable(cfg)
+  images = runner.load_inputs(cfg)  # read once: checked against a stored fit, else fitted
+  res = reusable(cfg, images)
   if res is None and F.ttp_reuse_only:
     raise InputError(f"--ttp_reuse_only: {cfg.workdir} holds no finished fit of {name} with these settings and inputs")
   if res is None:
-    res = runner.run(dataclasses.replace(cfg, overwrite=True))
+    res = runner.run(dataclasses.replace(cfg, overwrite=True), images=images)
   per = {}
   for r in res["images"]:
     hist = results.read_history(os.path.join(cfg.workdir, "history", r["name"] + ".csv"))
